@@ -1,0 +1,34 @@
+# gestalt-xai — the README's commands call these targets.
+#   make demo   create .venv, install, run the embedded demo study into runs/demo
+#   make test   install if needed, run the whole test suite
+#   make bench  print speed/memory ratios measured on this machine
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+RUN    ?= runs/demo
+
+.PHONY: install demo test bench lint clean-runs
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/gestalt-xai study run pipelines/demo.yaml --run $(RUN)
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+lint: install
+	$(VENV)/bin/ruff check gestalt_xai tests benchmarks
+
+clean-runs:
+	rm -rf runs/

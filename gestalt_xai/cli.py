@@ -1,0 +1,192 @@
+"""Command line: one thin subcommand per stage (parse options → call the stage function), plus ``study run``.
+
+Every stage command takes ``--run RUN_DIR`` (the study folder it reads from and writes to), ``--config FILE`` (a YAML
+file of the stage's options) and its own options, which override the file. Options are validated before any work.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gestalt_xai.config import load_yaml, validate_config
+from gestalt_xai.errors import ConfigError, GestaltXAIError
+from gestalt_xai.runs import Run, set_quiet
+
+app = typer.Typer(
+    name="gestalt-xai",
+    help="Explain facial syndrome classifiers (GestaltMatcher-style): align → embed/match → explain → aggregate.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+)
+study_app = typer.Typer(help="Run study definitions (pipelines/*.yaml).", no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+console = Console()
+err_console = Console(stderr=True)
+
+RunOpt = Annotated[Path, typer.Option("--run", help="Run (study) folder to read from and write to.",
+                                      file_okay=False)]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of this stage's options "
+                                                "(command-line options override it).", dir_okay=False)]
+
+
+@app.callback()
+def _main(
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; warnings and errors only.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    set_quiet(quiet)
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+
+
+def _options(config: Path | None, **given: Any) -> dict[str, Any]:
+    """Options from ``--config`` overridden by the options given on the command line (None = not given)."""
+    opts = load_yaml(config) if config else {}
+    opts.update({k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None})
+    return opts
+
+
+def _print_errors(run: Run, stage: str) -> None:
+    errors = run.errors()
+    errors = errors[errors["stage"] == stage]
+    if errors.empty:
+        return
+    table = Table(title=f"{len(errors)} item(s) failed in {stage} (all in {run.path / 'errors.parquet'})")
+    for col in ("item_id", "error_kind", "message"):
+        table.add_column(col, overflow="fold")
+    for row in errors.head(20).itertuples():
+        table.add_row(row.item_id, row.error_kind, row.message)
+    err_console.print(table)
+
+
+# ------------------------------------------------------------------------------------------------------- study
+@study_app.command("run")
+def study_run(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline file (YAML).", exists=True, dir_okay=False)],
+    run: Annotated[Path | None, typer.Option("--run", help="Run folder (default: runs/<pipeline name>).")] = None,
+) -> None:
+    """Run the stages a pipeline file declares, in order, into one run folder.
+
+    Example: `gestalt-xai study run pipelines/demo.yaml --run runs/demo`
+    """
+    from gestalt_xai.study import run_study
+
+    result = run_study(pipeline, run)
+    manifest = result.manifest
+    table = Table(title=f"Study {manifest['study']['name']} → {result.path}")
+    for col in ("stage", "status", "items", "errors", "seconds"):
+        table.add_column(col)
+    for name, st in manifest["stages"].items():
+        table.add_row(name, st["status"], str(st.get("n_items", "")), str(st.get("n_errors", "")),
+                      f"{st['timing'].get('seconds', 0):.1f}")
+    console.print(table)
+    for line in _study_outputs(result):
+        console.print(line)
+
+
+def _study_outputs(run: Run) -> list[str]:
+    out = [f"manifest:   {run.path / 'manifest.json'}", f"errors:     {run.path / 'errors.parquet'}"]
+    for label, rel in (("aligned:", "aligned"), ("alignments:", "aligned/alignment.parquet"),
+                       ("atlas:", "aligned/atlas.png"), ("cohort:", "cohort"), ("models:", "models"),
+                       ("embeddings:", "embeddings.parquet"), ("matching:", "matching"), ("maps:", "maps")):
+        if (run.path / rel).exists():
+            out.append(f"{label:<11} {run.path / rel}")
+    return out
+
+
+@study_app.command("check")
+def study_check(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline file (YAML).", exists=True, dir_okay=False)],
+) -> None:
+    """Validate a pipeline file without running it.
+
+    Example: `gestalt-xai study check pipelines/demo.yaml`
+    """
+    from gestalt_xai.config import load_pipeline
+    from gestalt_xai.study import validate_study
+
+    stages = validate_study(load_pipeline(pipeline), where=str(pipeline))
+    console.print(f"{pipeline}: valid; stages: {', '.join(name for name, _, _ in stages)}")
+
+
+# ------------------------------------------------------------------------------------------------------- align
+@app.command()
+def align(
+    run: RunOpt,
+    images: Annotated[Path | None, typer.Option(help="Folder of photos (image id = file name stem).")] = None,
+    cohort: Annotated[Path | None, typer.Option(
+        help="GMDB metadata folder, a gmdb_*.csv, or a plain cohort CSV "
+             "(image_id, path, subject_id, syndrome_id[, sex, age, ancestry]).")] = None,
+    image_root: Annotated[Path | None, typer.Option(help="Folder the cohort's images live in.")] = None,
+    version: Annotated[str | None, typer.Option(help="GMDB version suffix (when several are present).")] = None,
+    pattern: Annotated[str | None, typer.Option(help="Image file name pattern, default '{image_id}.jpg'.")] = None,
+    detector: Annotated[str | None, typer.Option(help="mtcnn (default) or retinaface.")] = None,
+    detector_weights: Annotated[Path | None, typer.Option(help="RetinaFace state dict (Resnet50_Final.pth).")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Minimum face confidence (default 0.95).")] = None,
+    aligned_input: Annotated[bool | None, typer.Option("--aligned-input", help="Inputs are already aligned "
+                                                       "112×112 crops: identity transform.")] = None,
+    landmarks: Annotated[Path | None, typer.Option(help="External landmarks (GM-Arc face_coords.csv layout).")] = None,
+    two_pass: Annotated[bool | None, typer.Option("--two-pass", help="Level the eyes and detect again.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Parallel worker processes.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Detect and align faces onto the ArcFace 112×112 template.
+
+    Writes `aligned/<image_id>.png` and `aligned/alignment.parquet`; bad photos become error rows; reruns skip
+    finished photos.
+
+    Example: `gestalt-xai align --run runs/try --images photos/`
+    """
+    from gestalt_xai.faces.stage import AlignConfig, align_stage
+
+    opts = _options(config, images=images, cohort=cohort, image_root=image_root, version=version, pattern=pattern,
+                    detector=detector, detector_weights=detector_weights, threshold=threshold,
+                    aligned_input=aligned_input, landmarks=landmarks, two_pass=two_pass, workers=workers)
+    cfg = validate_config(AlignConfig, opts, where="align")
+    r = Run(run)
+    result = align_stage(r, cfg)
+    _print_errors(r, "align")
+    console.print(f"aligned {result.n_aligned} of {result.n_images} photos → {result.crops} "
+                  f"(table: {result.table}; {result.n_errors} error(s))")
+
+
+@app.command()
+def atlas(
+    run: RunOpt,
+    image_id: Annotated[str | None, typer.Option(help="Aligned image to draw on (default: the first).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Draw the facial region atlas (template space, with HPO anchors) over an aligned face.
+
+    Example: `gestalt-xai atlas --run runs/demo`
+    """
+    from gestalt_xai.faces.atlas_stage import AtlasConfig, atlas_stage
+
+    cfg = validate_config(AtlasConfig, _options(config, image_id=image_id), where="atlas")
+    result = atlas_stage(Run(run), cfg)
+    console.print(f"atlas figure: {result.figure}\nregion table: {result.table}")
+
+
+def main() -> None:
+    """Console entry point: known errors print one clear message (exit 2 for configuration, 1 otherwise)."""
+    try:
+        app()
+    except ConfigError as exc:
+        err_console.print(f"[bold red]configuration error:[/] {exc}")
+        sys.exit(2)
+    except GestaltXAIError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,427 @@
+"""Cohort tables: GMDB-format metadata and plain CSV tables, subject-level splits and the frequent/rare protocol.
+
+Whatever the source, a cohort becomes one :class:`Cohort`: an image table (``image_id, subject_id, syndrome_id, path``
+plus ``sex, age, ancestry`` when known), a syndrome table, a long split table (``image_id, set, split``) and the
+class lookup (class index → syndrome id). Identifiers are strings everywhere.
+
+GMDB layout (GestaltMatcher Database, as read by GestaltMatcher-Arc)::
+
+    gmdb_{train,val,test,frequent_gallery,frequent_test,rare_gallery,rare_test}_images_<version>.csv
+        image_id, subject, label[, split]          (subject → subject_id, label → syndrome_id)
+    gmdb_syndromes_<version>.tsv                   syndrome_id, syndrome_name, image_ids, subject_ids,
+                                                   num_of_images, num_of_subjects, train, OMIM
+    lookup_table_gmdb_<version>.txt                a header line, then a JSON list: class index → disorder id
+    image_metadata_<version>.tsv                   optional: image_id and sex / age / ancestry
+
+Protocol (Hustinx et al. 2023): "frequent" disorders have more than 6 subjects, "rare" ones 2–6. Frequent
+disorders are split by subject into train/val/test (≈10 % of each disorder's subjects to test, as many to val);
+the frequent gallery is train + val. Rare disorders get 10 splits, each holding out one subject per disorder as
+test and keeping the rest as gallery. A subject is never on both sides of a split.
+
+Every image path must resolve inside the declared image root: ``../`` escapes, absolute paths elsewhere and symlinks
+pointing out of the root are rejected (:attr:`Cohort.rejected`), one row per image, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from gestalt_xai.errors import ConfigError, InputError
+from gestalt_xai.runs import atomic_write_text, write_parquet
+
+if TYPE_CHECKING:
+    from gestalt_xai.runs import Run
+
+__all__ = [
+    "Cohort",
+    "GMDB_SETS",
+    "FREQUENT_MIN_SUBJECTS",
+    "N_RARE_SPLITS",
+    "IMAGE_COLUMNS",
+    "OPTIONAL_COLUMNS",
+    "load_cohort",
+    "load_gmdb",
+    "load_table",
+    "write_gmdb",
+    "gmdb_splits",
+    "frequency_class",
+    "resolve_inside",
+    "save_run_cohort",
+    "load_run_cohort",
+]
+
+GMDB_SETS = ("train", "val", "test", "frequent_gallery", "frequent_test", "rare_gallery", "rare_test")
+#: a disorder is "frequent" with more than this many subjects (GMDB protocol)
+FREQUENT_MIN_SUBJECTS = 7
+#: a disorder is "rare" with 2..6 subjects
+RARE_MIN_SUBJECTS = 2
+N_RARE_SPLITS = 10
+IMAGE_COLUMNS = ["image_id", "subject_id", "syndrome_id", "path"]
+OPTIONAL_COLUMNS = ["sex", "age", "ancestry"]
+SPLIT_COLUMNS = ["image_id", "set", "split"]
+
+_GMDB_RE = re.compile(r"^gmdb_(?P<set>" + "|".join(GMDB_SETS) + r")_images_(?P<version>.+)\.csv$")
+
+
+@dataclass
+class Cohort:
+    """A cohort's tables (see the module docstring for the columns)."""
+
+    images: pd.DataFrame
+    syndromes: pd.DataFrame
+    splits: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SPLIT_COLUMNS))
+    lookup: list[str] | None = None
+    version: str = "custom"
+    image_root: str = ""
+    #: images whose path was refused or missing: image_id, message
+    rejected: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["image_id", "message"]))
+
+    def image_ids(self, set_name: str, split: int | None = None) -> list[str]:
+        """Image ids of one split set (``split`` selects one of the 10 rare splits)."""
+        s = self.splits[self.splits["set"] == set_name]
+        if split is not None:
+            s = s[s["split"] == split]
+        return sorted(s["image_id"].unique().tolist())
+
+    @property
+    def syndrome_ids(self) -> list[str]:
+        """Sorted syndrome ids present in the image table."""
+        return sorted(self.images["syndrome_id"].unique().tolist())
+
+
+# ------------------------------------------------------------------------------------------------- path safety
+def resolve_inside(root: Path, relative: str | Path) -> Path:
+    """Resolve ``relative`` under ``root`` and refuse anything that ends up outside it.
+
+    ``../`` escapes, absolute paths elsewhere and symlinks pointing out of the root raise :class:`InputError`.
+
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> resolve_inside(root, "a/b.jpg") == root.resolve() / "a" / "b.jpg"
+    True
+    >>> resolve_inside(root, "../etc/passwd")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    gestalt_xai.errors.InputError: path '../etc/passwd' resolves outside the image root ...
+    """
+    root_real = Path(root).resolve()
+    candidate = Path(relative)
+    full = candidate if candidate.is_absolute() else root_real / candidate
+    real = full.resolve()  # follows symlinks, so a link pointing outside is caught here
+    if not real.is_relative_to(root_real):
+        raise InputError(f"path {str(relative)!r} resolves outside the image root {root_real} "
+                         f"(to {real}); only files inside the declared image root are read")
+    return real
+
+
+def _resolve_paths(images: pd.DataFrame, root: Path, raw: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
+    paths, rejected = [], []
+    for image_id, rel in zip(images["image_id"], raw, strict=True):
+        try:
+            paths.append(str(resolve_inside(root, rel)))
+        except InputError as exc:
+            paths.append("")
+            rejected.append({"image_id": image_id, "message": str(exc)})
+    images = images.assign(path=paths)
+    rej = pd.DataFrame(rejected, columns=["image_id", "message"])
+    return images[images["path"] != ""].reset_index(drop=True), rej
+
+
+def _normalise_ids(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    df = df.copy()
+    for c in cols:
+        if c in df.columns:
+            df[c] = df[c].map(_id_str)
+    return df
+
+
+def _id_str(v: object) -> str:
+    # GMDB ids are integers in some files and strings in others: 123, 123.0 and "123" are the same id
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v).strip()
+
+
+# ------------------------------------------------------------------------------------------------------ reading
+def _find_gmdb_files(metadata_dir: Path, version: str | None) -> tuple[str, dict[str, Path]]:
+    found: dict[str, dict[str, Path]] = {}
+    for p in sorted(metadata_dir.iterdir()):
+        m = _GMDB_RE.match(p.name)
+        if m:
+            found.setdefault(m["version"], {})[m["set"]] = p
+    if not found:
+        raise InputError(f"{metadata_dir}: no gmdb_<set>_images_<version>.csv files found")
+    if version is None:
+        if len(found) > 1:
+            raise ConfigError(f"{metadata_dir} holds several GMDB versions ({', '.join(sorted(found))}); "
+                              "choose one with version=…")
+        version = next(iter(found))
+    if version not in found:
+        raise ConfigError(f"{metadata_dir}: no GMDB files of version {version!r} (found {', '.join(sorted(found))})")
+    return version, found[version]
+
+
+def _read_csv(path: Path, required: list[str], sep: str = ",") -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read table: {exc}") from None
+    df.columns = [c.strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(df.columns)})")
+    return df
+
+
+def _read_metadata(path: Path) -> pd.DataFrame:
+    df = _read_csv(path, ["image_id"], sep="\t")
+    lower = {c: c.lower() for c in df.columns}
+    df = df.rename(columns=lower)
+    keep = ["image_id"] + [c for c in OPTIONAL_COLUMNS if c in df.columns]
+    return _normalise_ids(df[keep], ["image_id"])
+
+
+def load_gmdb(metadata_dir: str | Path, image_root: str | Path | None = None, version: str | None = None,
+              pattern: str = "{image_id}.jpg") -> Cohort:
+    """Read GMDB metadata files.
+
+    Parameters
+    ----------
+    metadata_dir:
+        Folder with the ``gmdb_*`` files.
+    image_root:
+        Folder the images live in (default: ``<metadata_dir>/images``). Every path must resolve inside it.
+    version:
+        GMDB version suffix as in the file names (e.g. ``v1.0.3``); needed only when several versions are present.
+    pattern:
+        Image file name relative to ``image_root``, formatted with ``image_id``.
+    """
+    metadata_dir = Path(metadata_dir)
+    if not metadata_dir.is_dir():
+        raise InputError(f"GMDB metadata folder not found: {metadata_dir}")
+    version, files = _find_gmdb_files(metadata_dir, version)
+    frames, split_rows = [], []
+    for set_name, path in files.items():
+        df = _normalise_ids(_read_csv(path, ["image_id", "subject", "label"]), ["image_id", "subject", "label"])
+        split = df["split"].map(lambda s: int(float(s))) if "split" in df.columns and (df["split"] != "").all() else -1
+        split_rows.append(pd.DataFrame({"image_id": df["image_id"], "set": set_name, "split": split}))
+        frames.append(df[["image_id", "subject", "label"]])
+    table = pd.concat(frames, ignore_index=True).drop_duplicates()
+    clash = table[table.duplicated("image_id", keep=False)]
+    if not clash.empty:
+        ids = ", ".join(sorted(clash["image_id"].unique())[:5])
+        raise InputError(f"{metadata_dir}: image(s) {ids} have different subject/label in different GMDB files")
+    images = table.rename(columns={"subject": "subject_id", "label": "syndrome_id"})
+    meta_path = metadata_dir / f"image_metadata_{version}.tsv"
+    if meta_path.exists():
+        images = images.merge(_read_metadata(meta_path), on="image_id", how="left")
+    images = images.sort_values("image_id", kind="stable").reset_index(drop=True)
+
+    root = Path(image_root) if image_root is not None else metadata_dir / "images"
+    raw = images["image_id"].map(lambda i: pattern.format(image_id=i))
+    images, rejected = _resolve_paths(images, root, raw)
+
+    syn_path = metadata_dir / f"gmdb_syndromes_{version}.tsv"
+    if syn_path.exists():
+        syn = _normalise_ids(_read_csv(syn_path, ["syndrome_id", "syndrome_name"], sep="\t"), ["syndrome_id"])
+        syndromes = syn.rename(columns={"OMIM": "omim"})
+    else:
+        syndromes = pd.DataFrame({"syndrome_id": sorted(images["syndrome_id"].unique())})
+        syndromes["syndrome_name"] = syndromes["syndrome_id"]
+    lookup = _read_lookup(metadata_dir / f"lookup_table_gmdb_{version}.txt")
+    splits = pd.concat(split_rows, ignore_index=True)
+    splits = splits.sort_values(["set", "split", "image_id"], kind="stable").reset_index(drop=True)
+    return Cohort(images=images[_ordered_columns(images)], syndromes=syndromes.reset_index(drop=True), splits=splits,
+                  lookup=lookup, version=version, image_root=str(root.resolve()), rejected=rejected)
+
+
+def _read_lookup(path: Path) -> list[str] | None:
+    if not path.exists():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    body = "\n".join(lines[1:]) if lines and not lines[0].lstrip().startswith("[") else "\n".join(lines)
+    try:
+        values = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: expected a header line and a JSON list of disorder ids: {exc}") from None
+    if not isinstance(values, list):
+        raise InputError(f"{path}: expected a JSON list of disorder ids")
+    return [_id_str(v) for v in values]
+
+
+def _ordered_columns(images: pd.DataFrame) -> list[str]:
+    return IMAGE_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in images.columns]
+
+
+def load_table(csv_path: str | Path, image_root: str | Path | None = None, seed: int = 0) -> Cohort:
+    """Read a plain cohort CSV (``image_id, path, subject_id, syndrome_id[, sex, age, ancestry]``).
+
+    ``path`` is relative to ``image_root`` (default: the CSV's folder). Splits follow the GMDB protocol
+    (:func:`gmdb_splits`) with ``seed``.
+    """
+    csv_path = Path(csv_path)
+    df = _normalise_ids(_read_csv(csv_path, ["image_id", "path", "subject_id", "syndrome_id"]),
+                        ["image_id", "subject_id", "syndrome_id"])
+    dup = df[df["image_id"].duplicated()]["image_id"]
+    if not dup.empty:
+        raise InputError(f"{csv_path}: duplicate image_id(s): {', '.join(sorted(dup.unique())[:5])}")
+    keep = ["image_id", "subject_id", "syndrome_id"] + [c for c in OPTIONAL_COLUMNS if c in df.columns]
+    images = df[keep].sort_values("image_id", kind="stable").reset_index(drop=True)
+    raw = df.set_index("image_id").loc[images["image_id"], "path"].reset_index(drop=True)
+    root = Path(image_root) if image_root is not None else csv_path.parent
+    images, rejected = _resolve_paths(images, root, raw)
+    syndromes = pd.DataFrame({"syndrome_id": sorted(images["syndrome_id"].unique())})
+    syndromes["syndrome_name"] = syndromes["syndrome_id"]
+    splits = gmdb_splits(images, seed=seed)
+    lookup = sorted(images.loc[images["image_id"].isin(splits.loc[splits["set"] == "train", "image_id"]),
+                               "syndrome_id"].unique())
+    return Cohort(images=images[_ordered_columns(images)], syndromes=syndromes, splits=splits, lookup=lookup or None,
+                  version="custom", image_root=str(root.resolve()), rejected=rejected)
+
+
+def load_cohort(source: str | Path, image_root: str | Path | None = None, version: str | None = None,
+                pattern: str = "{image_id}.jpg", seed: int = 0) -> Cohort:
+    """Read a cohort from a GMDB metadata folder, one of its ``gmdb_*.csv`` files, or a plain cohort CSV."""
+    source = Path(source)
+    if source.is_dir():
+        return load_gmdb(source, image_root, version, pattern)
+    if not source.is_file():
+        raise InputError(f"cohort table not found: {source}")
+    m = _GMDB_RE.match(source.name)
+    if m:
+        return load_gmdb(source.parent, image_root, version or m["version"], pattern)
+    return load_table(source, image_root, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------- splits and writing
+def frequency_class(n_subjects: int) -> str:
+    """``frequent`` (> 6 subjects), ``rare`` (2–6) or ``single`` (1; in no protocol set)."""
+    if n_subjects >= FREQUENT_MIN_SUBJECTS:
+        return "frequent"
+    if n_subjects >= RARE_MIN_SUBJECTS:
+        return "rare"
+    return "single"
+
+
+def gmdb_splits(images: pd.DataFrame, seed: int = 0, test_fraction: float = 0.1,
+                val_fraction: float = 0.1, n_rare_splits: int = N_RARE_SPLITS) -> pd.DataFrame:
+    """Subject-level splits following the GMDB protocol; returns the long ``image_id, set, split`` table.
+
+    Each frequent disorder sends ``max(1, round(test_fraction·n))`` subjects to test and as many (by
+    ``val_fraction``) to val, the rest to train; ``frequent_gallery`` = train + val, ``frequent_test`` = test. Each
+    rare disorder holds out one subject per split (cycling through its subjects in a seeded order) as ``rare_test``
+    and keeps the others as ``rare_gallery`` of that split. Deterministic for a seed.
+    """
+    rng = np.random.default_rng(seed)
+    rows: list[tuple[str, str, int]] = []
+    by_subject = images.groupby("subject_id")["image_id"].apply(sorted).to_dict()
+    subj_syn = images.drop_duplicates("subject_id").set_index("subject_id")["syndrome_id"]
+    bad = images.groupby("subject_id")["syndrome_id"].nunique()
+    if (bad > 1).any():
+        raise InputError(f"subject(s) {', '.join(bad[bad > 1].index[:5])} appear with several syndromes")
+    for syndrome in sorted(subj_syn.unique()):
+        subjects = sorted(subj_syn[subj_syn == syndrome].index)
+        order = [subjects[i] for i in rng.permutation(len(subjects))]
+        kind = frequency_class(len(subjects))
+        if kind == "frequent":
+            n_test = max(1, round(test_fraction * len(order)))
+            n_val = max(1, round(val_fraction * len(order)))
+            parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+            for set_name, subs in parts.items():
+                gallery_set = "frequent_test" if set_name == "test" else "frequent_gallery"
+                for s in subs:
+                    for img in by_subject[s]:
+                        rows += [(img, set_name, -1), (img, gallery_set, -1)]
+        elif kind == "rare":
+            for k in range(n_rare_splits):
+                held_out = order[k % len(order)]
+                for s in order:
+                    set_name = "rare_test" if s == held_out else "rare_gallery"
+                    rows += [(img, set_name, k) for img in by_subject[s]]
+    out = pd.DataFrame(rows, columns=SPLIT_COLUMNS)
+    return out.sort_values(["set", "split", "image_id"], kind="stable").reset_index(drop=True)
+
+
+def write_gmdb(out_dir: str | Path, images: pd.DataFrame, syndromes: pd.DataFrame, version: str,
+               seed: int = 0) -> Cohort:
+    """Write a cohort in GMDB format (all ``gmdb_*`` files, syndrome table, lookup table, image metadata).
+
+    Parameters
+    ----------
+    images:
+        ``image_id, subject_id, syndrome_id`` (+ ``sex, age, ancestry``); images are expected at
+        ``<out_dir>/images/<image_id>.jpg``.
+    syndromes:
+        ``syndrome_id, syndrome_name`` (+ ``omim``).
+    version:
+        Version suffix used in the file names (e.g. ``synthetic-v1``).
+
+    Returns the cohort as :func:`load_gmdb` will read it back.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = _normalise_ids(images, ["image_id", "subject_id", "syndrome_id"]).sort_values("image_id", kind="stable")
+    splits = gmdb_splits(images, seed=seed)
+    base = images.set_index("image_id")
+    for set_name in GMDB_SETS:
+        s = splits[splits["set"] == set_name]
+        df = pd.DataFrame({"image_id": s["image_id"].to_numpy(),
+                           "subject": base.loc[s["image_id"], "subject_id"].to_numpy(),
+                           "label": base.loc[s["image_id"], "syndrome_id"].to_numpy()})
+        if set_name.startswith("rare"):
+            df["split"] = s["split"].to_numpy()
+        atomic_write_text(out_dir / f"gmdb_{set_name}_images_{version}.csv", df.to_csv(index=False))
+    train_syn = sorted(images.loc[images["image_id"].isin(splits.loc[splits["set"] == "train", "image_id"]),
+                                  "syndrome_id"].unique())
+    syn = _normalise_ids(syndromes, ["syndrome_id"]).sort_values("syndrome_id", kind="stable")
+    per = images.groupby("syndrome_id")
+    table = pd.DataFrame({
+        "syndrome_id": syn["syndrome_id"].to_numpy(),
+        "syndrome_name": syn["syndrome_name"].to_numpy(),
+        "image_ids": [json.dumps(sorted(per.get_group(s)["image_id"])) if s in per.groups else "[]"
+                      for s in syn["syndrome_id"]],
+        "subject_ids": [json.dumps(sorted(per.get_group(s)["subject_id"].unique())) if s in per.groups else "[]"
+                        for s in syn["syndrome_id"]],
+        "num_of_images": [int(per.get_group(s).shape[0]) if s in per.groups else 0 for s in syn["syndrome_id"]],
+        "num_of_subjects": [int(per.get_group(s)["subject_id"].nunique()) if s in per.groups else 0
+                            for s in syn["syndrome_id"]],
+        "train": [s in train_syn for s in syn["syndrome_id"]],
+        "OMIM": syn["omim"].to_numpy() if "omim" in syn.columns else "",
+    })
+    atomic_write_text(out_dir / f"gmdb_syndromes_{version}.tsv", table.to_csv(index=False, sep="\t"))
+    atomic_write_text(out_dir / f"lookup_table_gmdb_{version}.txt",
+                      "class index -> disorder id\n" + json.dumps(train_syn) + "\n")
+    meta_cols = [c for c in OPTIONAL_COLUMNS if c in images.columns]
+    if meta_cols:
+        atomic_write_text(out_dir / f"image_metadata_{version}.tsv",
+                          images[["image_id", *meta_cols]].to_csv(index=False, sep="\t"))
+    return load_gmdb(out_dir, out_dir / "images", version)
+
+
+# --------------------------------------------------------------------------------------------- run persistence
+def save_run_cohort(run: Run, cohort: Cohort) -> None:
+    """Store the resolved cohort in ``<run>/cohort/`` (Parquet tables + ``cohort.json``) for later stages."""
+    d = run.dir("cohort")
+    write_parquet(cohort.images, d / "images.parquet")
+    write_parquet(cohort.syndromes.astype({"syndrome_id": str}), d / "syndromes.parquet")
+    write_parquet(cohort.splits, d / "splits.parquet")
+    info = {"version": cohort.version, "image_root": cohort.image_root, "lookup": cohort.lookup}
+    atomic_write_text(d / "cohort.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def load_run_cohort(run: Run) -> Cohort:
+    """Read the cohort stored by the align stage in ``<run>/cohort/``."""
+    d = run.path / "cohort"
+    if not (d / "images.parquet").exists():
+        raise InputError(f"{d / 'images.parquet'} not found: run the align stage with --cohort first")
+    info = json.loads((d / "cohort.json").read_text(encoding="utf-8"))
+    return Cohort(images=pd.read_parquet(d / "images.parquet"), syndromes=pd.read_parquet(d / "syndromes.parquet"),
+                  splits=pd.read_parquet(d / "splits.parquet"), lookup=info.get("lookup"),
+                  version=info.get("version", "custom"), image_root=info.get("image_root", ""))

@@ -1,0 +1,319 @@
+"""The align stage: photos (a folder or a cohort table) → aligned 112×112 crops + ``alignment.parquet``.
+
+For every photo: load it safely, find the 5 landmarks (a detector, an external landmark table, or none for crops that
+are already aligned), optionally level the eyes and detect again (GM-Arc's two-pass alignment), estimate the
+similarity transform onto the ArcFace template and write ``aligned/<image_id>.png`` (no metadata). A photo that fails
+becomes one row of ``errors.parquet`` (and an ``ok = False`` row of ``alignment.parquet``) and the run goes on.
+Finished photos are recorded in the stage's ledger, so a rerun (or a resumed, killed run) skips them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, model_validator
+
+from gestalt_xai.config import StageConfig
+from gestalt_xai.data.cohort import Cohort, load_cohort, save_run_cohort
+from gestalt_xai.data.images import DEFAULT_MAX_PIXELS, load_image, save_png
+from gestalt_xai.errors import ConfigError, DetectionError, GestaltXAIError, InputError, error_kind
+from gestalt_xai.faces.align import (
+    CROP_SIZE,
+    estimate_transform,
+    eye_level_rotation,
+    transform_points,
+    warp_to_crop,
+    yaw_proxy,
+)
+from gestalt_xai.faces.detect import FaceDetector, make_detector
+from gestalt_xai.runs import ErrorRow, Run, progress, write_parquet
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AlignConfig", "AlignResult", "align_stage", "read_landmark_table", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".heic", ".heif")
+ALIGNMENT_COLUMNS = ["image_id", "ok", "detector", "n_faces", "score", "yaw", "frontal", "landmarks", "landmarks68",
+                     "matrix",
+                     "photo_width", "photo_height", "two_pass_angle", "error_kind", "message"]
+
+
+class AlignConfig(StageConfig):
+    """Options of ``gestalt-xai align``. Paths may contain ``{run}``, replaced by the run folder."""
+
+    images: str | None = Field(None, description="folder of photos (image_id = file name without suffix)")
+    cohort: str | None = Field(None, description="GMDB metadata folder, a gmdb_*.csv file, or a plain cohort CSV")
+    image_root: str | None = Field(None, description="folder the cohort's images live in")
+    version: str | None = Field(None, description="GMDB version suffix, when the folder holds several")
+    pattern: str = Field("{image_id}.jpg", description="GMDB image file name under image_root")
+    detector: Literal["mtcnn", "retinaface"] = "mtcnn"
+    detector_weights: str | None = None
+    threshold: float = Field(0.95, gt=0.0, le=1.0, description="minimum face confidence")
+    aligned_input: bool = Field(False, description="inputs are already aligned 112×112 crops (identity transform)")
+    landmarks: str | None = Field(None, description="table of external landmarks (GM-Arc face_coords.csv layout)")
+    two_pass: bool = Field(False, description="rotate so the eyes are level and detect again (GM-Arc)")
+    face_selection: Literal["frontal_first", "confidence"] = Field(
+        "frontal_first", description="which face to keep when several are found: the most confident of the "
+        "frontal ones (|yaw| ≤ max_yaw; falls back to all faces), or the most confident overall (GM-Arc)")
+    max_yaw: float = Field(0.2, gt=0.0, description="largest |yaw proxy| (inter-ocular units) counted as frontal")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
+    workers: int = Field(1, ge=1, description="parallel worker processes")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AlignConfig:
+        if (self.images is None) == (self.cohort is None):
+            raise ValueError("give exactly one of 'images' (a folder) or 'cohort' (a table)")
+        if self.aligned_input and (self.landmarks or self.two_pass):
+            raise ValueError("'aligned_input' cannot be combined with 'landmarks' or 'two_pass'")
+        if self.detector_weights and self.detector == "mtcnn":
+            raise ValueError("'detector_weights' is only for the retinaface detector")
+        if self.detector == "retinaface" and not self.detector_weights and not (self.aligned_input or self.landmarks):
+            raise ValueError("the retinaface detector needs 'detector_weights' (biubug6 Resnet50_Final.pth)")
+        return self
+
+    def resolved(self, run: Run) -> AlignConfig:
+        """Copy with ``{run}`` expanded in every path option."""
+        sub = {k: getattr(self, k).replace("{run}", str(run.path)) for k in
+               ("images", "cohort", "image_root", "detector_weights", "landmarks") if getattr(self, k)}
+        return self.model_copy(update=sub)
+
+
+@dataclass
+class AlignResult:
+    """What the align stage did."""
+
+    n_images: int
+    n_aligned: int
+    n_errors: int
+    table: Path
+    crops: Path
+
+
+# ----------------------------------------------------------------------------------------------- landmark tables
+def read_landmark_table(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """Read external landmarks: ``image_id`` (or GM-Arc's ``img`` file name) → ``{"lm5": (5,2)[, "lm68": (68,2)]}``.
+
+    Accepted layout (GM-Arc ``face_coords.csv``): ``img, bbox_x1, bbox_y1, bbox_x2, bbox_y2, kp1_x, kp1_y, …, kp5_y``;
+    ``image_id`` may replace ``img``; optional 68-point columns ``p0_x, p0_y, …, p67_y``.
+    """
+    path = Path(path)
+    try:
+        df = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read landmark table: {exc}") from None
+    key = "image_id" if "image_id" in df.columns else "img" if "img" in df.columns else None
+    kp = [f"kp{i}_{a}" for i in range(1, 6) for a in "xy"]
+    missing = [c for c in kp if c not in df.columns]
+    if key is None or missing:
+        raise InputError(f"{path}: expected columns img (or image_id) and {', '.join(kp)}; missing "
+                         f"{', '.join(([] if key else ['img']) + missing)}")
+    has68 = all(f"p{j}_{a}" in df.columns for j in range(68) for a in "xy")
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for _, row in df.iterrows():
+        ident = str(row[key])
+        image_id = Path(ident).stem if key == "img" else ident
+        # GM-Arc names crops "<image_id>_aligned.jpg"; photos "<image_id>.jpg"
+        image_id = re.sub(r"_aligned$", "", image_id)
+        entry = {"lm5": row[kp].to_numpy(np.float64).reshape(5, 2)}
+        if has68:
+            entry["lm68"] = row[[f"p{j}_{a}" for j in range(68) for a in "xy"]].to_numpy(np.float64).reshape(68, 2)
+        out[image_id] = entry
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- sources
+def _folder_cohort(folder: Path) -> Cohort:
+    if not folder.is_dir():
+        raise ConfigError(f"images: folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"images: no image files ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    stems = pd.Series([p.stem for p in files])
+    dup = set(stems[stems.duplicated()])
+    rows, rejected = [], []
+    for p in files:
+        if p.stem in dup:
+            rejected.append({"image_id": p.name, "message": f"{p}: several files share the image id {p.stem!r}"})
+            continue
+        if p.resolve().parent != folder.resolve() and not p.resolve().is_relative_to(folder.resolve()):
+            rejected.append({"image_id": p.stem, "message": f"{p}: symlink points outside {folder}"})
+            continue
+        rows.append({"image_id": p.stem, "subject_id": p.stem, "syndrome_id": "unknown", "path": str(p.resolve())})
+    images = pd.DataFrame(rows, columns=["image_id", "subject_id", "syndrome_id", "path"])
+    syndromes = pd.DataFrame({"syndrome_id": ["unknown"], "syndrome_name": ["unknown"]})
+    return Cohort(images=images, syndromes=syndromes, version="folder", image_root=str(folder.resolve()),
+                  rejected=pd.DataFrame(rejected, columns=["image_id", "message"]))
+
+
+# ----------------------------------------------------------------------------------------------- one work unit
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(cfg: AlignConfig, threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    _WORKER["cfg"] = cfg
+    _WORKER["landmarks"] = read_landmark_table(cfg.landmarks) if cfg.landmarks else None
+    _WORKER["detector"] = None if (cfg.aligned_input or cfg.landmarks) else make_detector(
+        cfg.detector, cfg.detector_weights, cfg.threshold)
+
+
+def _detect_one(detector: FaceDetector, photo: np.ndarray, image_id: str) -> tuple[np.ndarray, float, int]:
+    found = detector.detect(photo)
+    if not found:
+        raise DetectionError(f"{image_id}: no face found by {detector.name} at confidence ≥ "
+                             f"{getattr(detector, 'threshold', '?')}")
+    cfg: AlignConfig = _WORKER["cfg"]
+    if cfg.face_selection == "frontal_first" and len(found) > 1:
+        # group photos: a turned bystander can be the most confident face; prefer the frontal ones
+        found = sorted(found, key=lambda d: abs(yaw_proxy(d.landmarks)) > cfg.max_yaw)  # stable: by score within
+    return found[0].landmarks, found[0].score, len(found)
+
+
+def _align_one(image_id: str, path: str, crops_dir: str) -> dict[str, Any]:
+    """Align one photo; returns the alignment record (ok or error). Never raises for bad input."""
+    cfg: AlignConfig = _WORKER["cfg"]
+    rec: dict[str, Any] = {"image_id": image_id, "ok": False, "detector": None, "n_faces": 0, "score": None,
+                           "yaw": None, "frontal": None,
+                           "landmarks": None, "landmarks68": None, "matrix": None, "photo_width": None,
+                           "photo_height": None, "two_pass_angle": None, "error_kind": None, "message": None}
+    try:
+        photo = load_image(path, max_pixels=cfg.max_pixels)
+        h, w = photo.shape[:2]
+        rec.update(photo_width=w, photo_height=h)
+        lm68 = None
+        if cfg.aligned_input:
+            if (h, w) != (CROP_SIZE, CROP_SIZE):
+                raise InputError(f"{path}: --aligned-input expects {CROP_SIZE}×{CROP_SIZE} crops, got {w}×{h}")
+            M = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+            rec.update(detector="aligned_input", n_faces=1, score=1.0, landmarks=_template().ravel().tolist())
+        else:
+            if cfg.landmarks:
+                entry = _WORKER["landmarks"].get(image_id)
+                if entry is None:
+                    raise InputError(f"{image_id}: no row in landmark table {cfg.landmarks}")
+                lm5, score, n_faces, det_name = entry["lm5"], 1.0, 1, "landmark_table"
+                lm68 = entry.get("lm68")
+            else:
+                lm5, score, n_faces = _detect_one(_WORKER["detector"], photo, image_id)
+                det_name = cfg.detector
+            if cfg.two_pass and not cfg.landmarks:
+                R, angle = eye_level_rotation(lm5)
+                import cv2
+
+                rotated = cv2.warpAffine(photo, R, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+                again = _WORKER["detector"].detect(rotated)
+                if again:
+                    # the same face: the detection whose nose is nearest the first pass' nose after levelling
+                    nose = transform_points(lm5[2:3], R)[0]
+                    best = min(again, key=lambda d: float(np.linalg.norm(d.landmarks[2] - nose)))
+                    # landmarks found on the levelled photo, mapped back to the original photo's pixels
+                    lm5, score = transform_points(best.landmarks, cv2.invertAffineTransform(R)), best.score
+                    rec["two_pass_angle"] = float(angle)
+                else:
+                    log.info("%s: second pass found no face; keeping the first pass", image_id)
+            M = estimate_transform(lm5)
+            yaw = yaw_proxy(lm5)
+            rec.update(detector=det_name, n_faces=int(n_faces), score=float(score), yaw=yaw,
+                       frontal=abs(yaw) <= cfg.max_yaw, landmarks=np.asarray(lm5, np.float64).ravel().tolist())
+            if lm68 is not None:
+                rec["landmarks68"] = np.asarray(lm68, np.float64).ravel().tolist()
+        crop = warp_to_crop(photo, M)
+        save_png(Path(crops_dir) / f"{image_id}.png", crop)
+        rec.update(ok=True, matrix=np.asarray(M, np.float64).ravel().tolist())
+    except GestaltXAIError as exc:
+        rec.update(error_kind=error_kind(exc), message=str(exc))
+    except Exception as exc:  # noqa: BLE001 - one bad photo must never stop the run; the error is recorded
+        log.exception("%s: unexpected error while aligning", image_id)
+        rec.update(error_kind=error_kind(exc), message=f"{path}: {type(exc).__name__}: {exc}")
+    return rec
+
+
+def _template() -> np.ndarray:
+    from gestalt_xai.faces.align import ARCFACE_TEMPLATE
+
+    return ARCFACE_TEMPLATE
+
+
+# ------------------------------------------------------------------------------------------------------- stage
+def align_stage(run: Run, cfg: AlignConfig) -> AlignResult:
+    """Detect and align every photo of a folder or cohort into ``<run>/aligned/``.
+
+    Parameters
+    ----------
+    run:
+        The study folder.
+    cfg:
+        :class:`AlignConfig`.
+
+    Returns
+    -------
+    AlignResult
+        Counts and the paths of ``alignment.parquet`` and the crop folder.
+
+    Examples
+    --------
+    ``gestalt-xai align --run runs/demo --images photos/`` or, in Python::
+
+        align_stage(Run("runs/demo"), AlignConfig(images="photos/"))
+    """
+    given, cfg = cfg, cfg.resolved(run)
+    if cfg.landmarks and not Path(cfg.landmarks).is_file():
+        raise ConfigError(f"landmarks: table not found: {cfg.landmarks}")
+    if cfg.detector_weights and not Path(cfg.detector_weights).is_file():
+        raise ConfigError(f"detector_weights: file not found: {cfg.detector_weights}")
+    with run.stage("align", given) as st:
+        cohort = _folder_cohort(Path(cfg.images)) if cfg.images else load_cohort(
+            cfg.cohort, cfg.image_root, cfg.version, cfg.pattern)
+        save_run_cohort(run, cohort)
+        crops_dir = run.dir("aligned")
+        ledger = run.ledger("align", cfg, ignore=("workers",))
+        done = ledger.done()
+        todo = [(i, p) for i, p in zip(cohort.images["image_id"], cohort.images["path"], strict=True) if i not in done]
+        if done:
+            log.info("align: %d of %d photos already aligned; %d to do", len(done), len(cohort.images), len(todo))
+        workers = min(cfg.workers, max(1, len(todo)))
+        if workers == 1:
+            _init_worker(cfg, None)
+            results = (_align_one(i, p, str(crops_dir)) for i, p in todo)
+            for rec in progress(results, "aligning", total=len(todo)):
+                ledger.add(rec["image_id"], rec, ok=rec["ok"])
+        else:
+            import multiprocessing as mp
+
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                     initargs=(cfg, threads)) as pool:
+                futures = pool.map(_align_one, [i for i, _ in todo], [p for _, p in todo],
+                                   [str(crops_dir)] * len(todo), chunksize=4)
+                for rec in progress(futures, "aligning", total=len(todo)):
+                    ledger.add(rec["image_id"], rec, ok=rec["ok"])
+
+        records = ledger.records()
+        wanted = set(cohort.images["image_id"])
+        rows = [{c: records[i].get(c) for c in ALIGNMENT_COLUMNS} for i in sorted(wanted) if i in records]
+        for rej in cohort.rejected.itertuples():
+            rows.append({**{c: None for c in ALIGNMENT_COLUMNS}, "image_id": rej.image_id, "ok": False,
+                         "error_kind": "input", "message": rej.message})
+        table = pd.DataFrame(rows, columns=ALIGNMENT_COLUMNS).sort_values("image_id", kind="stable")
+        table = table.astype({"ok": bool, "n_faces": "Int64", "score": "Float64", "yaw": "Float64",
+                              "frontal": "boolean", "photo_width": "Int64",
+                              "photo_height": "Int64", "two_pass_angle": "Float64"}).reset_index(drop=True)
+        write_parquet(table, crops_dir / "alignment.parquet")
+        failed = table[~table["ok"]]
+        run.write_errors("align", [ErrorRow("align", r.image_id, r.error_kind or "error", r.message or "")
+                                   for r in failed.itertuples()])
+        st.n_items, st.n_errors = len(table), len(failed)
+        st.extra["n_aligned"] = int(table["ok"].sum())
+    return AlignResult(n_images=len(table), n_aligned=int(table["ok"].sum()), n_errors=len(failed),
+                       table=crops_dir / "alignment.parquet", crops=crops_dir)

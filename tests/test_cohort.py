@@ -1,0 +1,148 @@
+"""Cohort tables: GMDB format round trip, subject-level splits, frequent/rare protocol, path safety."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from gestalt_xai.data.cohort import (
+    N_RARE_SPLITS,
+    frequency_class,
+    gmdb_splits,
+    load_cohort,
+    load_gmdb,
+    load_table,
+    write_gmdb,
+)
+from gestalt_xai.errors import ConfigError, InputError
+
+
+def _cohort_frame() -> pd.DataFrame:
+    """3 frequent syndromes (10, 8, 7 subjects), 2 rare (4, 2 subjects), 1 single; 2 images per subject."""
+    rows = []
+    sizes = {"101": 10, "102": 8, "103": 7, "201": 4, "202": 2, "301": 1}
+    for syn, n in sizes.items():
+        for s in range(n):
+            for k in range(2):
+                rows.append({"image_id": f"{syn}{s:02d}{k}", "subject_id": f"s{syn}_{s}", "syndrome_id": syn,
+                             "sex": "F" if s % 2 else "M", "age": str(s)})
+    return pd.DataFrame(rows)
+
+
+def test_frequency_classes() -> None:
+    assert [frequency_class(n) for n in (1, 2, 6, 7, 30)] == ["single", "rare", "rare", "frequent", "frequent"]
+
+
+def test_splits_are_subject_level_and_follow_protocol() -> None:
+    images = _cohort_frame()
+    splits = gmdb_splits(images, seed=3)
+    subj = images.set_index("image_id")["subject_id"]
+    syn = images.set_index("image_id")["syndrome_id"]
+    sets = {s: set(subj[splits.loc[splits["set"] == s, "image_id"]]) for s in ("train", "val", "test")}
+    assert not (sets["train"] & sets["test"]) and not (sets["train"] & sets["val"]) and not (sets["val"] & sets["test"])
+    # every frequent syndrome is in train and test; rare and single ones are not
+    train_syn = set(syn[splits.loc[splits["set"] == "train", "image_id"]])
+    assert train_syn == {"101", "102", "103"}
+    test_syn = set(syn[splits.loc[splits["set"] == "test", "image_id"]])
+    assert test_syn == {"101", "102", "103"}
+    fg = set(splits.loc[splits["set"] == "frequent_gallery", "image_id"])
+    tv = set(splits.loc[splits["set"].isin(["train", "val"]), "image_id"])
+    assert fg == tv
+    # rare: 10 splits, exactly one test subject per rare disorder per split, never also in that split's gallery
+    rare = splits[splits["set"].str.startswith("rare")]
+    assert sorted(rare["split"].unique()) == list(range(N_RARE_SPLITS))
+    for k in range(N_RARE_SPLITS):
+        test = rare[(rare["split"] == k) & (rare["set"] == "rare_test")]
+        gal = rare[(rare["split"] == k) & (rare["set"] == "rare_gallery")]
+        per_syn = test.assign(s=subj[test["image_id"]].to_numpy(), y=syn[test["image_id"]].to_numpy())
+        assert per_syn.groupby("y")["s"].nunique().to_dict() == {"201": 1, "202": 1}
+        assert not set(subj[test["image_id"]]) & set(subj[gal["image_id"]])
+    assert "301" not in set(syn[splits["image_id"]])  # single-subject disorders are in no protocol set
+    # the 2-subject disorder alternates its test subject over splits
+    held = {int(k): set(subj[g["image_id"]]) for k, g in rare[(rare["set"] == "rare_test")].groupby("split")}
+    assert len({frozenset(v) for v in held.values()}) >= 2
+    pd.testing.assert_frame_equal(splits, gmdb_splits(images, seed=3))
+    assert not splits.equals(gmdb_splits(images, seed=4))
+
+
+def test_gmdb_round_trip(tmp_path: Path) -> None:
+    images = _cohort_frame()
+    (tmp_path / "images").mkdir()
+    for i in images["image_id"]:
+        (tmp_path / "images" / f"{i}.jpg").write_bytes(b"x")
+    syndromes = pd.DataFrame({"syndrome_id": ["101", "102", "103", "201", "202", "301"],
+                              "syndrome_name": ["A", "B", "C", "D", "E", "F"], "omim": ["1", "2", "3", "", "", ""]})
+    cohort = write_gmdb(tmp_path, images, syndromes, version="v9.9", seed=0)
+    names = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
+    assert "gmdb_rare_test_images_v9.9.csv" in names and "lookup_table_gmdb_v9.9.txt" in names
+    assert "image_metadata_v9.9.tsv" in names and "gmdb_syndromes_v9.9.tsv" in names
+    rare_csv = pd.read_csv(tmp_path / "gmdb_rare_gallery_images_v9.9.csv")
+    assert list(rare_csv.columns) == ["image_id", "subject", "label", "split"]
+    assert list(pd.read_csv(tmp_path / "gmdb_train_images_v9.9.csv").columns) == ["image_id", "subject", "label"]
+    syn = pd.read_csv(tmp_path / "gmdb_syndromes_v9.9.tsv", sep="\t")
+    assert list(syn.columns) == ["syndrome_id", "syndrome_name", "image_ids", "subject_ids", "num_of_images",
+                                 "num_of_subjects", "train", "OMIM"]
+    assert syn.set_index("syndrome_id").loc[201, "num_of_subjects"] == 4
+    lines = (tmp_path / "lookup_table_gmdb_v9.9.txt").read_text().splitlines()
+    assert json.loads(lines[1]) == ["101", "102", "103"]
+    assert cohort.lookup == ["101", "102", "103"]
+    # the single-subject disorder is in no GMDB file, so it is not part of the cohort read back
+    assert set(cohort.images["syndrome_id"]) == {"101", "102", "103", "201", "202"}
+    assert {"sex", "age"} <= set(cohort.images.columns)
+    again = load_cohort(tmp_path / "gmdb_train_images_v9.9.csv")  # one file names the folder and the version
+    pd.testing.assert_frame_equal(again.images, cohort.images)
+    assert all(Path(p).is_file() for p in cohort.images["path"])
+
+
+def test_gmdb_integer_ids_and_versions(tmp_path: Path) -> None:
+    for v in ("v1.0.3", "v1.1.0"):
+        pd.DataFrame({"image_id": [1, 2], "subject": [10, 11], "label": [5, 5]}).to_csv(
+            tmp_path / f"gmdb_train_images_{v}.csv", index=False)
+    with pytest.raises(ConfigError, match="several GMDB versions"):
+        load_gmdb(tmp_path, tmp_path)
+    c = load_gmdb(tmp_path, tmp_path, version="v1.1.0")
+    assert c.images["image_id"].tolist() == ["1", "2"] and c.images["syndrome_id"].tolist() == ["5", "5"]
+    assert c.version == "v1.1.0"
+    with pytest.raises(ConfigError, match="v2"):
+        load_gmdb(tmp_path, tmp_path, version="v2")
+
+
+def test_path_escapes_rejected_per_row(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "ok.jpg").write_bytes(b"x")
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(b"x")
+    os.symlink(outside, root / "link.jpg")
+    table = pd.DataFrame({
+        "image_id": ["ok", "dots", "abs", "link"],
+        "path": ["ok.jpg", "../secret.jpg", str(outside), "link.jpg"],
+        "subject_id": ["a", "b", "c", "d"], "syndrome_id": ["1", "1", "1", "1"],
+    })
+    table.to_csv(root / "cohort.csv", index=False)
+    c = load_table(root / "cohort.csv")
+    assert c.images["image_id"].tolist() == ["ok"]
+    assert sorted(c.rejected["image_id"]) == ["abs", "dots", "link"]
+    assert all("outside the image root" in m for m in c.rejected["message"])
+
+
+def test_plain_table_errors(tmp_path: Path) -> None:
+    pd.DataFrame({"image_id": ["a"], "path": ["a.jpg"]}).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(InputError, match="missing column.*subject_id"):
+        load_table(tmp_path / "t.csv")
+    pd.DataFrame({"image_id": ["a", "a"], "path": ["a.jpg", "b.jpg"], "subject_id": ["s", "t"],
+                  "syndrome_id": ["1", "1"]}).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(InputError, match="duplicate image_id"):
+        load_table(tmp_path / "t.csv")
+    with pytest.raises(InputError, match="not found"):
+        load_cohort(tmp_path / "nope.csv")
+
+
+def test_subject_with_two_syndromes_is_refused() -> None:
+    df = pd.DataFrame({"image_id": ["a", "b"], "subject_id": ["s", "s"], "syndrome_id": ["1", "2"]})
+    with pytest.raises(InputError, match="several syndromes"):
+        gmdb_splits(df)
