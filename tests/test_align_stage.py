@@ -243,3 +243,16 @@ def test_retinaface_detector_through_the_stage(tmp_path: Path, example_photos) -
     assert (row["ok"] and row["detector"] == "retinaface" and row["n_faces"] >= 1) or row["error_kind"]
     with pytest.raises(ConfigError, match="detector_weights"):
         align_stage(run, AlignConfig(images=str(d), detector="retinaface", detector_weights=str(tmp_path / "x")))
+
+
+def test_parallel_workers_give_the_same_outputs(tmp_path: Path, example_photos) -> None:
+    d = tmp_path / "photos"
+    d.mkdir()
+    for name in ("skimage_astronaut", "insightface_t1"):
+        shutil.copy(example_photos[name], d / Path(example_photos[name]).name)
+    (d / "bad.jpg").write_bytes(b"nope")
+    one, two = Run(tmp_path / "one"), Run(tmp_path / "two")
+    align_stage(one, AlignConfig(images=str(d), workers=1))
+    align_stage(two, AlignConfig(images=str(d), workers=2))
+    a, b = _outputs(one.path), _outputs(two.path)
+    assert sorted(a) == sorted(b) and all(a[k] == b[k] for k in a if k != "cohort/cohort.json")

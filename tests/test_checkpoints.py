@@ -435,3 +435,13 @@ def test_lookup_table_and_class_checks(small: dict, tmp_path: Path) -> None:
     short.write_text("header\n[1, 2]\n")
     with pytest.raises(ConfigError, match="lookup table has 2 syndromes but the classifier has 5"):
         load_model(path, syndrome_ids=short)
+
+
+def test_save_model_gives_identical_bytes(tmp_path) -> None:
+    """Reproducible runs need byte-identical checkpoints (safetensors' multi-key metadata order is unstable)."""
+    from gestalt_xai.models import build_gestaltmatcher, save_model
+
+    torch.manual_seed(0)
+    model = build_gestaltmatcher("r18", width=0.125, num_classes=3, syndrome_ids=["a", "b", "c"])
+    blobs = {save_model(model, tmp_path / f"m{i}").read_bytes() for i in range(5)}
+    assert len(blobs) == 1

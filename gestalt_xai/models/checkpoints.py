@@ -54,7 +54,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import types
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -68,6 +67,7 @@ from torch import nn
 from gestalt_xai.errors import CheckpointError, ConfigError
 from gestalt_xai.models.gestaltmatcher import ChannelOrder, GestaltMatcher
 from gestalt_xai.models.iresnet import ARCH_LAYERS, IResNet, build_iresnet, canonical_arch
+from gestalt_xai.runs import atomic_write_bytes
 
 __all__ = [
     "FORMATS",
@@ -147,18 +147,6 @@ def _fail(path: Path | str, fmt: str, problem: str) -> CheckpointError:
     return CheckpointError(f"{path}: expected {FORMATS.get(fmt, fmt)}; {problem}")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ============================================================================================ our own format
 
 
@@ -178,7 +166,9 @@ def save_model(model: GestaltMatcher, path: str | os.PathLike[str], *, extra: Ma
 
     weights, cfg_path = _own_paths(Path(path))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    data = st_save(state, metadata={"format": "gestalt-xai", "format_version": str(FORMAT_VERSION)})
+    # one metadata key only: safetensors writes several in an unstable order, and the same model must give the
+    # same bytes (and hash) every time
+    data = st_save(state, metadata={"format": f"gestalt-xai/{FORMAT_VERSION}"})
     cfg = dict(model.config)
     cfg.update(
         format="gestalt-xai",
@@ -193,8 +183,8 @@ def save_model(model: GestaltMatcher, path: str | os.PathLike[str], *, extra: Ma
         cfg["converted_from"] = cfg.pop("source")
     if extra:
         cfg.update(extra)
-    _atomic_write_bytes(weights, data)
-    _atomic_write_bytes(cfg_path, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(weights, data)
+    atomic_write_bytes(cfg_path, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
     return weights
 
 

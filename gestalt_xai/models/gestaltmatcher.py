@@ -316,16 +316,13 @@ def slotwise_cosine_distances(test: np.ndarray, gallery: np.ndarray) -> np.ndarr
     ``(n_models, n_slots)``; 3 models × 4 TTA slots = 12 matrices). Returns ``(N_test, N_gallery)`` float64:
     ``mean_s (1 − cos(test[s, i], gallery[s, j]))``. A 2-D input is a single slot.
     """
+    from gestalt_xai.matching import slotwise_distances  # the one implementation of GM-Arc's rule
+
     a = np.asarray(test, dtype=np.float64)
     b = np.asarray(gallery, dtype=np.float64)
     if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-1]:
         raise ValueError(f"slot axes / embedding size differ: test {a.shape} vs gallery {b.shape}")
-    a = a.reshape(-1, *a.shape[-2:])
-    b = b.reshape(-1, *b.shape[-2:])
-    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
-    cos = np.einsum("snd,smd->snm", a, b)
-    return (1.0 - cos).mean(axis=0)
+    return slotwise_distances(list(a.reshape(-1, *a.shape[-2:])), list(b.reshape(-1, *b.shape[-2:])))
 
 
 class Ensemble:

@@ -1,0 +1,264 @@
+"""The embed stage: every aligned crop through every model (and TTA slot) → ``run/embeddings.parquet``.
+
+One row per (image, model, TTA slot)::
+
+    image_id  str              model_id  str         flip  bool        gray  bool
+    embedding list<float32>    (512-d, the BN1d output; not normalised)
+    logits    list<float32>    classifier outputs in the model's class order, or null (embedding-only members,
+                               e.g. GM-Arc's ``glint360k_r100.onnx``)
+
+sorted by ``image_id, model_id, flip, gray``. TTA slots follow GM-Arc (``lib/encode.py``): {original, hflip} ×
+{colour, 3-channel gray}; without TTA only ``flip = gray = False``.
+
+Work is split into units of ``chunk_size`` images per model; each finished unit is written to
+``run/.embed_parts/<model_id>/<unit>.parquet`` and recorded in the stage ledger, so an interrupted run resumes
+with the next unit. A unit's name is a hash of the model's weights, the TTA setting and its image ids, so a
+changed model or image set recomputes exactly what changed. The final table is rebuilt from the parts with a
+fixed schema, so a rerun writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from gestalt_xai.config import StageConfig
+from gestalt_xai.data.aligned import _read_crop, aligned_dir, aligned_path
+from gestalt_xai.errors import ConfigError, GestaltXAIError, InputError, error_kind
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EMBEDDING_SCHEMA",
+    "EmbedConfig",
+    "embed_stage",
+    "embedding_table",
+    "list_aligned_images",
+    "resolve_models",
+    "write_embeddings",
+]
+
+#: Arrow schema of ``embeddings.parquet``.
+EMBEDDING_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("model_id", pa.string()),
+        ("flip", pa.bool_()),
+        ("gray", pa.bool_()),
+        ("embedding", pa.list_(pa.float32())),
+        ("logits", pa.list_(pa.float32())),
+    ]
+)
+
+
+class EmbedConfig(StageConfig):
+    """Options of ``gestalt-xai embed``."""
+
+    models: list[str] | Literal["run"] = Field(
+        "run", description='checkpoint paths, or "run" = every model in run/models (*.safetensors)'
+    )
+    model_ids: list[str] | None = Field(None, description="names for the checkpoints (default: file stems)")
+    tta: bool = Field(True, description="4 TTA slots {orig, hflip} x {colour, gray} (GM-Arc); off: 1 slot")
+    batch_size: int = Field(16, ge=1, description="images per forward (8-16 is fastest per image on a 2-core CPU)")
+    chunk_size: int = Field(256, ge=1, description="images per resumable work unit")
+    trust_pickle: bool = Field(False, description="allow GM-Arc whole-module .pth pickles (executes code)")
+    channel_order: Literal["RGB", "BGR"] | None = Field(None, description="override the models' channel order")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads while embedding (default: torch's)")
+    quiet: bool = False
+
+
+def _model_id_from_path(path: Path) -> str:
+    name = path.name
+    for suffix in (".safetensors", ".json", ".onnx", ".pth", ".pt"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def resolve_models(run: Any, cfg: EmbedConfig) -> list[tuple[str, Path]]:
+    """``(model_id, checkpoint)`` pairs sorted by id; ``"run"`` = ``run/models/*.safetensors``."""
+    if cfg.models == "run":
+        paths = sorted((Path(run.path) / "models").glob("*.safetensors"))
+        if not paths:
+            raise InputError(
+                f"no models in {Path(run.path) / 'models'}: run `gestalt-xai train` first or pass --model PATH"
+            )
+    else:
+        paths = [Path(p) for p in cfg.models]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise InputError(f"model checkpoint(s) not found: {missing}")
+    if cfg.model_ids is not None:
+        if len(cfg.model_ids) != len(paths):
+            raise ConfigError(f"{len(cfg.model_ids)} model_ids for {len(paths)} models")
+        ids = list(cfg.model_ids)
+    else:
+        ids = [_model_id_from_path(p) for p in paths]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ConfigError(f"model ids {dup} occur twice; name the models with model_ids")
+    return sorted(zip(ids, paths, strict=True))
+
+
+def list_aligned_images(run: Any) -> list[str]:
+    """Image ids with an aligned crop: ``ok`` rows of ``aligned/alignment.parquet`` (else every ``*.png``)."""
+    d = aligned_dir(run)
+    table = d / "alignment.parquet"
+    if table.exists():
+        df = pd.read_parquet(table, columns=["image_id", "ok"])
+        ids = df.loc[df["ok"].astype(bool), "image_id"].astype(str).tolist()
+    else:
+        ids = [p.stem for p in d.glob("*.png")]
+    ids = sorted(i for i in set(ids) if aligned_path(run, i).is_file())
+    if not ids:
+        raise InputError(f"no aligned crops in {d}: run `gestalt-xai align --run {Path(run.path)}` first")
+    return ids
+
+
+def embedding_table(rows: dict[str, list[Any]]) -> pa.Table:
+    """Columns → Arrow table with :data:`EMBEDDING_SCHEMA`, sorted by image_id, model_id, flip, gray."""
+    table = pa.table(rows, schema=EMBEDDING_SCHEMA)
+    return table.sort_by(
+        [("image_id", "ascending"), ("model_id", "ascending"), ("flip", "ascending"), ("gray", "ascending")]
+    )
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def write_embeddings(table: pa.Table, path: Path) -> None:
+    """Atomically write an embeddings table (same table → same bytes)."""
+    from gestalt_xai.runs import atomic_write_bytes
+
+    atomic_write_bytes(path, _table_bytes(table.cast(EMBEDDING_SCHEMA)))
+
+
+def _encode_chunk(
+    model: Any, run: Any, model_id: str, image_ids: list[str], cfg: EmbedConfig, device: Any
+) -> tuple[pa.Table, list[tuple[str, str, str]]]:
+    from gestalt_xai.models.gestaltmatcher import encode
+
+    crops, ok_ids, errors = [], [], []
+    for i in image_ids:
+        try:
+            crops.append(_read_crop(aligned_path(run, i)))
+            ok_ids.append(i)
+        except GestaltXAIError as exc:
+            errors.append((i, error_kind(exc), str(exc)))
+    rows: dict[str, list[Any]] = {c: [] for c in EMBEDDING_SCHEMA.names}
+    if ok_ids:
+        enc = encode(model, np.stack(crops), tta=cfg.tta, batch_size=cfg.batch_size, device=device)
+        for s, (flip, gray) in enumerate(enc.slots):
+            for n, image_id in enumerate(ok_ids):
+                rows["image_id"].append(image_id)
+                rows["model_id"].append(model_id)
+                rows["flip"].append(bool(flip))
+                rows["gray"].append(bool(gray))
+                rows["embedding"].append(enc.embeddings[s, n])
+                rows["logits"].append(enc.logits[s, n] if enc.logits is not None else None)
+    return embedding_table(rows), errors
+
+
+def embed_stage(run: Any, cfg: EmbedConfig | None = None) -> Path:
+    """Embed every aligned crop with every model into ``run/embeddings.parquet`` (resumable).
+
+    Returns the path of ``embeddings.parquet``. Unreadable crops become rows of ``errors.parquet``.
+    """
+    import torch
+
+    from gestalt_xai.models.checkpoints import load_model, model_sha256
+    from gestalt_xai.models.train import _torch_threads
+    from gestalt_xai.runs import ErrorRow, atomic_write_bytes, progress
+
+    cfg = cfg or EmbedConfig()
+    with run.stage("embed", cfg) as st, _torch_threads(cfg.threads):
+        models = resolve_models(run, cfg)
+        image_ids = list_aligned_images(run)
+        device = torch.device(
+            "cuda"
+            if cfg.device == "auto" and torch.cuda.is_available()
+            else ("cpu" if cfg.device == "auto" else cfg.device)
+        )
+        ledger = run.ledger("embed")
+        done = ledger.done()
+        parts_root = Path(run.path) / ".embed_parts"
+        chunks = [image_ids[i : i + cfg.chunk_size] for i in range(0, len(image_ids), cfg.chunk_size)]
+        units: list[tuple[str, str, Path, list[str]]] = []  # (unit id, model_id, checkpoint, image ids)
+        shas: dict[str, str] = {}
+        for model_id, path in models:
+            sha = model_sha256(path)
+            shas[model_id] = sha
+            for ids in chunks:
+                key = hashlib.sha256(
+                    json.dumps([model_id, sha, cfg.tta, cfg.channel_order, cfg.batch_size, str(device), ids]).encode()
+                )
+                units.append((f"{model_id}/{key.hexdigest()[:20]}", model_id, path, ids))
+        todo = [u for u in units if u[0] not in done or not (parts_root / f"{u[0]}.parquet").exists()]
+        log.info(
+            "embed: %d models x %d images; %d of %d work units to do",
+            len(models),
+            len(image_ids),
+            len(todo),
+            len(units),
+        )
+        loaded: dict[str, Any] = {}
+        errors: dict[str, tuple[str, str, str]] = {}
+        for unit_id, model_id, path, ids in progress(todo, "embed", total=len(todo)) if not cfg.quiet else todo:
+            if model_id not in loaded:
+                loaded.clear()  # one model in memory at a time
+                loaded[model_id] = load_model(
+                    path, trust_pickle=cfg.trust_pickle, channel_order=cfg.channel_order, device=device
+                )
+            table, errs = _encode_chunk(loaded[model_id], run, model_id, ids, cfg, device)
+            atomic_write_bytes(parts_root / f"{unit_id}.parquet", _table_bytes(table))
+            for e in errs:
+                errors[e[0]] = e
+            ledger.add(unit_id, {"model_id": model_id, "n_images": len(ids), "errors": [list(e) for e in errs]})
+        # rebuild from the ledger: errors of units finished in earlier runs too
+        records = ledger.done()
+        for unit_id, _, _, _ in units:
+            for e in records.get(unit_id, {}).get("errors", []):
+                errors[e[0]] = (e[0], e[1], e[2])
+        tables = [pq.read_table(parts_root / f"{u[0]}.parquet", schema=EMBEDDING_SCHEMA) for u in units]
+        final = embedding_table({c: [] for c in EMBEDDING_SCHEMA.names}) if not tables else pa.concat_tables(tables)
+        final = final.sort_by(
+            [
+                ("image_id", "ascending"),
+                ("model_id", "ascending"),
+                ("flip", "ascending"),
+                ("gray", "ascending"),
+            ]
+        ).combine_chunks()
+        out = Path(run.path) / "embeddings.parquet"
+        write_embeddings(final, out)
+        run.write_errors("embed", [ErrorRow("embed", i, k, m) for i, k, m in sorted(errors.values())])
+        for model_id, path in models:
+            info = {"path": str(path), "tta": cfg.tta}
+            known = run.manifest.get("models", {}).get(model_id)
+            if known is None or known.get("sha256") != shas[model_id]:
+                run.record_model(model_id, shas[model_id], info)
+        st.n_items = len(image_ids) * len(models)
+        st.n_errors = len(errors)
+        st.extra.update(
+            {
+                "models": [m for m, _ in models],
+                "n_images": len(image_ids),
+                "tta": cfg.tta,
+                "n_rows": final.num_rows,
+            }
+        )
+    return out

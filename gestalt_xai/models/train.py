@@ -1,0 +1,772 @@
+"""Training and fine-tuning a GestaltMatcher model (GM-Arc's recipe, with its class-weight pairing fixed).
+
+GestaltMatcher-Arc (``train_gm_arc.py``; REFERENCE §2) trains ``backbone → 512-d embedding → classifier`` with
+
+* weighted cross-entropy, ``w_c = 0.5 · min_c' n_c' / n_c + 0.5`` (``n_c`` = training *images* of class
+  ``c``), so the rarest class weighs 1 and a very frequent one about 0.5;
+* Adam with three parameter groups — backbone (lr 5e-4 for r50 / 1e-3 for r100, no weight decay), embedding
+  ``fc`` + ``features`` BN1d (the backbone's lr; weight decay 5e-5 for r50 / 0 for r100) and classifier (lr
+  1e-3, weight decay 5e-4); Adam's ``weight_decay`` is an L2 term added to the gradient, as in their code;
+* ``ReduceLROnPlateau(mode="max", factor=0.5, patience=5, min_lr=1e-5, threshold=5e-4)`` stepped on the
+  validation mean-per-class top-5 accuracy after every epoch;
+* augmentation (shrink-zoom, flip, colour jitter, gray; :mod:`gestalt_xai.data.aligned`).
+
+**The class-weight bug.** GM-Arc computes the weights from ``labels.value_counts()`` — classes in *frequency*
+order — while class indices follow the *sorted* labels (its lookup table), and pairs weight ``i`` with class
+``i``. So the weights land on the wrong classes. :func:`class_weights` pairs each weight with its own class;
+GM-Arc's pairing is reproduced only with ``gmarc_weight_order=True``, for re-creating their models.
+
+**Frozen backbone.** GM-Arc's released script freezes the backbone's weights (only ``fc``, ``features`` and
+the classifier train) but leaves the model in train mode, so the backbone's BatchNorm running statistics still
+move. ``freeze_backbone=True`` offers both: ``frozen_bn="update"`` (GM-Arc's behaviour) or
+``frozen_bn="fixed"`` (BatchNorms of the frozen part kept in eval mode: a truly frozen backbone).
+
+Outputs in ``run/models/``: ``<model_id>.safetensors`` + ``<model_id>.json`` (:func:`save_model` format, with
+the class list = ``syndrome_ids`` in class-index order = sorted syndrome ids), ``<model_id>_history.parquet``
+(one row per epoch) and ``<model_id>_curve.png``. Training state is kept after every epoch
+(``.<model_id>.state.pt``), so an interrupted run resumes at the next epoch; a finished model with the same
+configuration is not retrained. Same seed → same weights on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from gestalt_xai.config import StageConfig
+from gestalt_xai.data.aligned import AlignedFaces, Augmentation, aligned_path
+from gestalt_xai.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AugmentOptions",
+    "DEMO_PRESET",
+    "TrainConfig",
+    "TrainData",
+    "class_weights",
+    "demo_train_config",
+    "evaluate_classifier",
+    "parameter_groups",
+    "select_training_data",
+    "train_model",
+    "train_small_model",
+    "train_stage",
+]
+
+
+# ----------------------------------------------------------------------------------------------------- config
+class AugmentOptions(StageConfig):
+    """Training augmentation (GM-Arc's values by default; a probability of 0 switches a step off)."""
+
+    shrink_zoom_p: float = Field(0.1, ge=0, le=1)
+    shrink_min: int = Field(50, ge=8, le=112)
+    shrink_max: int = Field(100, ge=8, le=112)
+    flip_p: float = Field(0.5, ge=0, le=1)
+    jitter_p: float = Field(1.0, ge=0, le=1)
+    brightness: float = Field(0.2, ge=0, le=1)
+    contrast: float = Field(0.2, ge=0, le=1)
+    saturation: float = Field(0.2, ge=0, le=1)
+    hue: float = Field(0.1, ge=0, le=0.5)
+    gray_p: float = Field(0.1, ge=0, le=1)
+
+    def to_augmentation(self) -> Augmentation:
+        return Augmentation(**self.model_dump())
+
+
+#: values of ``preset: demo`` (see :func:`demo_train_config`); explicit options win over them.
+DEMO_PRESET: dict[str, Any] = {
+    "model_id": "demo_r18_w0.25",
+    "arch": "r18",
+    "width": 0.25,
+    "epochs": 12,
+    "batch_size": 32,
+    "lr_backbone": 2e-3,
+    "lr_embedding": 2e-3,
+    "lr_classifier": 2e-3,
+    "wd_embedding": 5e-5,
+    "classifier_dropout": 0.2,
+    "plateau_patience": 3,
+    "augment": {"shrink_zoom_p": 0.0, "gray_p": 0.05},
+}
+
+
+class TrainConfig(StageConfig):
+    """Options of ``gestalt-xai train`` (GM-Arc's defaults unless noted; ``preset: demo`` for the demo model)."""
+
+    preset: Literal["gmarc", "demo"] = Field(
+        "gmarc", description="gmarc: GM-Arc's recipe; demo: small iResNet-18 from scratch (DEMO_PRESET)"
+    )
+
+    model_id: str | None = Field(None, description="output name in run/models (default: gm_<arch>[_w<width>])")
+    arch: Literal["r18", "r34", "r50", "r100"] = "r50"
+    width: float = Field(1.0, gt=0, description="channel width multiplier of the iResNet")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the embedding fc")
+    classifier_dropout: float = Field(0.5, ge=0, lt=1)
+    channel_order: Literal["RGB", "BGR"] = Field(
+        "RGB", description="input channel order the model learns (GM-Arc's training read BGR; inference RGB)"
+    )
+    init: Path | None = Field(None, description="checkpoint to fine-tune (any format load_model reads)")
+    trust_pickle: bool = Field(False, description="allow a pickled (whole-module) init checkpoint")
+    new_classifier: bool = Field(False, description="replace the init checkpoint's classifier by a fresh one")
+
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr_backbone: float | None = Field(None, gt=0, description="default 5e-4 (r100: 1e-3)")
+    wd_backbone: float = Field(0.0, ge=0)
+    lr_embedding: float | None = Field(None, gt=0, description="default: lr_backbone")
+    wd_embedding: float | None = Field(None, ge=0, description="default 5e-5 (r100: 0)")
+    lr_classifier: float = Field(1e-3, gt=0)
+    wd_classifier: float = Field(5e-4, ge=0)
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    plateau_patience: int = Field(5, ge=0)
+    plateau_threshold: float = Field(5e-4, ge=0)
+    min_lr: float = Field(1e-5, ge=0)
+
+    loss: Literal["weighted_ce", "ce"] = "weighted_ce"
+    gmarc_weight_order: bool = Field(
+        False,
+        description="pair CE weights with classes as GM-Arc's code does (frequency order vs sorted indices; a bug)",
+    )
+    sampler: Literal["shuffle", "balanced"] = Field("shuffle", description="balanced: class-balanced sampling")
+    freeze_backbone: bool = Field(False, description="train only fc, BN1d and classifier (GM-Arc's released run)")
+    frozen_bn: Literal["update", "fixed"] = Field(
+        "update", description="frozen backbone BN statistics: update (GM-Arc) or fixed (eval mode)"
+    )
+    augment: AugmentOptions | None = Field(default_factory=AugmentOptions, description="null: no augmentation")
+
+    syndromes: list[str] | None = Field(None, description="train on this subset of classes only")
+    max_per_class: int | None = Field(None, ge=1, description="cap every class at this many subjects/images")
+    class_caps: dict[str, int] | None = Field(None, description="per-class caps (override max_per_class)")
+    cap_unit: Literal["subject", "image"] = "subject"
+
+    save: Literal["last", "best"] = Field("last", description="keep the last epoch (GM-Arc) or the best val top-5")
+    seed: int = 0
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
+    num_workers: int = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+    quiet: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") == "demo":
+            merged = {**DEMO_PRESET, **data}
+            if isinstance(data.get("augment"), dict):
+                merged["augment"] = {**DEMO_PRESET["augment"], **data["augment"]}
+            return merged
+        return data
+
+    def resolved_model_id(self) -> str:
+        if self.model_id:
+            return self.model_id
+        return f"gm_{self.arch}" + ("" if self.width == 1.0 else f"_w{self.width:g}")
+
+    def resolved_lrs(self) -> dict[str, float]:
+        big = self.arch == "r100"
+        lr_b = self.lr_backbone if self.lr_backbone is not None else (1e-3 if big else 5e-4)
+        return {
+            "lr_backbone": lr_b,
+            "wd_backbone": self.wd_backbone,
+            "lr_embedding": self.lr_embedding if self.lr_embedding is not None else lr_b,
+            "wd_embedding": self.wd_embedding if self.wd_embedding is not None else (0.0 if big else 5e-5),
+            "lr_classifier": self.lr_classifier,
+            "wd_classifier": self.wd_classifier,
+        }
+
+
+def demo_train_config(**overrides: Any) -> TrainConfig:
+    """The demo's small model (``preset: demo``): iResNet-18 at width 0.25 trained from scratch.
+
+    Trains in about 2 minutes on 2 CPU cores on the default synthetic cohort. From-scratch training on a few
+    hundred synthetic photos needs larger learning rates than GM-Arc's fine-tuning of a Glint360K-pretrained
+    backbone, and no shrink-zoom (the planted phenotypes are small). ``overrides`` replace preset values.
+    """
+    return TrainConfig(preset="demo", **overrides)
+
+
+# ------------------------------------------------------------------------------------------------------- data
+class TrainData:
+    """The training and validation tables of one training run (``image_id, subject_id, syndrome_id``)."""
+
+    def __init__(self, train: pd.DataFrame, val: pd.DataFrame, classes: list[str], n_missing_crops: int = 0):
+        self.train = train
+        self.val = val
+        self.classes = classes
+        self.n_missing_crops = n_missing_crops
+
+
+def _apply_caps(train: pd.DataFrame, cfg: TrainConfig) -> pd.DataFrame:
+    if cfg.max_per_class is None and not cfg.class_caps:
+        return train
+    rng = np.random.default_rng(cfg.seed)
+    parts = []
+    for syn, part in train.groupby("syndrome_id", sort=True):
+        cap = (cfg.class_caps or {}).get(str(syn), cfg.max_per_class)
+        if cap is None:
+            parts.append(part)
+            continue
+        if cfg.cap_unit == "subject":
+            subjects = np.array(sorted(part["subject_id"].unique()), dtype=object)
+            keep = set(subjects[rng.permutation(len(subjects))[:cap]])
+            parts.append(part[part["subject_id"].isin(keep)])
+        else:
+            idx = np.sort(rng.permutation(len(part))[:cap])
+            parts.append(part.iloc[idx])
+    return pd.concat(parts).sort_values("image_id", kind="stable").reset_index(drop=True)
+
+
+def select_training_data(cohort: Any, run: Any, cfg: TrainConfig) -> TrainData:
+    """Train = the cohort's ``train`` set, val = its ``val`` set, after class subset and caps; classes sorted.
+
+    Images without an aligned crop are left out (the align stage already recorded why).
+    """
+    images = cohort.images[["image_id", "subject_id", "syndrome_id"]].astype(str)
+    have = images["image_id"].map(lambda i: aligned_path(run, i).is_file())
+    n_missing = int((~have).sum())
+    images = images[have]
+    train = images[images["image_id"].isin(set(cohort.image_ids("train")))]
+    val = images[images["image_id"].isin(set(cohort.image_ids("val")))]
+    if cfg.syndromes is not None:
+        unknown = sorted(set(cfg.syndromes) - set(train["syndrome_id"]))
+        if unknown:
+            raise ConfigError(f"syndromes {unknown[:5]} have no training images in this cohort")
+        train = train[train["syndrome_id"].isin(set(cfg.syndromes))]
+    train = _apply_caps(train.sort_values("image_id", kind="stable"), cfg)
+    if train.empty:
+        raise InputError("no training images: the cohort's train set is empty (or none of its crops exist)")
+    classes = sorted(train["syndrome_id"].unique())
+    if len(classes) < 2:
+        raise InputError(f"training needs at least 2 classes, the train set has {classes}")
+    val = val[val["syndrome_id"].isin(set(classes))].sort_values("image_id", kind="stable")
+    return TrainData(train.reset_index(drop=True), val.reset_index(drop=True), classes, n_missing)
+
+
+def class_weights(
+    train_labels: Sequence[str], classes: Sequence[str], gmarc_weight_order: bool = False
+) -> torch.Tensor:
+    """GM-Arc's cross-entropy weights ``w_c = 0.5 · min_count / count_c + 0.5`` in class-index order.
+
+    Parameters
+    ----------
+    train_labels: class (syndrome id) of every training image.
+    classes: class index order (sorted syndrome ids).
+    gmarc_weight_order: reproduce GM-Arc's pairing — weights computed in ``value_counts()`` (frequency) order
+    and
+        given to class indices 0, 1, … of the sorted classes, i.e. usually to the wrong classes.
+
+    Examples
+    --------
+    >>> class_weights(["a", "b", "b", "b", "b"], ["a", "b"])
+    tensor([1.0000, 0.6250])
+    >>> class_weights(["a", "b", "b", "b", "b"], ["a", "b"], gmarc_weight_order=True)
+    tensor([0.6250, 1.0000])
+    """
+    counts = pd.Series([str(s) for s in train_labels]).value_counts()  # GM-Arc: frequency order
+    classes = [str(c) for c in classes]
+    absent = [c for c in classes if c not in counts.index]
+    if absent:
+        raise InputError(f"classes {absent[:5]} have no training images; cannot weight them")
+    counts = counts[counts.index.isin(classes)]
+    if gmarc_weight_order:
+        if len(counts) != len(classes):
+            raise InputError("gmarc_weight_order needs exactly the training classes")
+        w = 0.5 * counts.min() / counts.to_numpy(dtype=np.float64) + 0.5
+    else:
+        c = counts.reindex(classes).to_numpy(dtype=np.float64)
+        w = 0.5 * c.min() / c + 0.5
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def _balanced_sampler(targets: np.ndarray, generator: torch.Generator) -> torch.utils.data.Sampler[int]:
+    counts = np.bincount(targets)
+    weights = torch.as_tensor(1.0 / counts[targets], dtype=torch.double)
+    return torch.utils.data.WeightedRandomSampler(
+        weights, num_samples=len(targets), replacement=True, generator=generator
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ model
+def _backbone_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(backbone body parameters, embedding fc + BN1d parameters) of a GestaltMatcher."""
+    bb = model.backbone
+    emb_ids = {id(p) for m in (bb.fc, bb.features) for p in m.parameters()}
+    body = [p for p in bb.parameters() if id(p) not in emb_ids]
+    emb = [p for m in (bb.fc, bb.features) for p in m.parameters()]
+    return body, emb
+
+
+def parameter_groups(model: nn.Module, lrs: dict[str, float], freeze_backbone: bool = False) -> list[dict[str, Any]]:
+    """GM-Arc's three Adam parameter groups: backbone body, embedding (fc + BN1d), classifier."""
+    body, emb = _backbone_groups(model)
+    groups = []
+    if not freeze_backbone:
+        groups.append(
+            {"name": "backbone", "params": body, "lr": lrs["lr_backbone"], "weight_decay": lrs["wd_backbone"]}
+        )
+    groups.append({"name": "embedding", "params": emb, "lr": lrs["lr_embedding"], "weight_decay": lrs["wd_embedding"]})
+    if model.classifier is None:
+        raise ConfigError(
+            "the model has no classifier to train (an embedding-only checkpoint); set new_classifier: true"
+        )
+    groups.append(
+        {
+            "name": "classifier",
+            "params": list(model.classifier.parameters()),
+            "lr": lrs["lr_classifier"],
+            "weight_decay": lrs["wd_classifier"],
+        }
+    )
+    return groups
+
+
+def _set_train_mode(model: nn.Module, freeze_backbone: bool, frozen_bn: str) -> None:
+    model.train()
+    if freeze_backbone and frozen_bn == "fixed":
+        bb = model.backbone
+        for name, m in bb.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not name.startswith(("fc", "features")):
+                m.eval()
+
+
+def _build_model(cfg: TrainConfig, classes: list[str]) -> nn.Module:
+    from gestalt_xai.models.gestaltmatcher import GestaltMatcher, build_gestaltmatcher
+
+    if cfg.init is None:
+        torch.manual_seed(cfg.seed)
+        model = build_gestaltmatcher(
+            cfg.arch,
+            width=cfg.width,
+            num_classes=len(classes),
+            syndrome_ids=classes,
+            channel_order=cfg.channel_order,
+            dropout=cfg.dropout,
+        )
+        if cfg.classifier_dropout != 0.5:
+            model.classifier[0].p = cfg.classifier_dropout
+            model.config["classifier_dropout"] = cfg.classifier_dropout
+        return model
+    from gestalt_xai.models.checkpoints import load_model
+
+    model = load_model(cfg.init, trust_pickle=cfg.trust_pickle)
+    if not isinstance(model, GestaltMatcher):
+        raise ConfigError(f"{cfg.init}: expected a GestaltMatcher checkpoint")
+    if cfg.new_classifier or model.classifier is None:
+        torch.manual_seed(cfg.seed)
+        dim = model.embedding_dim
+        model.classifier = nn.Sequential(nn.Dropout(cfg.classifier_dropout), nn.Linear(dim, len(classes)))
+        model.syndrome_ids = list(classes)
+        model.config.update(
+            {
+                "num_classes": len(classes),
+                "syndrome_ids": list(classes),
+                "classifier_dropout": cfg.classifier_dropout,
+            }
+        )
+    else:
+        from gestalt_xai.models.checkpoints import check_classes
+
+        try:
+            check_classes(model, classes, exact=True)  # same set; the checkpoint's class order is kept
+        except ConfigError as exc:
+            raise ConfigError(f"{cfg.init}: {exc}; or set new_classifier: true to train a fresh classifier") from None
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_classifier(
+    model: nn.Module,
+    crops: np.ndarray,
+    targets: np.ndarray,
+    weights: torch.Tensor | None,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Validation metrics of the classifier on un-augmented crops (no TTA).
+
+    Returns ``val_loss`` (weighted CE, as GM-Arc), ``val_top1``/``val_top5`` (per image) and
+    ``val_mean_top1``/``val_mean_top5`` (mean over the classes present of the per-class accuracy, GM-Arc's
+    scheduler metric). Top-5 is top-min(5, C).
+    """
+    if len(targets) == 0:
+        return {k: float("nan") for k in ("val_loss", "val_top1", "val_top5", "val_mean_top1", "val_mean_top5")}
+    was = model.training
+    model.eval()
+    logits = []
+    for s in range(0, len(crops), batch_size):
+        x = model.preprocess(crops[s : s + batch_size], device=device)
+        lg, _ = model(x)
+        logits.append(lg.float().cpu())
+    model.train(was)
+    lg = torch.cat(logits)
+    y = torch.as_tensor(targets, dtype=torch.long)
+    loss = F.cross_entropy(lg, y, weight=weights).item()
+    k = min(5, lg.shape[1])
+    top = lg.topk(k, dim=1).indices
+    hit1 = (top[:, 0] == y).numpy().astype(float)
+    hit5 = (top == y[:, None]).any(dim=1).numpy().astype(float)
+    per = pd.DataFrame({"y": targets, "h1": hit1, "h5": hit5}).groupby("y").mean()
+    return {
+        "val_loss": float(loss),
+        "val_top1": float(hit1.mean()),
+        "val_top5": float(hit5.mean()),
+        "val_mean_top1": float(per["h1"].mean()),
+        "val_mean_top5": float(per["h5"].mean()),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- progress
+@contextmanager
+def _progress(total_steps: int, quiet: bool) -> Iterator[Any]:
+    from gestalt_xai import runs
+
+    if quiet or getattr(runs, "_QUIET", False) or os.environ.get("GESTALT_XAI_QUIET"):
+
+        class _Null:
+            def update(self, **_: Any) -> None:
+                pass
+
+        yield _Null()
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[metrics]}"),
+    )
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("train", total=total_steps, metrics="")
+
+        class _Bar:
+            def update(self, advance: int = 0, metrics: str | None = None) -> None:
+                kw: dict[str, Any] = {"advance": advance}
+                if metrics is not None:
+                    kw["metrics"] = metrics
+                bar.update(task, **kw)
+
+        yield _Bar()
+
+
+# --------------------------------------------------------------------------------------------------- training
+def _config_hash(cfg: TrainConfig, data: TrainData) -> str:
+    payload = {
+        "cfg": cfg.model_dump(mode="json", exclude={"quiet", "num_workers", "threads", "device"}),
+        "train": data.train["image_id"].tolist(),
+        "val": data.val["image_id"].tolist(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op CPU threads (a process-wide setting, so it is restored)."""
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_model(run: Any, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module, pd.DataFrame]:
+    """Train (or resume training) on ``data``; returns the model to save and the per-epoch history.
+
+    Epoch state is written to ``run/models/.<model_id>.state.pt`` after each epoch (see the module docstring).
+    """
+    with _torch_threads(cfg.threads):
+        return _train_model(run, data, cfg)
+
+
+def _train_model(run: Any, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module, pd.DataFrame]:
+    from gestalt_xai.runs import atomic_write_bytes
+
+    device = _resolve_device(cfg.device)
+    model_id = cfg.resolved_model_id()
+    model = _build_model(cfg, data.classes).to(device)
+    data.classes = list(model.syndrome_ids)  # a fine-tuned checkpoint keeps its own class order
+    if cfg.freeze_backbone:
+        for p in _backbone_groups(model)[0]:
+            p.requires_grad_(False)
+    lrs = cfg.resolved_lrs()
+    optimizer = torch.optim.Adam(parameter_groups(model, lrs, cfg.freeze_backbone), lr=lrs["lr_backbone"])
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer,
+        mode="max",
+        factor=cfg.plateau_factor,
+        patience=cfg.plateau_patience,
+        threshold=cfg.plateau_threshold,
+        min_lr=cfg.min_lr,
+    )
+
+    aug = cfg.augment.to_augmentation() if cfg.augment is not None else None
+    train_ds = AlignedFaces(
+        run,
+        data.train["image_id"].tolist(),
+        data.train["syndrome_id"].tolist(),
+        classes=data.classes,
+        augment=aug,
+        seed=cfg.seed,
+    )
+    val_ds = AlignedFaces(
+        run,
+        data.val["image_id"].tolist(),
+        data.val["syndrome_id"].tolist(),
+        classes=data.classes,
+        augment=None,
+    )
+    val_crops = val_ds._cache if val_ds._cache is not None else np.zeros((0, 112, 112, 3), np.uint8)
+    weights = (
+        class_weights(data.train["syndrome_id"].tolist(), data.classes, cfg.gmarc_weight_order)
+        if cfg.loss == "weighted_ce"
+        else None
+    )
+    w_dev = weights.to(device) if weights is not None else None
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sampler = _balanced_sampler(train_ds.targets, gen) if cfg.sampler == "balanced" else None
+    drop_last = len(train_ds) > cfg.batch_size  # BatchNorm cannot train on a last batch of one image
+    loader = torch.utils.data.DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=gen,
+        drop_last=drop_last,
+        num_workers=cfg.num_workers,
+    )
+
+    state_path = run.dir("models") / f".{model_id}.state.pt"
+    chash = _config_hash(cfg, data)
+    history: list[dict[str, Any]] = []
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    start_epoch = 1
+    if state_path.exists():
+        try:
+            st = torch.load(state_path, map_location="cpu", weights_only=True)  # RNG states must stay on CPU
+        except Exception as exc:  # a torn file of a killed run: start over
+            log.warning("ignoring unreadable training state %s (%s)", state_path, exc)
+            st = None
+        if st is not None and st.get("config_hash") == chash:
+            model.load_state_dict(st["model"])
+            optimizer.load_state_dict(st["optimizer"])
+            scheduler.load_state_dict(st["scheduler"])
+            gen.set_state(st["generator"])
+            torch.set_rng_state(st["torch_rng"])
+            history = [dict(zip(st["history_columns"], row, strict=True)) for row in st["history_rows"]]
+            if st.get("best_model") is not None:
+                best = (float(st["best_score"]), st["best_model"])
+            start_epoch = int(st["epoch"]) + 1
+            log.info("resuming %s at epoch %d", model_id, start_epoch)
+    if start_epoch == 1:
+        torch.manual_seed(cfg.seed)  # dropout draws
+    steps_per_epoch = len(loader)
+    with _progress(steps_per_epoch * cfg.epochs, cfg.quiet) as bar:
+        bar.update(advance=steps_per_epoch * (start_epoch - 1))
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            train_ds.set_epoch(epoch)
+            _set_train_mode(model, cfg.freeze_backbone, cfg.frozen_bn)
+            total, correct, loss_sum = 0, 0, 0.0
+            for x_u8, y in loader:
+                x = model.preprocess(x_u8, device=device)
+                y = y.to(device)
+                logits, _ = model(x)
+                loss = F.cross_entropy(logits, y, weight=w_dev)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                n = len(y)
+                total += n
+                loss_sum += float(loss.item()) * n
+                correct += int((logits.argmax(1) == y).sum())
+                bar.update(
+                    advance=1,
+                    metrics=f"epoch {epoch}/{cfg.epochs} loss {loss_sum / total:.3f} acc {correct / total:.2f}",
+                )
+            metrics = evaluate_classifier(model, val_crops, val_ds.targets, weights, cfg.batch_size, device)
+            score = metrics["val_mean_top5"]
+            if not np.isnan(score):
+                scheduler.step(score)
+            lrs_now = {f"lr_{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
+            row = {
+                "epoch": epoch,
+                "train_loss": loss_sum / max(total, 1),
+                "train_top1": correct / max(total, 1),
+                **metrics,
+                **lrs_now,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            history.append(row)
+            bar.update(
+                metrics=f"epoch {epoch}/{cfg.epochs} loss {row['train_loss']:.3f} "
+                f"val top1 {metrics['val_top1']:.2f} mean top5 {metrics['val_mean_top5']:.2f}"
+            )
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+            if cfg.save == "best" and not np.isnan(score) and (best is None or score > best[0]):
+                best = (score, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            cols = list(history[0].keys())
+            state = {
+                "config_hash": chash,
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "history_columns": cols,
+                "history_rows": [[h[c] for c in cols] for h in history],
+                "best_score": best[0] if best else None,
+                "best_model": best[1] if best else None,
+            }
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            atomic_write_bytes(state_path, buf.getvalue())
+    if cfg.save == "best" and best is not None:
+        model.load_state_dict(best[1])
+    model.eval()
+    return model.cpu(), pd.DataFrame(history)
+
+
+def _plot_history(history: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gestalt_xai.runs import atomic_write_bytes
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    ax1.plot(history["epoch"], history["train_loss"], label="train", marker="o", ms=3)
+    ax1.plot(history["epoch"], history["val_loss"], label="validation", marker="o", ms=3)
+    ax1.set(xlabel="epoch", ylabel="weighted cross-entropy", title="loss", yscale="log")
+    ax1.legend()
+    for col, label in (
+        ("train_top1", "train top-1"),
+        ("val_top1", "val top-1"),
+        ("val_mean_top1", "val mean-per-class top-1"),
+        ("val_mean_top5", "val mean-per-class top-5"),
+    ):
+        ax2.plot(history["epoch"], history[col], label=label, marker="o", ms=3)
+    ax2.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02), title="accuracy")
+    ax2.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def train_stage(run: Any, cfg: TrainConfig | None = None) -> Path:
+    """Train on the run's cohort (``train`` set; validation on ``val``); save in ``run/models/``.
+
+    Returns the path of ``<model_id>.safetensors``. A finished model with the same configuration and data is
+    kept (not retrained); an interrupted training resumes at its next epoch.
+    """
+    from gestalt_xai.data.cohort import load_run_cohort
+    from gestalt_xai.models.checkpoints import save_model
+    from gestalt_xai.runs import sha256_file, write_parquet
+
+    cfg = cfg or TrainConfig()
+    model_id = cfg.resolved_model_id()
+    with run.stage("train", cfg, seed=cfg.seed) as st:
+        cohort = load_run_cohort(run)
+        data = select_training_data(cohort, run, cfg)
+        chash = _config_hash(cfg, data)
+        models_dir = run.dir("models")
+        out = models_dir / f"{model_id}.safetensors"
+        meta = models_dir / f"{model_id}.json"
+        st.n_items = len(data.train)
+        st.extra.update(
+            {
+                "model_id": model_id,
+                "n_train": len(data.train),
+                "n_val": len(data.val),
+                "n_classes": len(data.classes),
+                "n_missing_crops": data.n_missing_crops,
+            }
+        )
+        if out.exists() and meta.exists():
+            info = json.loads(meta.read_text(encoding="utf-8"))
+            if info.get("training", {}).get("config_hash") == chash:
+                log.info("%s already trained with this configuration; kept", out)
+                st.extra["skipped"] = True
+                return out
+        model, history = train_model(run, data, cfg)
+        training = {
+            "config_hash": chash,
+            "config": cfg.model_dump(mode="json"),
+            "n_train": len(data.train),
+            "n_val": len(data.val),
+            "epochs": int(cfg.epochs),
+            "seed": cfg.seed,
+            "final": json.loads(history.iloc[[-1]].to_json(orient="records"))[0] if len(history) else {},
+        }
+        save_model(model, out, extra={"training": training})
+        write_parquet(history, models_dir / f"{model_id}_history.parquet")
+        _plot_history(history, models_dir / f"{model_id}_curve.png", f"{model_id} ({cfg.arch}, width {cfg.width:g})")
+        run.record_model(
+            model_id,
+            sha256_file(out),
+            {
+                "path": str(out.relative_to(run.path)),
+                "source": "trained",
+                "arch": cfg.arch,
+                "width": cfg.width,
+                "n_classes": len(data.classes),
+                "epochs": cfg.epochs,
+                "seed": cfg.seed,
+            },
+        )
+        state = models_dir / f".{model_id}.state.pt"
+        if state.exists():
+            state.unlink()
+        if len(history):
+            st.extra["final"] = {k: float(v) for k, v in history.iloc[-1].items() if isinstance(v, float | int)}
+    return out
+
+
+def train_small_model(run: Any, **overrides: Any) -> Path:
+    """Train the demo's small model on ``run`` (its cohort must be aligned); the shared test fixture's body.
+
+    ``overrides`` change :func:`demo_train_config` fields (e.g. ``epochs=4`` for a faster fixture).
+    """
+    overrides.setdefault("quiet", True)
+    return train_stage(run, demo_train_config(**overrides))
