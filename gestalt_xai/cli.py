@@ -36,6 +36,8 @@ RunOpt = Annotated[Path, typer.Option("--run", help="Run (study) folder to read 
                                       file_okay=False)]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of this stage's options "
                                                 "(command-line options override it).", dir_okay=False)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Any other option as KEY=VALUE (YAML value; dotted "
+                                                 "keys for nested options), repeatable.")]
 
 
 @app.callback()
@@ -48,10 +50,25 @@ def _main(
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
 
 
-def _options(config: Path | None, **given: Any) -> dict[str, Any]:
-    """Options from ``--config`` overridden by the options given on the command line (None = not given)."""
+def _options(config: Path | None, sets: list[str] | None = None, **given: Any) -> dict[str, Any]:
+    """Options from ``--config``, then ``--set KEY=VALUE`` pairs, then the named command-line options (None = not
+    given), each overriding the one before."""
+    import yaml
+
     opts = load_yaml(config) if config else {}
-    opts.update({k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None})
+    for item in sets or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        *parents, leaf = key.strip().split(".")
+        node = opts
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a group of options")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    opts.update({k: (str(v) if isinstance(v, Path) else [str(x) if isinstance(x, Path) else x for x in v]
+                     if isinstance(v, list) else v) for k, v in given.items() if v is not None})
     return opts
 
 
@@ -174,6 +191,118 @@ def atlas(
     cfg = validate_config(AtlasConfig, _options(config, image_id=image_id), where="atlas")
     result = atlas_stage(Run(run), cfg)
     console.print(f"atlas figure: {result.figure}\nregion table: {result.table}")
+
+
+# ----------------------------------------------------------------------------------------------- synth
+@app.command()
+def synth(
+    run: RunOpt,
+    n_syndromes: Annotated[int | None, typer.Option(help="Number of synthetic syndromes.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (same seed → byte-identical cohort).")] = None,
+    preview: Annotated[Path | None, typer.Option(help="Only draw a montage (one face per syndrome, features "
+                                                 "outlined) to this PNG; write no cohort.", dir_okay=False)] = None,
+    data_card: Annotated[Path | None, typer.Option(help="Also write the cohort's data card (Markdown) here.",
+                                                   dir_okay=False)] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Render the synthetic cohort: procedural faces with planted, HPO-coded phenotypes and ground truth.
+
+    Writes GMDB-format tables and raw photos to `cohort/` and the ground truth to `cohort/truth/`.
+
+    Example: `gestalt-xai synth --run runs/demo --seed 0` or `gestalt-xai synth --run runs/demo --preview preview.png`
+    """
+    from gestalt_xai.data.synthetic.cohort import SynthConfig, synth_stage
+
+    cfg = validate_config(SynthConfig, _options(config, sets, n_syndromes=n_syndromes, seed=seed), where="synth")
+    if preview is not None:
+        from gestalt_xai.data.synthetic.preview import render_preview
+
+        console.print(f"preview: {render_preview(cfg, preview)}")
+        return
+    r = Run(run)
+    synth_stage(r, cfg)
+    console.print(f"synthetic cohort → {r.path / 'cohort'}")
+    if data_card is not None:
+        from gestalt_xai.data.synthetic.data_card import write_data_card
+
+        console.print(f"data card → {write_data_card(r.path, data_card)}")
+
+
+# ----------------------------------------------------------------------------------------------- models
+@app.command()
+def train(
+    run: RunOpt,
+    preset: Annotated[str | None, typer.Option(help="gmarc (GM-Arc's recipe) or demo (small model).")] = None,
+    init: Annotated[Path | None, typer.Option(help="Checkpoint to fine-tune (any format embed reads).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
+    model_id: Annotated[str | None, typer.Option(help="Name of the model in run/models.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (same seed → same weights on CPU).")] = None,
+    trust_pickle: Annotated[bool | None, typer.Option("--trust-pickle", help="Allow a whole-module pickle as "
+                                                      "--init (executes code from the file).")] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Train or fine-tune a GestaltMatcher-style model on the run's cohort (train split; val for the scheduler).
+
+    Example: `gestalt-xai train --run runs/demo --preset demo`
+    """
+    from gestalt_xai.models.train import TrainConfig, train_stage
+
+    cfg = validate_config(TrainConfig, _options(config, sets, preset=preset, init=init, epochs=epochs,
+                                                model_id=model_id, seed=seed, trust_pickle=trust_pickle),
+                          where="train")
+    console.print(f"model → {train_stage(Run(run), cfg)}")
+
+
+@app.command()
+def embed(
+    run: RunOpt,
+    model: Annotated[list[Path] | None, typer.Option("--model", help="Checkpoint (repeat for an ensemble); "
+                                                     "default: every model in run/models.")] = None,
+    no_tta: Annotated[bool | None, typer.Option("--no-tta", help="One slot instead of GM-Arc's 4 TTA "
+                                                "slots.")] = None,
+    trust_pickle: Annotated[bool | None, typer.Option("--trust-pickle", help="Allow GM-Arc whole-module .pth "
+                                                      "pickles (executes code from the file).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per forward pass.")] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Embed every aligned face with one model or an ensemble (GM-Arc TTA slots) into `embeddings.parquet`.
+
+    Example: `gestalt-xai embed --run runs/demo --model s1_r50.pth --model glint360k_r100.onnx`
+    """
+    from gestalt_xai.models.embed import EmbedConfig, embed_stage
+
+    cfg = validate_config(EmbedConfig, _options(config, sets, models=model or None,
+                                                tta=False if no_tta else None, trust_pickle=trust_pickle,
+                                                batch_size=batch_size), where="embed")
+    console.print(f"embeddings → {embed_stage(Run(run), cfg)}")
+
+
+@app.command()
+def match(
+    run: RunOpt,
+    model: Annotated[list[str] | None, typer.Option("--model", help="Model id to ensemble (repeat); default: "
+                                                    "every embedded model.")] = None,
+    no_tta: Annotated[bool | None, typer.Option("--no-tta", help="Use only the original slot.")] = None,
+    gallery_encodings: Annotated[Path | None, typer.Option(help="GM-Arc gallery encodings to use as the "
+                                                           "gallery.")] = None,
+    trust_pickle: Annotated[bool | None, typer.Option("--trust-pickle", help="Allow a pickled encodings "
+                                                      "file.")] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Rank syndromes in the Clinical Face Phenotype Space: GMDB frequent / rare / unified protocols, macro top-k.
+
+    Example: `gestalt-xai match --run runs/demo`
+    """
+    from gestalt_xai.matching import MatchConfig, match_stage
+
+    cfg = validate_config(MatchConfig, _options(config, sets, models=model or None, tta=False if no_tta else None,
+                                                gallery_encodings=gallery_encodings, trust_pickle=trust_pickle),
+                          where="match")
+    match_stage(Run(run), cfg)
 
 
 def main() -> None:

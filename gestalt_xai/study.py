@@ -39,12 +39,24 @@ class StageSpec:
 
 #: every stage a pipeline file may name, in pipeline order
 STAGES: dict[str, StageSpec] = {
+    "synth": StageSpec("gestalt_xai.data.synthetic.cohort", "SynthConfig", "synth_stage",
+                       "render the synthetic cohort (planted, HPO-coded phenotypes with ground truth)"),
     "example_photos": StageSpec("gestalt_xai.data.examples", "ExamplePhotosConfig", "example_photos_stage",
                                 "copy the real example photos shipped inside installed packages"),
     "align": StageSpec("gestalt_xai.faces.stage", "AlignConfig", "align_stage",
                        "detect and align faces to the ArcFace 112×112 template"),
     "atlas": StageSpec("gestalt_xai.faces.atlas_stage", "AtlasConfig", "atlas_stage",
                        "draw the facial region atlas over an aligned face"),
+    "train": StageSpec("gestalt_xai.models.train", "TrainConfig", "train_stage",
+                       "train or fine-tune a GestaltMatcher-style model"),
+    "embed": StageSpec("gestalt_xai.models.embed", "EmbedConfig", "embed_stage",
+                       "embed aligned faces with one model or an ensemble (with test-time augmentation)"),
+    "match": StageSpec("gestalt_xai.matching", "MatchConfig", "match_stage",
+                       "rank syndromes in the Clinical Face Phenotype Space (GMDB protocols, top-k)"),
+    "explain": StageSpec("gestalt_xai.attribution.explain", "ExplainConfig", "explain_stage",
+                         "per-patient attribution maps into the map store"),
+    "aggregate": StageSpec("gestalt_xai.aggregate.stage", "AggregateConfig", "aggregate_stage",
+                           "syndrome-level composites, composite faces, similarity maps, region scores, SpRAy"),
 }
 
 

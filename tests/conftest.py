@@ -29,3 +29,52 @@ def mtcnn():
     from gestalt_xai.faces.detect import MTCNNDetector
 
     return MTCNNDetector(threshold=0.95)
+
+
+def _truth_landmark_table(run_path: Path, out: Path) -> Path:
+    """The synthetic cohort's true 5-point landmarks as a GM-Arc ``face_coords.csv`` (the external-landmark path)."""
+    import numpy as np
+    import pandas as pd
+
+    from gestalt_xai.data.synthetic.truth import load_truth
+
+    truth = load_truth(run_path)
+    rows = []
+    for rec in truth.images.itertuples():
+        lm = np.asarray(rec.landmarks5, np.float64).reshape(5, 2)
+        row = {"img": f"{rec.image_id}.jpg", "bbox_x1": lm[:, 0].min(), "bbox_y1": lm[:, 1].min(),
+               "bbox_x2": lm[:, 0].max(), "bbox_y2": lm[:, 1].max()}
+        row.update({f"kp{i + 1}_{a}": lm[i, j] for i in range(5) for j, a in enumerate("xy")})
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(out, index=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_run(tmp_path_factory):
+    """A small synthetic cohort (4 syndromes + controls), aligned with its true landmarks.
+
+    Detection itself is tested in test_align*.py and test_synthetic.py; here the external-landmark path keeps the
+    shared fixture fast. Tests must not write into this run: copy it (``shutil.copytree``) first.
+    """
+    from gestalt_xai.data.synthetic.cohort import SynthConfig, synth_stage
+    from gestalt_xai.faces.stage import AlignConfig, align_stage
+    from gestalt_xai.runs import Run
+
+    run = Run(tmp_path_factory.mktemp("synthetic_run"))
+    synth_stage(run, SynthConfig(seed=0, n_syndromes=4, n_frequent=3, frequent_subjects=(8, 10), n_controls=8,
+                                 images_per_subject=(1, 2), workers=1))
+    table = _truth_landmark_table(run.path, run.path / "face_coords.csv")
+    align_stage(run, AlignConfig(cohort=str(run.path / "cohort"), landmarks=str(table)))
+    return run
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_run):
+    """``synthetic_run`` with the demo's small model trained once for the session, and its embeddings."""
+    from gestalt_xai.models.embed import EmbedConfig, embed_stage
+    from gestalt_xai.models.train import train_small_model
+
+    train_small_model(synthetic_run, epochs=6, threads=2)
+    embed_stage(synthetic_run, EmbedConfig(tta=False, threads=2, quiet=True))
+    return synthetic_run

@@ -175,12 +175,12 @@ def test_killed_run_resumes_to_same_outputs(tmp_path: Path, example_photos) -> N
     assert (killed / "aligned" / "p00.png").exists() and len(pd.read_parquet(killed / "errors.parquet")) == 1
 
 
-def test_demo_pipeline_rerun_is_byte_identical(tmp_path: Path) -> None:
+def test_pipeline_rerun_is_byte_identical(tmp_path: Path) -> None:
     """Same config and seed → same bytes (run the pipeline twice into the same path; manifest timing aside)."""
     from gestalt_xai.study import run_study
 
     target = tmp_path / "demo"
-    pipeline = Path(__file__).parent.parent / "pipelines" / "demo.yaml"
+    pipeline = Path(__file__).parent.parent / "pipelines" / "example_photos.yaml"
     run_study(pipeline, target)
     first = _outputs(target)
     m1 = Run(target).manifest
