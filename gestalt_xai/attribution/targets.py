@@ -1,0 +1,383 @@
+"""Targets: the scalar an explanation explains, one value per image.
+
+A target is a small callable ``target(logits, embedding) -> (B,)`` (Captum's "forward function returns one scalar
+per input" contract, pytorch-grad-cam's "target is a callable" idea). Three kinds (ARCHITECTURE "Targets"):
+
+* :class:`LogitTarget` — a class logit ``z_c``; needs a classifier head.
+* :class:`CentroidTarget` — similarity of the embedding ``f`` to a syndrome centroid ``r``.
+* :class:`PairTarget` — similarity of ``f`` to another image's embedding ``r``.
+
+Similarity targets default to the **linearised cosine** (REFERENCE §3)
+
+.. math::
+
+    \\tilde s = \\hat r \\cdot f / \\operatorname{stopgrad}(\\lVert f \\rVert),
+    \\qquad \\hat r = r/\\lVert r \\rVert
+
+which has the value of the cosine but the gradient :math:`\\hat r/\\lVert f\\rVert`. The exact cosine's gradient
+:math:`(\\hat r - s \\hat f)/\\lVert f\\rVert` is orthogonal to ``f``, so decompositions (HiResCAM, FullGrad, LRP)
+of it sum to ~0. ``exact=True`` gives the exact cosine; ``describe()`` records which one was used.
+
+Centroids (:class:`CentroidBank`) are the mean of L2-normalised gallery embeddings, averaged per subject first
+(every subject weighs the same however many photos it has), computed per model and TTA slot, and **exclude the
+query's own subject** (a patient is never explained against a centroid that contains himself).
+
+Target *specs* (what the explain stage is asked for) are parsed by :func:`parse_syndrome_spec` and
+:func:`parse_pair_spec`: syndromes ``label`` | ``topk:K`` | ``ID,ID,…``; pairs ``nearest:K`` | a table path.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from gestalt_xai.errors import ConfigError, InputError
+
+__all__ = [
+    "Target",
+    "LogitTarget",
+    "CosineTarget",
+    "CentroidTarget",
+    "PairTarget",
+    "CentroidBank",
+    "SyndromeSpec",
+    "PairSpec",
+    "parse_syndrome_spec",
+    "parse_pair_spec",
+    "target_key",
+    "linearised_cosine",
+]
+
+Slot = tuple[bool, bool]  # (flip, gray)
+
+
+# ------------------------------------------------------------------------------------------------- callables
+class Target(ABC):
+    """One scalar per image from model outputs ``(logits | None, embedding)``."""
+
+    kind: ClassVar[str] = "target"
+    #: whether the target reads the classifier's logits (members without a classifier are skipped)
+    needs_logits: ClassVar[bool] = False
+
+    @abstractmethod
+    def __call__(self, logits: torch.Tensor | None, embedding: torch.Tensor) -> torch.Tensor:
+        """Return the explained score, shape ``(B,)``."""
+
+    @abstractmethod
+    def output_relevance(
+        self, logits: torch.Tensor | None, embedding: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Relevance of the model outputs for LRP: ``(R_logits, R_embedding)``, each summing to the score.
+
+        The last operation of every target is linear in the model output (a logit pick, or ``r̂·f/‖f‖`` with the norm
+        held constant), so the z-rule on it is exact: ``R_j = w_j x_j`` with no bias to absorb relevance.
+        """
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable description recorded with every map."""
+        return {"kind": self.kind}
+
+    def select(self, rows: Sequence[int]) -> Target:
+        """The same target for a subset of the batch's images (per-image references follow their rows).
+
+        A target with a single row broadcasts to any batch, which is how Captum methods that expand the batch
+        (IG steps, NoiseTunnel samples, DeepLIFT baselines) are run: one image at a time.
+        """
+        return self
+
+
+class LogitTarget(Target):
+    """The logit of one class per image (``class_idx`` an int or one index per image).
+
+    >>> t = LogitTarget(1)
+    >>> t(torch.tensor([[0.0, 2.0], [1.0, 3.0]]), torch.zeros(2, 4)).tolist()
+    [2.0, 3.0]
+    """
+
+    kind = "logit"
+    needs_logits = True
+
+    def __init__(self, class_idx: int | Sequence[int] | torch.Tensor) -> None:
+        self.class_idx = torch.as_tensor(class_idx, dtype=torch.long)
+
+    def select(self, rows: Sequence[int]) -> LogitTarget:
+        if self.class_idx.ndim == 0:
+            return self
+        return LogitTarget(self.class_idx[list(rows)])
+
+    def _index(self, logits: torch.Tensor) -> torch.Tensor:
+        idx = self.class_idx.to(logits.device)
+        if idx.ndim == 0 or idx.numel() == 1:
+            idx = idx.reshape(()).expand(logits.shape[0])
+        if idx.shape[0] != logits.shape[0]:
+            raise ValueError(f"{idx.shape[0]} class indices for a batch of {logits.shape[0]}")
+        return idx
+
+    def __call__(self, logits: torch.Tensor | None, embedding: torch.Tensor) -> torch.Tensor:
+        if logits is None:
+            raise ConfigError("a logit target needs a classifier head; this model returns only an embedding")
+        return logits.gather(1, self._index(logits)[:, None])[:, 0]
+
+    def output_relevance(self, logits, embedding):  # type: ignore[no-untyped-def]
+        if logits is None:
+            raise ConfigError("a logit target needs a classifier head; this model returns only an embedding")
+        onehot = F.one_hot(self._index(logits), logits.shape[1]).to(logits.dtype)
+        return (onehot * logits).detach(), None
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "class_idx": self.class_idx.tolist()}
+
+
+def linearised_cosine(embedding: torch.Tensor, reference: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """``r̂·f / stopgrad(‖f‖)`` per row (or the exact cosine with ``exact=True``).
+
+    ``reference`` is ``(D,)`` or ``(B, D)``. Same value either way; gradients differ (module docstring).
+    """
+    ref = reference.to(embedding.dtype).to(embedding.device)
+    if ref.ndim == 1 or ref.shape[0] == 1:
+        ref = ref.reshape(1, -1).expand_as(embedding)
+    r_hat = F.normalize(ref, dim=1)
+    norm = embedding.norm(dim=1)
+    if not exact:
+        norm = norm.detach()
+    return (r_hat * embedding).sum(1) / norm.clamp_min(1e-12)
+
+
+class CosineTarget(Target):
+    """Cosine similarity of the embedding to a reference (one per image, or one shared), linearised by default."""
+
+    kind = "cosine"
+
+    def __init__(self, reference: torch.Tensor | np.ndarray, *, exact: bool = False) -> None:
+        ref = torch.as_tensor(np.asarray(reference, dtype=np.float32))
+        if ref.ndim not in (1, 2):
+            raise ValueError(f"reference must be (D,) or (B, D), got {tuple(ref.shape)}")
+        if not torch.isfinite(ref).all() or (ref.norm(dim=-1) == 0).any():
+            raise InputError("reference embedding is zero or not finite")
+        self.reference = ref
+        self.exact = exact
+
+    def __call__(self, logits: torch.Tensor | None, embedding: torch.Tensor) -> torch.Tensor:
+        return linearised_cosine(embedding, self.reference, exact=self.exact)
+
+    def output_relevance(self, logits, embedding):  # type: ignore[no-untyped-def]
+        # z-rule on the last "layer" s = Σ_j (r̂_j/‖f‖) f_j: R_j = f_j r̂_j/‖f‖ (sums to s, no bias). The same
+        # relevance is used for the exact cosine (LRP is not a gradient method; recorded in describe()).
+        ref = self.reference.to(embedding.device, embedding.dtype)
+        if ref.ndim == 1 or ref.shape[0] == 1:
+            ref = ref.reshape(1, -1).expand_as(embedding)
+        r_hat = F.normalize(ref, dim=1)
+        rel = embedding.detach() * r_hat / embedding.detach().norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return None, rel
+
+    def select(self, rows: Sequence[int]) -> CosineTarget:
+        if self.reference.ndim == 1:
+            return self
+        return type(self)(self.reference[list(rows)], exact=self.exact)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "cosine": "exact" if self.exact else "linearised"}
+
+
+class CentroidTarget(CosineTarget):
+    """Cosine similarity to a syndrome centroid (see :class:`CentroidBank`)."""
+
+    kind = "centroid"
+
+
+class PairTarget(CosineTarget):
+    """Cosine similarity to another image's embedding (same model and TTA slot)."""
+
+    kind = "pair"
+
+
+# ------------------------------------------------------------------------------------------------- centroids
+def _normalise_rows(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+
+
+@dataclass
+class _SyndromeSums:
+    total: np.ndarray  # Σ over subjects of the subject mean of normalised embeddings, (D,)
+    per_subject: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class CentroidBank:
+    """Syndrome centroids per ``(model_id, flip, gray)`` slot with leave-own-subject-out.
+
+    ``centroid(syndrome) = mean_subjects( mean_images_of_subject( f / ‖f‖ ) )`` over the gallery images of that
+    syndrome, computed from the embeddings of one model and one TTA slot. :meth:`reference` drops the query's subject
+    in O(D) from precomputed per-subject sums.
+
+    Parameters
+    ----------
+    embeddings : the ``embeddings.parquet`` table (``image_id, model_id, flip, gray, embedding``).
+    cohort : per-image ``image_id, subject_id, syndrome_id``.
+    gallery_ids : image ids that form the gallery (``None`` = every image in ``cohort``).
+
+    >>> emb = pd.DataFrame({"image_id": ["a", "b", "c"], "model_id": "m", "flip": False, "gray": False,
+    ...                     "embedding": [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]})
+    >>> coh = pd.DataFrame({"image_id": ["a", "b", "c"], "subject_id": ["s1", "s2", "s3"], "syndrome_id": "X"})
+    >>> bank = CentroidBank(emb, coh)
+    >>> np.round(bank.reference("m", (False, False), "X", exclude_subject="s3"), 3).tolist()
+    [0.5, 0.5]
+    """
+
+    def __init__(
+        self, embeddings: pd.DataFrame, cohort: pd.DataFrame, gallery_ids: Iterable[str] | None = None
+    ) -> None:
+        need = {"image_id", "subject_id", "syndrome_id"}
+        if missing := need - set(cohort.columns):
+            raise InputError(f"cohort table lacks columns {sorted(missing)}")
+        coh = cohort[["image_id", "subject_id", "syndrome_id"]].astype(str).drop_duplicates("image_id")
+        if gallery_ids is not None:
+            coh = coh[coh["image_id"].isin({str(i) for i in gallery_ids})]
+        table = embeddings.assign(image_id=embeddings["image_id"].astype(str)).merge(coh, on="image_id")
+        self._sums: dict[tuple[str, Slot, str], _SyndromeSums] = {}
+        self._n_subjects: dict[tuple[str, Slot, str], int] = {}
+        for (model_id, flip, gray), grp in table.groupby(["model_id", "flip", "gray"], sort=True):
+            slot = (bool(flip), bool(gray))
+            vecs = _normalise_rows(np.stack(grp["embedding"].to_numpy()))
+            g = grp.reset_index(drop=True)
+            for syndrome, sg in g.groupby("syndrome_id", sort=True):
+                subj_means = {
+                    str(subj): vecs[ss.index.to_numpy()].mean(0) for subj, ss in sg.groupby("subject_id", sort=True)
+                }
+                key = (str(model_id), slot, str(syndrome))
+                self._sums[key] = _SyndromeSums(total=np.sum(list(subj_means.values()), axis=0),
+                                                per_subject=subj_means)
+                self._n_subjects[key] = len(subj_means)
+        self.syndromes: list[str] = sorted({k[2] for k in self._sums})
+        self.model_ids: list[str] = sorted({k[0] for k in self._sums})
+
+    def n_subjects(self, model_id: str, slot: Slot, syndrome_id: str) -> int:
+        return self._n_subjects.get((model_id, slot, str(syndrome_id)), 0)
+
+    def reference(
+        self, model_id: str, slot: Slot, syndrome_id: str, exclude_subject: str | None = None
+    ) -> np.ndarray | None:
+        """The centroid (float64, not normalised), or ``None`` if no gallery subject is left."""
+        key = (model_id, (bool(slot[0]), bool(slot[1])), str(syndrome_id))
+        sums = self._sums.get(key)
+        if sums is None:
+            return None
+        n = self._n_subjects[key]
+        total = sums.total
+        if exclude_subject is not None and str(exclude_subject) in sums.per_subject:
+            total = total - sums.per_subject[str(exclude_subject)]
+            n -= 1
+        if n <= 0:
+            return None
+        return total / n
+
+    def similarities(
+        self, model_id: str, slot: Slot, embedding: np.ndarray, exclude_subject: str | None = None
+    ) -> dict[str, float]:
+        """Cosine similarity of one embedding to every syndrome's centroid (own subject excluded)."""
+        f = _normalise_rows(np.asarray(embedding)[None])[0]
+        out = {}
+        for syn in self.syndromes:
+            r = self.reference(model_id, slot, syn, exclude_subject)
+            if r is not None:
+                out[syn] = float(f @ _normalise_rows(r[None])[0])
+        return out
+
+
+# ------------------------------------------------------------------------------------------------- specs
+@dataclass(frozen=True)
+class SyndromeSpec:
+    """Which syndromes to explain: the known ``label``, the ``topk`` best-ranked, or explicit ``ids``."""
+
+    mode: str  # "label" | "topk" | "ids"
+    k: int = 0
+    ids: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return {"label": "label", "topk": f"topk:{self.k}"}.get(self.mode, ",".join(self.ids))
+
+
+def parse_syndrome_spec(spec: str | Sequence[str]) -> SyndromeSpec:
+    """``"label"`` | ``"topk:K"`` | ``"ID,ID"`` (or a list of ids).
+
+    >>> parse_syndrome_spec("topk:3")
+    SyndromeSpec(mode='topk', k=3, ids=())
+    >>> parse_syndrome_spec("OMIM1, OMIM2").ids
+    ('OMIM1', 'OMIM2')
+    """
+    if not isinstance(spec, str):
+        ids = tuple(str(s).strip() for s in spec if str(s).strip())
+        if not ids:
+            raise ConfigError("syndromes: empty list of syndrome ids")
+        return SyndromeSpec("ids", ids=ids)
+    s = spec.strip()
+    if s == "label":
+        return SyndromeSpec("label")
+    if s.startswith("topk:"):
+        try:
+            k = int(s.split(":", 1)[1])
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise ConfigError(f"syndromes: expected topk:K with K ≥ 1, got {spec!r}")
+        return SyndromeSpec("topk", k=k)
+    ids = tuple(p.strip() for p in s.split(",") if p.strip())
+    if not ids:
+        raise ConfigError(f"syndromes: expected 'label', 'topk:K' or syndrome ids, got {spec!r}")
+    return SyndromeSpec("ids", ids=ids)
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """Partners for pair targets: ``nearest`` K gallery images per selected syndrome, or an explicit ``table``."""
+
+    mode: str  # "nearest" | "table"
+    k: int = 0
+    table: Path | None = None
+
+    def __str__(self) -> str:
+        return f"nearest:{self.k}" if self.mode == "nearest" else str(self.table)
+
+
+def parse_pair_spec(spec: str) -> PairSpec:
+    """``"nearest:K"`` or the path of a CSV/Parquet table with columns ``image_id, partner_id``.
+
+    >>> parse_pair_spec("nearest:2")
+    PairSpec(mode='nearest', k=2, table=None)
+    """
+    s = str(spec).strip()
+    if s.startswith("nearest:"):
+        try:
+            k = int(s.split(":", 1)[1])
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise ConfigError(f"pairs: expected nearest:K with K ≥ 1, got {spec!r}")
+        return PairSpec("nearest", k=k)
+    return PairSpec("table", table=Path(s))
+
+
+def read_pairs_table(path: Path) -> pd.DataFrame:
+    """Read a pairs table (``image_id, partner_id``); both directions are explained, so each pair gives two maps."""
+    if not path.is_file():
+        raise ConfigError(f"pairs table not found: {path}")
+    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, sep=None, engine="python")
+    if not {"image_id", "partner_id"} <= set(df.columns):
+        raise InputError(f"{path}: pairs table needs columns image_id, partner_id; has {list(df.columns)}")
+    df = df[["image_id", "partner_id"]].astype(str)
+    both = pd.concat([df, df.rename(columns={"image_id": "partner_id", "partner_id": "image_id"})])
+    both = both[both["image_id"] != both["partner_id"]]
+    return both.drop_duplicates().sort_values(["image_id", "partner_id"]).reset_index(drop=True)
+
+
+def target_key(kind: str, ident: str) -> str:
+    """The target string stored with a map: ``centroid:<syndrome>``, ``logit:<syndrome>``, ``pair:<image>``."""
+    return f"{kind}:{ident}"

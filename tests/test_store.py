@@ -1,0 +1,88 @@
+"""Map store: append-only chunks + Parquet index, resume, refusal of non-finite maps, streaming reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gestalt_xai.store import MapKey, MapStore
+
+
+def _map(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((112, 112)).astype(np.float32)
+
+
+def test_write_read_provenance_and_streaming(tmp_path):
+    store = MapStore(tmp_path / "maps")
+    keys = [MapKey(f"img{i}", "m", "centroid:S", meth, layer)
+            for i in range(5) for meth, layer in (("hirescam", "backbone.layer4"), ("saliency", ""))]
+    with store.writer(chunk_maps=3) as w:
+        for n, k in enumerate(keys):
+            assert w.add(k, _map(n), model_hash="abc", target_kind="centroid", target_value=0.1 * n,
+                         target_detail={"excluded_subject": "s1"}, method_params={"p": 1})
+    idx = store.index()
+    assert len(idx) == 10 and idx["chunk"].nunique() == 4  # flushed every 3 maps
+    assert set(idx.columns) >= {"image_id", "model_id", "target", "method", "layer", "model_hash", "target_value",
+                                "target_detail", "method_params", "map_sum"}
+    for n, k in enumerate(keys):
+        np.testing.assert_array_equal(store.load(k), _map(n))
+    row = store.index(image_id="img3", method="hirescam").iloc[0]
+    assert row["target_value"] == pytest.approx(0.6) and '"excluded_subject": "s1"' in row["target_detail"]
+    streamed = list(store.iter_maps(method="saliency"))
+    assert len(streamed) == 5 and all(m.dtype == np.float32 and m.shape == (112, 112) for _, m in streamed)
+    assert len(store.index(image_id=["img0", "img1"])) == 4
+    stack = store.load_many(store.index(method="hirescam"))
+    assert stack.shape == (5, 112, 112)
+
+
+def test_refuses_non_finite_maps_and_resumes(tmp_path):
+    store = MapStore(tmp_path / "maps")
+    bad = _map(0)
+    bad[3, 4] = np.nan
+    inf = _map(1)
+    inf[0, 0] = np.inf
+    with store.writer() as w:
+        assert w.add(MapKey("a", "m", "t", "gradcam", "l"), _map(2))
+        assert not w.add(MapKey("b", "m", "t", "gradcam", "l"), bad)
+        assert not w.add(MapKey("c", "m", "t", "gradcam", "l"), inf)
+    assert len(store) == 1
+    err = store.errors()
+    assert sorted(err["image_id"]) == ["b", "c"] and set(err["error_kind"]) == {"non_finite_map"}
+    # a new writer (a resumed run) sees what is stored, never overwrites it, and fills the gaps
+    reopened = MapStore(tmp_path / "maps")
+    with reopened.writer() as w:
+        assert w.done(MapKey("a", "m", "t", "gradcam", "l")) and not w.done(MapKey("b", "m", "t", "gradcam", "l"))
+        w.add(MapKey("a", "m", "t", "gradcam", "l"), _map(99))  # ignored: already stored
+        w.add(MapKey("b", "m", "t", "gradcam", "l"), _map(3))
+    np.testing.assert_array_equal(reopened.load(MapKey("a", "m", "t", "gradcam", "l")), _map(2))
+    assert len(reopened) == 2 and list(reopened.errors()["image_id"]) == ["c"]  # b succeeded on retry
+
+
+def test_orphan_chunk_from_a_killed_flush_is_ignored_and_compact_is_safe(tmp_path):
+    store = MapStore(tmp_path / "maps")
+    with store.writer() as w:
+        w.add(MapKey("a", "m", "t", "x", ""), _map(0))
+    # a kill between the chunk write and the index write leaves a chunk without index rows
+    np.save(tmp_path / "maps" / "chunks" / "w0-000002.npy", np.zeros((1, 112, 112), np.float32))
+    store = MapStore(tmp_path / "maps")
+    assert len(store) == 1
+    with store.writer() as w:
+        w.add(MapKey("b", "m", "t", "x", ""), _map(1))
+    assert store.index(image_id="b")["chunk"].iloc[0] == "w0-000003"  # never reuses the orphan's name
+    store.compact()
+    assert (tmp_path / "maps" / "index.parquet").exists() and not list((tmp_path / "maps" / "index").iterdir())
+    np.testing.assert_array_equal(MapStore(tmp_path / "maps").load(("b", "m", "t", "x", "")), _map(1))
+    with pytest.raises(ValueError, match="shape"):
+        with store.writer() as w:
+            w.add(MapKey("c", "m", "t", "x", ""), np.zeros((10, 10)))
+
+
+def test_same_work_gives_same_bytes(tmp_path):
+    for name in ("a", "b"):
+        store = MapStore(tmp_path / name)
+        with store.writer() as w:
+            for i in range(3):
+                w.add(MapKey(f"i{i}", "m", "t", "x", ""), _map(i), target_value=float(i))
+        store.compact()
+    for rel in ("index.parquet", "chunks/w0-000001.npy"):
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
