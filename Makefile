@@ -2,6 +2,7 @@
 #   make demo   create .venv, install, run the embedded demo study into runs/demo
 #   make test   install if needed, run the whole test suite
 #   make bench  print speed/memory ratios measured on this machine
+SHELL  := /bin/bash
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
@@ -25,7 +26,9 @@ test: install
 	$(PY) -m pytest
 
 bench: install
-	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+	@mkdir -p benchmarks/results; set -o pipefail; \
+	for script in benchmarks/*.py; do name=$$(basename $$script .py); echo "== $$script"; \
+	  $(PY) $$script | tee benchmarks/results/$$name.txt || exit 1; done
 
 lint: install
 	$(VENV)/bin/ruff check gestalt_xai tests benchmarks

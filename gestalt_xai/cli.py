@@ -114,7 +114,8 @@ def _study_outputs(run: Run) -> list[str]:
     out = [f"manifest:   {run.path / 'manifest.json'}", f"errors:     {run.path / 'errors.parquet'}"]
     for label, rel in (("aligned:", "aligned"), ("alignments:", "aligned/alignment.parquet"),
                        ("atlas:", "aligned/atlas.png"), ("cohort:", "cohort"), ("models:", "models"),
-                       ("embeddings:", "embeddings.parquet"), ("matching:", "matching"), ("maps:", "maps")):
+                       ("embeddings:", "embeddings.parquet"), ("matching:", "matching"), ("maps:", "maps"),
+                       ("aggregate:", "aggregate")):
         if (run.path / rel).exists():
             out.append(f"{label:<11} {run.path / rel}")
     return out
@@ -303,6 +304,65 @@ def match(
                                                 gallery_encodings=gallery_encodings, trust_pickle=trust_pickle),
                           where="match")
     match_stage(Run(run), cfg)
+
+
+# ----------------------------------------------------------------------------------------------- explain
+@app.command()
+def explain(
+    run: RunOpt,
+    methods: Annotated[str | None, typer.Option(help="Comma-separated: gradcam,hirescam,fullgrad,saliency,"
+                                                "input_x_gradient,occlusion,integrated_gradients,smoothgrad,"
+                                                "smoothgrad_ig,deeplift,guided_backprop,deconvolution,lrp")] = None,
+    target: Annotated[str | None, typer.Option(help="centroid | logit | pair")] = None,
+    syndromes: Annotated[str | None, typer.Option(help="label | topk:K | ID,ID,…")] = None,
+    pairs: Annotated[str | None, typer.Option(help="nearest:K, or a CSV/Parquet table image_id,partner_id")] = None,
+    layer: Annotated[list[str] | None, typer.Option("--layer", help="Layer for Grad-CAM/HiResCAM (repeat); "
+                                                    "default backbone.layer4.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Per-patient maps (one shared gradient pass, occlusion, IG, LRP, …) into the map store `maps/`, with overlays.
+
+    Example: `gestalt-xai explain --run runs/demo --methods gradcam,hirescam,fullgrad,occlusion --target centroid`
+    """
+    from gestalt_xai.attribution.explain import ExplainConfig, explain_stage
+
+    cfg = validate_config(ExplainConfig, _options(config, sets, methods=methods.split(",") if methods else None,
+                                                  target=target, syndromes=syndromes, pairs=pairs,
+                                                  layers=layer or None, batch_size=batch_size), where="explain")
+    r = Run(run)
+    store = explain_stage(r, cfg)
+    _print_errors(r, "explain")
+    console.print(f"maps → {store.root} ({len(store)} maps)")
+
+
+# ----------------------------------------------------------------------------------------------- aggregate
+@app.command()
+def aggregate(
+    run: RunOpt,
+    methods: Annotated[str | None, typer.Option(help="Comma-separated methods (default: all in the store).")] = None,
+    normalisation: Annotated[str | None, typer.Option(help="Comma-separated per-map normalisations: none, "
+                                                      "max-abs, zscore, positive (the first drives the figures).")
+                             ] = None,
+    min_subjects: Annotated[int | None, typer.Option(help="Privacy guard: fewest subjects a composite face is "
+                                                     "rendered from (default 10).")] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Syndrome-level composites, composite faces, similarity maps, generic maps, region (HPO) scores and SpRAy.
+
+    Example: `gestalt-xai aggregate --run runs/demo --methods hirescam,occlusion --normalisation max-abs`
+    """
+    from gestalt_xai.aggregate.stage import AggregateConfig, aggregate_stage
+
+    cfg = validate_config(AggregateConfig, _options(config, sets, methods=methods.split(",") if methods else None,
+                                                    normalisations=normalisation.split(",") if normalisation
+                                                    else None, min_subjects=min_subjects), where="aggregate")
+    r = Run(run)
+    aggregate_stage(r, cfg)
+    _print_errors(r, "aggregate")
+    console.print(f"aggregate → {r.path / 'aggregate'}")
 
 
 def main() -> None:

@@ -292,6 +292,8 @@ class Run:
         self.path = Path(path).resolve()
         self.path.mkdir(parents=True, exist_ok=True)
         self._manifest = self._read_manifest()
+        #: appended to manifest stage names while a pipeline runs the same stage again ("#2", …)
+        self.stage_suffix = ""
         if not (self.path / self.ERRORS).exists():
             write_parquet(pd.DataFrame({c: pd.Series(dtype="string") for c in ERROR_COLUMNS}), self.path / self.ERRORS)
 
@@ -357,6 +359,7 @@ class Run:
         interrupted run is visible in the manifest.
         """
         config = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else dict(cfg or {})
+        name = name + self.stage_suffix
         if seed is None and isinstance(config.get("seed"), int):
             seed = config["seed"]
         record = StageRecord(name=name)

@@ -91,9 +91,14 @@ def run_study(pipeline_path: str | Path, run_dir: str | Path | None = None) -> R
     run = Run(run_dir or Path("runs") / pipeline.name)
     run.set_study(pipeline.name, pipeline.seed, pipeline.model_dump(mode="json"))
     seed_everything(pipeline.seed)
+    counts: dict[str, int] = {}
     for name, cfg, fn in stages:
+        counts[name] = counts.get(name, 0) + 1
+        # a stage listed twice (e.g. explain with two targets) gets its own manifest entry: explain, explain#2
+        run.stage_suffix = "" if counts[name] == 1 else f"#{counts[name]}"
         t0 = time.perf_counter()
-        log.info("stage %s …", name)
+        log.info("stage %s%s …", name, run.stage_suffix)
         fn(run, cfg)
         log.info("stage %s done in %.1f s", name, time.perf_counter() - t0)
+    run.stage_suffix = ""
     return run
