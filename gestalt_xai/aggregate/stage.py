@@ -519,23 +519,28 @@ def _planted_hits(per_syn: pd.DataFrame, planted: dict[str, set[str]], control: 
 
 
 def _echo(text: str, quiet: bool) -> None:
-    log.info(text)
-    if not quiet:
-        print(text, flush=True)  # the stage's reported result (the issue asks the demo to print it)
+    if quiet:
+        log.info(text)
+    else:
+        print(text, flush=True)  # the stage's reported result, shown once (not also as a log line)
 
 
 def _report_hits(hits: pd.DataFrame, quiet: bool) -> list[dict[str, Any]]:
     if not len(hits):
         return []
     out = []
+    # chance: the top region drawn uniformly from the face regions of the atlas (background excluded)
+    n_face_regions = len(REGIONS) - 1
     for key, grp in hits.groupby(GROUP_COLS, sort=True):
         d = dict(zip(GROUP_COLS, key, strict=True))
         share = float(grp["hit"].mean())
-        d.update(share=share, n_syndromes=len(grp), n_hits=int(grp["hit"].sum()))
+        chance = float(grp["planted_regions"].map(lambda r: len(r.split(";")) / n_face_regions).mean())
+        d.update(share=share, n_syndromes=len(grp), n_hits=int(grp["hit"].sum()), chance=chance)
         out.append(d)
         layer = f" [{d['layer']}]" if d["layer"] else ""
         _echo(f"aggregate: {d['method']}{layer} ({d['model_id']}, {d['target_group']}): top-enrichment region is a "
-              f"planted feature's region for {d['n_hits']}/{d['n_syndromes']} syndromes ({share:.0%})", quiet)
+              f"planted feature's region for {d['n_hits']}/{d['n_syndromes']} syndromes ({share:.0%}; chance "
+              f"{chance:.0%})", quiet)
     return out
 
 
