@@ -47,6 +47,9 @@ __all__ = [
     "write_parquet",
     "seed_everything",
     "progress",
+    "progress_bar",
+    "ProgressBar",
+    "quiet",
     "set_quiet",
     "sha256_file",
 ]
@@ -125,10 +128,34 @@ def set_quiet(quiet: bool) -> None:
     _QUIET = quiet
 
 
-def progress(iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a rich progress bar on stderr (none with ``--quiet`` or when stderr is not a terminal in CI)."""
-    if _QUIET or os.environ.get("GESTALT_XAI_QUIET"):
-        yield from iterable
+def quiet() -> bool:
+    """Whether progress display is off (``--quiet`` or ``GESTALT_XAI_QUIET`` set)."""
+    return _QUIET or bool(os.environ.get("GESTALT_XAI_QUIET"))
+
+
+class ProgressBar:
+    """Handle of a running progress bar: ``advance(n, status=…)``; does nothing when progress is off."""
+
+    def __init__(self, bar: Any = None, task: Any = None) -> None:
+        self._bar, self._task = bar, task
+
+    def advance(self, n: int = 1, status: str | None = None) -> None:
+        if self._bar is None:
+            return
+        fields: dict[str, Any] = {"advance": n}
+        if status is not None:
+            fields["status"] = status
+        self._bar.update(self._task, **fields)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None, silent: bool = False) -> Iterator[ProgressBar]:
+    """A rich progress bar on stderr with a free-text status column (e.g. live training metrics).
+
+    Silent with ``--quiet``, ``GESTALT_XAI_QUIET`` or ``silent=True``.
+    """
+    if silent or quiet():
+        yield ProgressBar()
         return
     from rich.console import Console
     from rich.progress import (
@@ -140,15 +167,20 @@ def progress(iterable: Iterable[T], description: str, total: int | None = None) 
         TimeRemainingColumn,
     )
 
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        yield ProgressBar(bar, bar.add_task(description, total=total, status=""))
+
+
+def progress(iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate with a rich progress bar on stderr (none with ``--quiet``)."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task(description, total=total)
+    with progress_bar(description, total) as bar:
         for item in iterable:
             yield item
-            bar.advance(task)
+            bar.advance()
 
 
 # ------------------------------------------------------------------------------------------------------ records

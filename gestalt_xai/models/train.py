@@ -34,7 +34,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -51,6 +50,7 @@ from torch import nn
 from gestalt_xai.config import StageConfig
 from gestalt_xai.data.aligned import AlignedFaces, Augmentation, aligned_path
 from gestalt_xai.errors import ConfigError, InputError
+from gestalt_xai.runs import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -431,50 +431,6 @@ def evaluate_classifier(
     }
 
 
-# --------------------------------------------------------------------------------------------------- progress
-@contextmanager
-def _progress(total_steps: int, quiet: bool) -> Iterator[Any]:
-    from gestalt_xai import runs
-
-    if quiet or getattr(runs, "_QUIET", False) or os.environ.get("GESTALT_XAI_QUIET"):
-
-        class _Null:
-            def update(self, **_: Any) -> None:
-                pass
-
-        yield _Null()
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[metrics]}"),
-    )
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("train", total=total_steps, metrics="")
-
-        class _Bar:
-            def update(self, advance: int = 0, metrics: str | None = None) -> None:
-                kw: dict[str, Any] = {"advance": advance}
-                if metrics is not None:
-                    kw["metrics"] = metrics
-                bar.update(task, **kw)
-
-        yield _Bar()
-
-
 # --------------------------------------------------------------------------------------------------- training
 def _config_hash(cfg: TrainConfig, data: TrainData) -> str:
     payload = {
@@ -597,8 +553,8 @@ def _train_model(run: Any, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module
     if start_epoch == 1:
         torch.manual_seed(cfg.seed)  # dropout draws
     steps_per_epoch = len(loader)
-    with _progress(steps_per_epoch * cfg.epochs, cfg.quiet) as bar:
-        bar.update(advance=steps_per_epoch * (start_epoch - 1))
+    with progress_bar("train", steps_per_epoch * cfg.epochs, silent=cfg.quiet) as bar:
+        bar.advance(steps_per_epoch * (start_epoch - 1))
         for epoch in range(start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             train_ds.set_epoch(epoch)
@@ -616,10 +572,8 @@ def _train_model(run: Any, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module
                 total += n
                 loss_sum += float(loss.item()) * n
                 correct += int((logits.argmax(1) == y).sum())
-                bar.update(
-                    advance=1,
-                    metrics=f"epoch {epoch}/{cfg.epochs} loss {loss_sum / total:.3f} acc {correct / total:.2f}",
-                )
+                bar.advance(1, status=f"epoch {epoch}/{cfg.epochs} loss {loss_sum / total:.3f} "
+                                      f"acc {correct / total:.2f}")
             metrics = evaluate_classifier(model, val_crops, val_ds.targets, weights, cfg.batch_size, device)
             score = metrics["val_mean_top5"]
             if not np.isnan(score):
@@ -634,10 +588,8 @@ def _train_model(run: Any, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module
                 "seconds": round(time.perf_counter() - t0, 3),
             }
             history.append(row)
-            bar.update(
-                metrics=f"epoch {epoch}/{cfg.epochs} loss {row['train_loss']:.3f} "
-                f"val top1 {metrics['val_top1']:.2f} mean top5 {metrics['val_mean_top5']:.2f}"
-            )
+            bar.advance(0, status=f"epoch {epoch}/{cfg.epochs} loss {row['train_loss']:.3f} "
+                                  f"val top1 {metrics['val_top1']:.2f} mean top5 {metrics['val_mean_top5']:.2f}")
             log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
             if cfg.save == "best" and not np.isnan(score) and (best is None or score > best[0]):
                 best = (score, {k: v.detach().clone() for k, v in model.state_dict().items()})
