@@ -57,6 +57,21 @@ def demo_section(run: Path) -> str:
         n_classes = images.loc[images.index.intersection(test), "syndrome_id"].nunique()
         chance = f"1/{n_classes} = {100 / n_classes:.1f} %"
         out += ["", f"Macro top-k in %. Chance top-1 on the frequent test set: {chance}."]
+    agg = manifest["stages"].get("aggregate", {}).get("summary", {})
+    if agg.get("planted_hits"):
+        out += ["", "Syndromes whose highest-enrichment region is one of their planted features' regions (aggregate "
+                "stage; chance = top region drawn uniformly from the 14 face regions):", "",
+                "| method | target | hits | share | chance |", "|---|---|---|---|---|"]
+        for h in agg["planted_hits"]:
+            method = h["method"] + (f" [{h['layer']}]" if h["layer"] else "")
+            out.append(f"| {method} | {h['target_group']} | {h['n_hits']}/{h['n_syndromes']} | {h['share']:.0%} | "
+                       f"{h['chance']:.0%} |")
+    if agg.get("spray"):
+        out += ["", f"SpRAy on the confounded syndrome {agg.get('confounded_syndrome')} (cheek mark on 80 % of its "
+                "photos):", "", "| method | clusters | sizes | splits on the cue |", "|---|---|---|---|"]
+        for sp in agg["spray"]:
+            out.append(f"| {sp['method']} | {sp['n_clusters']} | {sp['cluster_sizes']} | "
+                       f"{'yes' if sp['splits_on_cue'] else 'no'} |")
     return "\n".join(out)
 
 
