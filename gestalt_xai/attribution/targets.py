@@ -322,17 +322,22 @@ def parse_syndrome_spec(spec: str | Sequence[str]) -> SyndromeSpec:
     if s == "label":
         return SyndromeSpec("label")
     if s.startswith("topk:"):
-        try:
-            k = int(s.split(":", 1)[1])
-        except ValueError:
-            k = 0
-        if k < 1:
-            raise ConfigError(f"syndromes: expected topk:K with K ≥ 1, got {spec!r}")
-        return SyndromeSpec("topk", k=k)
+        return SyndromeSpec("topk", k=_count_after(s, "syndromes", "topk"))
     ids = tuple(p.strip() for p in s.split(",") if p.strip())
     if not ids:
         raise ConfigError(f"syndromes: expected 'label', 'topk:K' or syndrome ids, got {spec!r}")
     return SyndromeSpec("ids", ids=ids)
+
+
+def _count_after(spec: str, option: str, prefix: str) -> int:
+    """The K of ``"<prefix>:K"`` (K ≥ 1), or a :class:`ConfigError` naming the option."""
+    try:
+        k = int(spec.split(":", 1)[1])
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise ConfigError(f"{option}: expected {prefix}:K with K ≥ 1, got {spec!r}")
+    return k
 
 
 @dataclass(frozen=True)
@@ -355,13 +360,7 @@ def parse_pair_spec(spec: str) -> PairSpec:
     """
     s = str(spec).strip()
     if s.startswith("nearest:"):
-        try:
-            k = int(s.split(":", 1)[1])
-        except ValueError:
-            k = 0
-        if k < 1:
-            raise ConfigError(f"pairs: expected nearest:K with K ≥ 1, got {spec!r}")
-        return PairSpec("nearest", k=k)
+        return PairSpec("nearest", k=_count_after(s, "pairs", "nearest"))
     return PairSpec("table", table=Path(s))
 
 
