@@ -30,7 +30,15 @@ def demo_section(run: Path) -> str:
     manifest = json.loads((run / "manifest.json").read_text())
     lines = ["| stage | items | errors | seconds |", "|---|---|---|---|"]
     total = 0.0
-    for name, st in manifest["stages"].items():
+    # pipeline order (the manifest's JSON keys are sorted); repeated stages are name, name#2, …
+    order, seen = [], {}
+    for item in manifest.get("study", {}).get("config", {}).get("stages", []):
+        for stage in item:
+            seen[stage] = seen.get(stage, 0) + 1
+            order.append(stage if seen[stage] == 1 else f"{stage}#{seen[stage]}")
+    names = [n for n in order if n in manifest["stages"]] + sorted(set(manifest["stages"]) - set(order))
+    for name in names:
+        st = manifest["stages"][name]
         secs = st.get("timing", {}).get("seconds", 0.0)
         total += secs
         lines.append(f"| {name} | {st.get('n_items', '')} | {st.get('n_errors', '')} | {secs:.1f} |")

@@ -1,0 +1,58 @@
+"""The command line: every stage command documents a runnable example, pipelines validate, options parse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gestalt_xai.cli import _options, app
+from gestalt_xai.config import load_pipeline
+from gestalt_xai.errors import ConfigError
+from gestalt_xai.study import STAGES, validate_study
+
+PIPELINES = sorted((Path(__file__).parent.parent / "pipelines").glob("*.yaml"))
+COMMANDS = ["align", "atlas", "synth", "train", "embed", "match", "explain", "aggregate"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_stage_command_has_help_with_an_example_and_run_option(command: str) -> None:
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Example:" in result.output and f"gestalt-xai {command} --run" in result.output
+    assert "--run" in result.output and "--config" in result.output
+
+
+def test_every_pipeline_stage_is_registered_and_valid() -> None:
+    assert PIPELINES, "no pipeline files found"
+    for path in PIPELINES:
+        stages = validate_study(load_pipeline(path), where=str(path))
+        assert stages and all(name in STAGES for name, _, _ in stages)
+
+
+def test_demo_pipeline_runs_every_stage_in_order() -> None:
+    names = [n for n, _ in load_pipeline(Path(__file__).parent.parent / "pipelines" / "demo.yaml").stage_items()]
+    order = ["synth", "align", "train", "embed", "match", "explain", "aggregate"]
+    assert [n for n in names if n in order] == sorted([n for n in names if n in order], key=order.index)
+    assert set(order) <= set(names)
+
+
+def test_set_options_override_config_file_and_nest(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 3\naugment:\n  flip: true\n")
+    opts = _options(cfg, ["epochs=5", "augment.flip=false", "syndromes=[S01, S02]"], seed=7, init=None)
+    assert opts == {"epochs": 5, "augment": {"flip": False}, "syndromes": ["S01", "S02"], "seed": 7}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        _options(None, ["epochs"])
+
+
+def test_wrong_pipeline_option_fails_before_work_naming_the_field(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: bad\nstages:\n  - synth: {n_syndromes: 6}\n  - explain: {methods: [gradcam], target: logits}\n")
+    result = CliRunner().invoke(app, ["study", "check", str(p)])
+    assert isinstance(result.exception, ConfigError)
+    assert "stages[1].explain.target" in str(result.exception)
+    p.write_text("name: bad\nstages:\n  - synth: {}\n  - teleport: {}\n")
+    result = CliRunner().invoke(app, ["study", "check", str(p)])
+    assert isinstance(result.exception, ConfigError) and "unknown stage 'teleport'" in str(result.exception)
