@@ -160,3 +160,15 @@ def test_stage_spray_splits_confounded_syndrome_on_the_cue(aggregated):
     cue_subjects = {f"S01_p{s:02d}" for s in range(6)}
     clusters = m.groupby("cluster")["subject_id"].agg(set)
     assert cue_subjects in list(clusters)
+
+
+def test_figure_formats_option(aggregated, tmp_path):
+    import shutil
+
+    run, _ = aggregated
+    copy = Run(shutil.copytree(run.path, tmp_path / "run"))
+    shutil.rmtree(copy.path / "aggregate")
+    aggregate_stage(copy, AggregateConfig(normalisations=["max-abs"], strata=[], pair_figures=0, patient_figures=0,
+                                          figure_formats=["png"], quiet=True))
+    suffixes = {p.suffix for p in (copy.path / "aggregate" / "figures").rglob("*") if p.is_file()}
+    assert suffixes == {".png"}

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from gestalt_xai.viz import SIGNED_CMAP, UNSIGNED_CMAP, save_figure
 
 __all__ = [
     "FORMATS",
+    "FIGURE_FORMATS",
     "draw_map",
     "shared_scale",
     "composite_grid",
@@ -33,6 +35,8 @@ __all__ = [
 ]
 
 FORMATS = ("png", "svg")
+#: formats the figures of the current aggregate run are written in (set from ``AggregateConfig.figure_formats``)
+FIGURE_FORMATS: ContextVar[tuple[str, ...]] = ContextVar("FIGURE_FORMATS", default=FORMATS)
 DPI = 130
 
 
@@ -114,7 +118,7 @@ def composite_grid(cells: Mapping[tuple[str, str], tuple[np.ndarray, int]], rows
         cb.ax.tick_params(labelsize=6)
         cb.set_label(colorbar_label, fontsize=7)
     fig.suptitle(_wrap(title, width), fontsize=9)
-    return save_figure(fig, path, formats=FORMATS, dpi=DPI)
+    return save_figure(fig, path, formats=FIGURE_FORMATS.get(), dpi=DPI)
 
 
 def _wrap(text: str, width_in: float) -> str:
@@ -147,7 +151,7 @@ def faces_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray | None, str]
         cb.ax.tick_params(labelsize=6)
         cb.set_label(colorbar_label, fontsize=7)
     fig.suptitle(_wrap(title, max(1.65 * n + 0.9, 6.0)), fontsize=9)
-    return save_figure(fig, path, formats=FORMATS, dpi=DPI)
+    return save_figure(fig, path, formats=FIGURE_FORMATS.get(), dpi=DPI)
 
 
 def region_heatmap(table: pd.DataFrame, path: Path, title: str, planted: Mapping[str, set[str]] | None = None,
@@ -192,7 +196,7 @@ def region_heatmap(table: pd.DataFrame, path: Path, title: str, planted: Mapping
         note += "; boxed: regions of planted features"
     ax.set_title(f"{title}\n{note}", fontsize=9)
     fig.tight_layout()
-    return save_figure(fig, path, formats=FORMATS, dpi=DPI)
+    return save_figure(fig, path, formats=FIGURE_FORMATS.get(), dpi=DPI)
 
 
 def spray_figure(result, cluster_maps: Sequence[tuple[np.ndarray, np.ndarray, str]], signed: bool,  # type: ignore[no-untyped-def]
@@ -236,7 +240,7 @@ def spray_figure(result, cluster_maps: Sequence[tuple[np.ndarray, np.ndarray, st
         cb = fig.colorbar(handle, ax=list(axes[2:]), shrink=0.85, pad=0.01)
         cb.ax.tick_params(labelsize=6)
     fig.suptitle(_wrap(title, 2.4 * (2 + k) + 0.8), fontsize=9)
-    return save_figure(fig, path, formats=FORMATS, dpi=DPI)
+    return save_figure(fig, path, formats=FIGURE_FORMATS.get(), dpi=DPI)
 
 
 def pair_figure(face_a: np.ndarray, face_b: np.ndarray, rows: Sequence[tuple[str, np.ndarray | None,
@@ -264,7 +268,7 @@ def pair_figure(face_a: np.ndarray, face_b: np.ndarray, rows: Sequence[tuple[str
     axes[0, 0].set_title(f"A: {label_a}", fontsize=7)
     axes[0, 3].set_title(f"B: {label_b}", fontsize=7)
     fig.suptitle(title, fontsize=9)
-    return save_figure(fig, path, formats=FORMATS, dpi=DPI)
+    return save_figure(fig, path, formats=FIGURE_FORMATS.get(), dpi=DPI)
 
 
 def patient_syndrome_figure(face: np.ndarray, centroid: np.ndarray | None, neighbours: Sequence[tuple[str, str,
@@ -298,4 +302,4 @@ def patient_syndrome_figure(face: np.ndarray, centroid: np.ndarray | None, neigh
     cb = fig.colorbar(h, ax=list(axes), shrink=0.85, pad=0.01)
     cb.ax.tick_params(labelsize=6)
     fig.suptitle(title, fontsize=9)
-    return save_figure(fig, path, formats=FORMATS, dpi=DPI)
+    return save_figure(fig, path, formats=FIGURE_FORMATS.get(), dpi=DPI)

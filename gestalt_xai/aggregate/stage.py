@@ -94,6 +94,8 @@ class AggregateConfig(StageConfig):
     nearest: int = Field(3, ge=1, description="nearest gallery images per patient × syndrome figure")
     block_maps: int = Field(256, ge=1, description="maps read per streaming block (memory bound)")
     figures: bool = Field(True, description="draw figures (tables are always written)")
+    figure_formats: list[Literal["png", "svg", "pdf"]] = Field(
+        default_factory=lambda: ["png", "svg"], min_length=1, description="file formats of every figure")
     figure_smoothing: float = Field(1.5, ge=0, description="Gaussian sigma (px) applied to input-space (pixel-level) "
                                                            "maps in figures only; 0 = off")
     seed: int = 0
@@ -481,10 +483,15 @@ def aggregate_stage(run: Any, cfg: AggregateConfig | None = None) -> dict[str, A
         write_parquet(pairs, out / "pairs.parquet")
 
         if cfg.figures:
+            from gestalt_xai.aggregate.figures import FIGURE_FORMATS
             from gestalt_xai.aggregate.report import draw_all
 
-            draw_all(run, cfg, store, comp, per_syn, faces, planted, control, spray_rows, spray_results,
-                     spray_members, pairs, rows, names, confounded)
+            token = FIGURE_FORMATS.set(tuple(cfg.figure_formats))
+            try:
+                draw_all(run, cfg, store, comp, per_syn, faces, planted, control, spray_rows, spray_results,
+                         spray_members, pairs, rows, names, confounded)
+            finally:
+                FIGURE_FORMATS.reset(token)
         run.write_errors("aggregate", [ErrorRow("aggregate", e["item_id"], e["error_kind"], e["message"])
                                        for e in errors])
         record.n_items = int(len(rows))
