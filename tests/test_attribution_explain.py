@@ -279,3 +279,26 @@ def test_explain_and_reference_agreement_on_trained_model(request, tmp_path):
     for ours, ref in ((gp.gradcam_lowres(), LayerGradCam(sm, layer).attribute(x)[:, 0]),
                       (gp.hirescam_lowres(), LayerGradientXActivation(sm, layer).attribute(x).sum(1))):
         assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_logit_target_with_foreign_class_list_fails_before_work(tiny_run, tmp_path):
+    """A checkpoint whose classes do not fit the cohort (wrong lookup table) is refused before any map is made."""
+    import shutil
+
+    from gestalt_xai.data.cohort import load_run_cohort, save_run_cohort
+    from gestalt_xai.errors import ConfigError
+    from gestalt_xai.runs import Run
+
+    shutil.copytree(tiny_run.path, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    base = {**FAST, "methods": ["hirescam"], "overlay": 0, "images": ["A00"]}
+    with pytest.raises(ConfigError, match=r"model 'clf'.*not classes of the model"):
+        explain_stage(run, ExplainConfig(**base, target="logit", syndromes="A,Z"))
+    cohort = load_run_cohort(run)
+    cohort.lookup = ["A", "B", "C", "D"]  # the cohort trains a class the checkpoint never saw
+    save_run_cohort(run, cohort)
+    with pytest.raises(ConfigError, match="not classes of the model"):
+        explain_stage(run, ExplainConfig(**base, target="logit", syndromes="label"))
+    assert len(MapStore(run.path / "maps").index()) == 0
+    # centroid targets need no classifier classes: the same run works
+    assert len(explain_stage(run, ExplainConfig(**base, target="centroid"))) > 0

@@ -357,6 +357,27 @@ def _expected_keys(item: WorkItem, model_id: str, methods: list[tuple[Attributio
 
 
 # ------------------------------------------------------------------------------------------------ the stage
+def _check_logit_classes(run: Any, cfg: ExplainConfig, models: list[tuple[str, torch.nn.Module, str]]) -> None:
+    """Before any work: a classifier whose class list does not fit the cohort is a configuration error.
+
+    The syndromes that must be classes are the explicit ids (``--syndromes ID,…``), otherwise the cohort's class
+    lookup (its training syndromes). Members without a classifier are skipped later (with a note), as documented.
+    """
+    from gestalt_xai.data.cohort import load_run_cohort
+    from gestalt_xai.models.checkpoints import check_classes
+
+    spec = parse_syndrome_spec(cfg.syndromes)
+    wanted = list(spec.ids) if spec.mode == "ids" else (load_run_cohort(run).lookup or [])
+    with_classifier = [(mid, m) for mid, m, _ in models if getattr(m, "classifier", None) is not None]
+    if not with_classifier:
+        raise ConfigError("target: logit needs a model with a classifier; every model here is embedding-only")
+    for mid, model in with_classifier:
+        try:
+            check_classes(model, wanted)
+        except ConfigError as exc:
+            raise ConfigError(f"model {mid!r}: {exc}") from None
+
+
 def explain_stage(run: Any, cfg: ExplainConfig | None = None) -> MapStore:
     """Run the explain stage on ``run`` (a :class:`~gestalt_xai.runs.Run` or folder); returns the map store."""
     from gestalt_xai.data.aligned import load_crops
@@ -379,6 +400,8 @@ def explain_stage(run: Any, cfg: ExplainConfig | None = None) -> MapStore:
         embeddings = load_embeddings(run)
         embeddings = embeddings.assign(image_id=embeddings["image_id"].astype(str))
         models = _load_models(run, cfg)
+        if cfg.target == "logit":
+            _check_logit_classes(run, cfg, models)
         hashes = {mid: h for mid, _, h in models}
         available = set(embeddings["image_id"])
         image_ids = _select_images(cfg, images, splits, available)
