@@ -256,3 +256,17 @@ def test_parallel_workers_give_the_same_outputs(tmp_path: Path, example_photos) 
     align_stage(two, AlignConfig(images=str(d), workers=2))
     a, b = _outputs(one.path), _outputs(two.path)
     assert sorted(a) == sorted(b) and all(a[k] == b[k] for k in a if k != "cohort/cohort.json")
+
+
+def test_photo_folder_refuses_symlinks_out_of_it(tmp_path: Path) -> None:
+    from gestalt_xai.faces.stage import _folder_cohort
+
+    d = tmp_path / "photos"
+    d.mkdir()
+    save_png(d / "inside.png", np.zeros((8, 8, 3), np.uint8))
+    save_png(tmp_path / "secret.png", np.zeros((8, 8, 3), np.uint8))
+    os.symlink(tmp_path / "secret.png", d / "link.png")
+    cohort = _folder_cohort(d)
+    assert cohort.images["image_id"].tolist() == ["inside"]
+    assert cohort.rejected["image_id"].tolist() == ["link"]
+    assert "outside the image root" in cohort.rejected["message"].iloc[0]

@@ -201,10 +201,8 @@ def load_alignments(run: Run, ok_only: bool = True) -> pd.DataFrame:
     """Read ``aligned/alignment.parquet`` of a run (only successfully aligned images by default)."""
     import pandas as pd
 
-    from gestalt_xai.errors import InputError as _InputError
-
     path = run.path / "aligned" / "alignment.parquet"
     if not path.exists():
-        raise _InputError(f"{path} not found: run the align stage first (gestalt-xai align --run {run.path})")
+        raise InputError(f"{path} not found: run the align stage first (gestalt-xai align --run {run.path})")
     df = pd.read_parquet(path)
     return df[df["ok"]].reset_index(drop=True) if ok_only else df

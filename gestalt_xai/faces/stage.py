@@ -17,15 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
 from gestalt_xai.config import StageConfig
-from gestalt_xai.data.cohort import Cohort, load_cohort, save_run_cohort
+from gestalt_xai.data.cohort import Cohort, load_cohort, resolve_inside, save_run_cohort
 from gestalt_xai.data.images import DEFAULT_MAX_PIXELS, load_image, save_png
 from gestalt_xai.errors import ConfigError, DetectionError, GestaltXAIError, InputError, error_kind
 from gestalt_xai.faces.align import (
+    ARCFACE_TEMPLATE,
     CROP_SIZE,
     estimate_transform,
     eye_level_rotation,
@@ -143,10 +145,12 @@ def _folder_cohort(folder: Path) -> Cohort:
         if p.stem in dup:
             rejected.append({"image_id": p.name, "message": f"{p}: several files share the image id {p.stem!r}"})
             continue
-        if p.resolve().parent != folder.resolve() and not p.resolve().is_relative_to(folder.resolve()):
-            rejected.append({"image_id": p.stem, "message": f"{p}: symlink points outside {folder}"})
+        try:
+            path = resolve_inside(folder, p.name)  # the cohort tables' rule: symlinks out of the folder are refused
+        except InputError as exc:
+            rejected.append({"image_id": p.stem, "message": str(exc)})
             continue
-        rows.append({"image_id": p.stem, "subject_id": p.stem, "syndrome_id": "unknown", "path": str(p.resolve())})
+        rows.append({"image_id": p.stem, "subject_id": p.stem, "syndrome_id": "unknown", "path": str(path)})
     images = pd.DataFrame(rows, columns=["image_id", "subject_id", "syndrome_id", "path"])
     syndromes = pd.DataFrame({"syndrome_id": ["unknown"], "syndrome_name": ["unknown"]})
     return Cohort(images=images, syndromes=syndromes, version="folder", image_root=str(folder.resolve()),
@@ -196,7 +200,7 @@ def _align_one(image_id: str, path: str, crops_dir: str) -> dict[str, Any]:
             if (h, w) != (CROP_SIZE, CROP_SIZE):
                 raise InputError(f"{path}: --aligned-input expects {CROP_SIZE}×{CROP_SIZE} crops, got {w}×{h}")
             M = np.array([[1.0, 0, 0], [0, 1.0, 0]])
-            rec.update(detector="aligned_input", n_faces=1, score=1.0, landmarks=_template().ravel().tolist())
+            rec.update(detector="aligned_input", n_faces=1, score=1.0, landmarks=ARCFACE_TEMPLATE.ravel().tolist())
         else:
             if cfg.landmarks:
                 entry = _WORKER["landmarks"].get(image_id)
@@ -209,8 +213,6 @@ def _align_one(image_id: str, path: str, crops_dir: str) -> dict[str, Any]:
                 det_name = cfg.detector
             if cfg.two_pass and not cfg.landmarks:
                 R, angle = eye_level_rotation(lm5)
-                import cv2
-
                 rotated = cv2.warpAffine(photo, R, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
                 again = _WORKER["detector"].detect(rotated)
                 if again:
@@ -237,12 +239,6 @@ def _align_one(image_id: str, path: str, crops_dir: str) -> dict[str, Any]:
         log.exception("%s: unexpected error while aligning", image_id)
         rec.update(error_kind=error_kind(exc), message=f"{path}: {type(exc).__name__}: {exc}")
     return rec
-
-
-def _template() -> np.ndarray:
-    from gestalt_xai.faces.align import ARCFACE_TEMPLATE
-
-    return ARCFACE_TEMPLATE
 
 
 # ------------------------------------------------------------------------------------------------------- stage
