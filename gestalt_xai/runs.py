@@ -51,6 +51,7 @@ __all__ = [
     "ProgressBar",
     "quiet",
     "set_quiet",
+    "torch_threads",
     "sha256_file",
 ]
 
@@ -120,6 +121,22 @@ def seed_everything(seed: int) -> None:
         torch.manual_seed(seed)
     except ImportError:  # pragma: no cover - torch is a hard dependency
         pass
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op CPU threads (a process-wide setting, so it is restored); ``None``: unchanged."""
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def set_quiet(quiet: bool) -> None:

@@ -383,7 +383,7 @@ def explain_stage(run: Any, cfg: ExplainConfig | None = None) -> MapStore:
     from gestalt_xai.data.aligned import load_crops
     from gestalt_xai.matching import load_embeddings
     from gestalt_xai.models.gestaltmatcher import preprocess
-    from gestalt_xai.runs import ErrorRow, Run, progress
+    from gestalt_xai.runs import ErrorRow, Run, progress, torch_threads
 
     cfg = cfg or ExplainConfig()
     run = run if isinstance(run, Run) else Run(run)
@@ -391,11 +391,9 @@ def explain_stage(run: Any, cfg: ExplainConfig | None = None) -> MapStore:
         raise ConfigError("methods: give at least one attribution method")
     methods = _method_instances(cfg)
     slots = _slots(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     store = MapStore(run.dir("maps"))
     errors: list[dict[str, str]] = []
-    with run.stage("explain", cfg) as record:
+    with run.stage("explain", cfg) as record, torch_threads(cfg.threads):
         images, splits = _cohort_tables(run)
         embeddings = load_embeddings(run)
         embeddings = embeddings.assign(image_id=embeddings["image_id"].astype(str))

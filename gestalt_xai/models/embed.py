@@ -181,11 +181,10 @@ def embed_stage(run: Any, cfg: EmbedConfig | None = None) -> Path:
     import torch
 
     from gestalt_xai.models.checkpoints import load_model, model_sha256
-    from gestalt_xai.models.train import _torch_threads
-    from gestalt_xai.runs import ErrorRow, atomic_write_bytes, progress
+    from gestalt_xai.runs import ErrorRow, atomic_write_bytes, progress, torch_threads
 
     cfg = cfg or EmbedConfig()
-    with run.stage("embed", cfg) as st, _torch_threads(cfg.threads):
+    with run.stage("embed", cfg) as st, torch_threads(cfg.threads):
         models = resolve_models(run, cfg)
         image_ids = list_aligned_images(run)
         device = torch.device(

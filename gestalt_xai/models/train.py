@@ -35,8 +35,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,7 +49,7 @@ from torch import nn
 from gestalt_xai.config import StageConfig
 from gestalt_xai.data.aligned import AlignedFaces, Augmentation, aligned_path
 from gestalt_xai.errors import ConfigError, InputError
-from gestalt_xai.runs import progress_bar
+from gestalt_xai.runs import progress_bar, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -447,26 +446,12 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op CPU threads (a process-wide setting, so it is restored)."""
-    if not n:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train_model(run: Any, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module, pd.DataFrame]:
     """Train (or resume training) on ``data``; returns the model to save and the per-epoch history.
 
     Epoch state is written to ``run/models/.<model_id>.state.pt`` after each epoch (see the module docstring).
     """
-    with _torch_threads(cfg.threads):
+    with torch_threads(cfg.threads):
         return _train_model(run, data, cfg)
 
 
