@@ -45,6 +45,8 @@ def test_window_convention():
     starts = window_starts(112, 10, 5)
     assert len(starts) == 22 and starts[-1] == 105  # ceil((112-10)/5)+1; the last window is cropped
     assert window_starts(112, 14, 10)[-1] == 100  # 100 + 14 > 112: cropped at the border
+    with pytest.raises(ConfigError, match="must not exceed the patch"):  # pixels between windows: 0/0
+        window_starts(112, 10, 11)
 
 
 @pytest.mark.parametrize("baseline", ["black", "blur"])

@@ -10,14 +10,22 @@ Baselines are defined in pixel space (REFERENCE §3): ``black`` is pixel value 0
 ``(x/255 − 0.5)/0.5``; ``mean`` is each image's own per-channel mean colour; ``blur`` is a Gaussian-blurred copy of
 the image (``blur_sigma`` pixels). All channels are occluded together.
 
-Speed: unlike Captum (one forward per window and batch, plus per-step bookkeeping) we score many occluded copies
-per forward (``max_batch`` images), compute the unoccluded score once, accumulate with one ``einsum`` per chunk, and
-skip windows that change no pixel of any image in the batch (their difference is exactly 0: e.g. the black border of
-an aligned crop under the black baseline).
-With ``fast=True`` (default) the forwards run on an inference copy of each member (:func:`inference_copy`): the
-BatchNorms that follow a convolution are folded into it (:func:`gestalt_xai.models.iresnet.fuse_iresnet`, what an
-ONNX export does) and tensors use the channels-last layout. Both are exact algebraically; scores differ from the
-unfused model by float rounding only (~1e-6 relative), well inside the 1e-5 agreement with Captum.
+Speed. Unlike Captum (one forward per window and batch) we compute the unoccluded score once, score many occluded
+copies per forward (``max_batch`` images), and skip windows that change no pixel of any image in the batch (their
+difference is exactly 0: e.g. the black border of an aligned crop under the black baseline). For a
+:class:`~gestalt_xai.attribution.score_model.ScoreModel` over iResNet members (every checkpoint format loads as
+one) two exact shortcuts apply:
+
+* ``local=True`` (default): a window changes only a small patch of the early activations, so only that patch is
+  recomputed there, and the full map from the cut on (:mod:`gestalt_xai.attribution.occlusion_local`); each
+  (member, TTA view) term of the score is computed this way on its own view of the image;
+* ``fast=True`` (default, the registered method): the forwards run on an inference copy of each member
+  (:func:`inference_copy`): the BatchNorms that follow a convolution are folded into it
+  (:func:`gestalt_xai.models.iresnet.fuse_iresnet`, what an ONNX export does) and tensors use the channels-last
+  layout.
+
+Both are exact algebraically: scores differ from occluded full forwards of the original model by float rounding
+only (~1e-6 relative), well inside the 1e-5 agreement with Captum that the tests check.
 """
 
 from __future__ import annotations
@@ -29,9 +37,13 @@ import torch
 from torch import nn
 
 from gestalt_xai.attribution.base import AttributionMethod, MethodMaps, register_method
+from gestalt_xai.attribution.occlusion_local import Window, local_window_scores, supports_local
+from gestalt_xai.attribution.score_model import MemberView, ScoreModel, apply_view
+from gestalt_xai.attribution.targets import Target
 from gestalt_xai.errors import ConfigError
 
-__all__ = ["Occlusion", "occlusion", "window_starts", "occlusion_baseline", "BASELINES"]
+__all__ = ["Occlusion", "occlusion", "occluded_scores", "window_starts", "window_boxes", "occlusion_baseline",
+           "BASELINES"]
 
 BASELINES = ("black", "mean", "blur")
 
@@ -44,6 +56,9 @@ def window_starts(size: int, patch: int, stride: int) -> list[int]:
     """
     if patch < 1 or stride < 1 or patch > size:
         raise ConfigError(f"occlusion: need 1 ≤ patch ≤ {size} and stride ≥ 1, got patch={patch}, stride={stride}")
+    if stride > patch:  # pixels between windows would get no value (0/0); Captum refuses this too
+        raise ConfigError(f"occlusion: stride ({stride}) must not exceed the patch ({patch}), or some pixels are "
+                          "never occluded")
     return [i * stride for i in range(math.ceil((size - patch) / stride) + 1)]
 
 
@@ -65,24 +80,87 @@ def occlusion_baseline(x: torch.Tensor, baseline: str | float | torch.Tensor, bl
     raise ConfigError(f"occlusion baseline must be one of {BASELINES} or a number, got {baseline!r}")
 
 
-def _rows_tiled(score_fn: Callable[[torch.Tensor], torch.Tensor], b: int, k: int,
-                cache: dict[int, Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A score function for ``k`` window-major copies of the batch: per-image targets repeated ``k`` times."""
-    if k not in cache:
-        select = getattr(score_fn, "select", None)
-        cache[k] = select(list(range(b)) * k) if select is not None else score_fn
-    return cache[k]
+def window_boxes(h: int, w: int, patch: int, stride: int) -> list[Window]:
+    """Every window ``(y0, y1, x0, x1)`` (end exclusive, cropped at the border) in reading order.
+
+    >>> window_boxes(112, 112, 10, 5)[-1]
+    (105, 112, 105, 112)
+    """
+    return [(y, min(y + patch, h), x0, min(x0 + patch, w))
+            for y in window_starts(h, patch, stride) for x0 in window_starts(w, patch, stride)]
 
 
-def _window_masks(h: int, w: int, patch: int, stride: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    ys, xs = window_starts(h, patch, stride), window_starts(w, patch, stride)
-    masks = torch.zeros(len(ys) * len(xs), h, w, dtype=dtype, device=device)
-    k = 0
-    for y in ys:  # order is irrelevant to the result; rows outer as in a reading order
-        for x0 in xs:
-            masks[k, y : y + patch, x0 : x0 + patch] = 1
-            k += 1
+def _box_masks(boxes: Sequence[Window], h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    masks = torch.zeros(len(boxes), h, w, dtype=dtype, device=device)
+    for k, (y0, y1, x0, x1) in enumerate(boxes):
+        masks[k, y0:y1, x0:x1] = 1
     return masks
+
+
+def _occluded_copies(x: torch.Tensor, base: torch.Tensor, boxes: Sequence[Window]) -> torch.Tensor:
+    """``len(boxes)`` window-major copies of the batch, each with one window replaced by the baseline."""
+    mm = _box_masks(boxes, x.shape[2], x.shape[3], x.device, x.dtype)[:, None, None]  # (k, 1, 1, H, W)
+    # the same arithmetic as Captum: x·(1 − m) + baseline·m
+    return (x[None] * (1 - mm) + base[None] * mm).reshape(-1, *x.shape[1:])
+
+
+def _plain_scores(score_copies: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, base: torch.Tensor,
+                  boxes: Sequence[Window], max_batch: int) -> torch.Tensor:
+    """Scores ``(K, B)`` from full forwards of occluded copies, ``max_batch`` images per forward."""
+    b = x.shape[0]
+    per = max(1, max_batch // b)
+    out = torch.empty(len(boxes), b, dtype=x.dtype, device=x.device)
+    for start in range(0, len(boxes), per):
+        chunk = boxes[start : start + per]
+        out[start : start + len(chunk)] = score_copies(_occluded_copies(x, base, chunk), len(chunk)).reshape(-1, b)
+    return out
+
+
+def _view_scores(view: MemberView, x: torch.Tensor, base: torch.Tensor, boxes: Sequence[Window], max_batch: int,
+                 local: bool) -> torch.Tensor:
+    """One (member, TTA view) term of a :class:`ScoreModel` for every window: ``(K, B)``."""
+    b, _, _, w = x.shape
+    order = getattr(view.model, "channel_order", "RGB")
+    xv, bv = apply_view(x, view.flip, view.gray, order), apply_view(base, view.flip, view.gray, order)
+    if view.flip:  # the view mirrors the image: so are the windows
+        boxes = [(y0, y1, w - x1, w - x0) for y0, y1, x0, x1 in boxes]
+    targets: dict[int, Target] = {}
+
+    def rows(logits: torch.Tensor | None, emb: torch.Tensor, k: int) -> torch.Tensor:
+        if k not in targets:  # per-image references repeated for k window-major copies of the batch
+            targets[k] = view.target.select(list(range(b)) * k)
+        return targets[k](logits, emb)
+
+    if local and supports_local(view.model):
+        return local_window_scores(view.model, xv, bv, boxes, rows, max_batch=max_batch)
+    return _plain_scores(lambda t, k: rows(*view.model(t), k), xv, bv, boxes, max_batch)
+
+
+def occluded_scores(score_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, base: torch.Tensor,
+                    boxes: Sequence[Window], max_batch: int = 16, local: bool = True) -> torch.Tensor:
+    """``score_fn`` of ``x`` with each window replaced by ``base``: ``(K, B)`` for ``K`` windows.
+
+    A :class:`ScoreModel` is scored term by term (member × TTA view, averaged in its order); with ``local`` the
+    terms of iResNet members recompute only what a window can change
+    (:func:`~gestalt_xai.attribution.occlusion_local.local_window_scores`). Any other callable gets plain batched
+    forwards of occluded copies.
+    """
+    if isinstance(score_fn, ScoreModel):
+        total: torch.Tensor | None = None
+        for view in score_fn.views:
+            s = _view_scores(view, x, base, boxes, max_batch, local)
+            total = s if total is None else total + s
+        assert total is not None
+        return total / len(score_fn.views)
+    cache: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+    select = getattr(score_fn, "select", None)
+
+    def copies(t: torch.Tensor, k: int) -> torch.Tensor:
+        if k not in cache:  # a score function with per-image targets follows its rows
+            cache[k] = select(list(range(x.shape[0])) * k) if select is not None else score_fn
+        return cache[k](t)
+
+    return _plain_scores(copies, x, base, boxes, max_batch)
 
 
 @torch.no_grad()
@@ -95,16 +173,20 @@ def occlusion(
     max_batch: int = 16,
     blur_sigma: float = 5.0,
     reference_scores: torch.Tensor | None = None,
+    local: bool = True,
 ) -> torch.Tensor:
     """Occlusion maps ``(B, H, W)`` (float32, signed) for normalised images ``x`` ``(B, 3, H, W)``.
 
     Parameters
     ----------
-    score_fn : images → ``(B,)`` scores (a :class:`~gestalt_xai.attribution.score_model.ScoreModel`).
+    score_fn : images → ``(B,)`` scores (a :class:`~gestalt_xai.attribution.score_model.ScoreModel`, or any
+        callable).
     patch, stride : square window side and step in pixels (Captum's convention, module docstring).
     baseline : ``"black"`` | ``"mean"`` | ``"blur"`` | a value in normalised units | a tensor like ``x``.
     max_batch : occluded images per forward (several windows of the whole batch).
     reference_scores : ``score_fn(x)`` if already known (saves one forward).
+    local : for a ScoreModel over iResNet members, recompute only the activations a window can change (same
+        maps up to float rounding; module docstring).
 
     >>> f = lambda t: t.sum((1, 2, 3))
     >>> occlusion(f, torch.zeros(1, 3, 4, 4), patch=2, stride=2, baseline=-1.0)[0, 0, 0].item()
@@ -114,22 +196,23 @@ def occlusion(
     base = occlusion_baseline(x, baseline, blur_sigma)
     s0 = score_fn(x) if reference_scores is None else reference_scores
     s0 = s0.detach().to(x.dtype)
-    masks = _window_masks(h, w, patch, stride, x.device, x.dtype)
-    n_win = masks.shape[0]
-    per_fwd = max(1, max_batch // b)
-    total = torch.zeros(b, h, w, dtype=x.dtype, device=x.device)
-    cache: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+    boxes = window_boxes(h, w, patch, stride)
     # A window whose occluded copy equals the original for every image (e.g. the black border of an aligned crop
     # under a black baseline) changes nothing: its score difference is exactly 0, so it needs no forward pass.
-    differs = (x != base).any(1)  # (B, H, W)
-    live = [k for k in range(n_win) if bool((differs & (masks[k] > 0)).any())]
-    for start in range(0, len(live), per_fwd):
-        m = masks[live[start : start + per_fwd]]  # (k, H, W)
-        mm = m[:, None, None]  # (k, 1, 1, H, W): same arithmetic as Captum, x·(1 − m) + baseline·m
-        occluded = (x[None] * (1 - mm) + base[None] * mm).reshape(-1, *x.shape[1:])
-        s = _rows_tiled(score_fn, b, m.shape[0], cache)(occluded).detach().reshape(m.shape[0], b)
-        total += torch.einsum("kb,khw->bhw", s0[None] - s, m)
-    return (total / masks.sum(0)).float()
+    differs = (x != base).any(1).any(0)  # (H, W)
+    live = [box for box in boxes if bool(differs[box[0] : box[1], box[2] : box[3]].any())]
+    total = torch.zeros(b, h, w, dtype=x.dtype, device=x.device)
+    if live:
+        drop = s0[None] - occluded_scores(score_fn, x, base, live, max_batch, local)  # (K, B)
+        for start in range(0, len(live), 256):  # bounded memory for fine strides
+            masks = _box_masks(live[start : start + 256], h, w, x.device, x.dtype)
+            total += torch.einsum("kb,khw->bhw", drop[start : start + 256], masks)
+    # windows covering each pixel: the grid is the product of two 1-d window sets, so is the count
+    cover = [torch.zeros(n, dtype=x.dtype, device=x.device) for n in (h, w)]
+    for axis, n in enumerate((h, w)):
+        for start in window_starts(n, patch, stride):
+            cover[axis][start : start + patch] += 1
+    return (total / (cover[0][:, None] * cover[1][None, :])).float()
 
 
 def inference_copy(model: nn.Module) -> nn.Module:
@@ -152,15 +235,16 @@ def inference_copy(model: nn.Module) -> nn.Module:
 @register_method()
 class Occlusion(AttributionMethod):
     """Registered ``occlusion`` method (parameters: ``patch``, ``stride``, ``baseline``, ``max_batch``,
-    ``blur_sigma``)."""
+    ``blur_sigma``, ``fast`` (BN-folded channels-last inference copies), ``local`` (recompute only what a window
+    changes); module docstring)."""
 
     names = ("occlusion",)
     needs_grad = False
 
     def __init__(self, patch: int = 10, stride: int = 5, baseline: str | float = "black", max_batch: int = 16,
-                 blur_sigma: float = 5.0, fast: bool = True) -> None:
+                 blur_sigma: float = 5.0, fast: bool = True, local: bool = True) -> None:
         super().__init__(patch=patch, stride=stride, baseline=baseline, max_batch=max_batch, blur_sigma=blur_sigma,
-                         fast=fast)
+                         fast=fast, local=local)
         self._copies: dict[int, tuple[nn.Module, nn.Module]] = {}
         window_starts(112, patch, stride)  # validate early
         if isinstance(baseline, str) and baseline not in BASELINES:
@@ -183,7 +267,7 @@ class Occlusion(AttributionMethod):
         with torch.no_grad():
             s0 = scorer(x)
         maps = occlusion(scorer, x, p["patch"], p["stride"], p["baseline"], p["max_batch"], p["blur_sigma"],
-                         reference_scores=s0)
+                         reference_scores=s0, local=p["local"])
         self.last_scores = s0.detach()
         params = dict(p, convention="captum: ceil((N-P)/S)+1 windows, mean over covering windows")
         return [MethodMaps("occlusion", "", maps, params)]
