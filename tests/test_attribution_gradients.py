@@ -12,6 +12,7 @@ from captum.attr import (
     LayerGradientXActivation,
     Saliency,
 )
+from model_helpers import randomise_model
 from torch import nn
 
 from gestalt_xai.attribution.gradients import bias_of, gradient_pass
@@ -21,24 +22,10 @@ from gestalt_xai.errors import ConfigError
 from gestalt_xai.models import build_gestaltmatcher
 
 
-def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics/affines, PReLU slopes and biases, so no term of a decomposition is zero."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-            m.bias.data.copy_((torch.rand(m.bias.shape, generator=g) - 0.5) * 0.4)
-        elif isinstance(m, nn.PReLU):
-            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) * 0.3 + 0.1)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def small_model():
     torch.manual_seed(0)
-    return _randomise(build_gestaltmatcher("r18", width=0.25, num_classes=4, syndrome_ids=list("abcd")))
+    return randomise_model(build_gestaltmatcher("r18", width=0.25, num_classes=4, syndrome_ids=list("abcd")))
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +131,7 @@ def test_fullgrad_equals_independent_implementation_and_is_complete(small_model,
 
 def test_fullgrad_completeness_logit_target_ensemble_with_tta(small_model, batch):
     torch.manual_seed(3)
-    other = _randomise(build_gestaltmatcher("r18", width=0.25, num_classes=4), seed=5)
+    other = randomise_model(build_gestaltmatcher("r18", width=0.25, num_classes=4), seed=5)
     slots = [(False, False), (False, True), (True, False), (True, True)]
     sm = ScoreModel([("a", small_model), ("b", other)], LogitTarget([1, 2]), slots)
     gp = gradient_pass(sm, batch, ["backbone.layer4"], fullgrad=True)
@@ -218,7 +205,7 @@ def test_hooks_are_removed_even_on_error(small_model, batch):
 
 
 def test_bias_of_batchnorm_is_effective_bias():
-    bn = _randomise(nn.Sequential(nn.BatchNorm2d(4)))[0]
+    bn = randomise_model(nn.Sequential(nn.BatchNorm2d(4)))[0]
     x = torch.randn(1, 4, 3, 3)
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     torch.testing.assert_close(bn(x), x * scale.view(1, -1, 1, 1) + bias_of(bn).view(1, -1, 1, 1))

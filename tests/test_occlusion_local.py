@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from captum.attr import Occlusion as CaptumOcclusion
+from model_helpers import randomise_model
 from torch import nn
 
 from gestalt_xai.attribution import get_method
@@ -21,24 +22,10 @@ from gestalt_xai.attribution.targets import CentroidTarget, LogitTarget
 from gestalt_xai.models import build_gestaltmatcher
 
 
-def _randomised(model: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial BatchNorm statistics and PReLU slopes, so that every layer's bias and scale matter."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
-        elif isinstance(m, nn.PReLU):
-            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) * 0.4)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def tiny() -> nn.Module:
     torch.manual_seed(3)
-    return _randomised(build_gestaltmatcher("r18", width=0.125, num_classes=4), seed=3)
+    return randomise_model(build_gestaltmatcher("r18", width=0.125, num_classes=4), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +89,7 @@ def test_local_occlusion_equals_captum_with_tta_and_an_ensemble(tiny, images):
     """Two members (one BGR), all four TTA slots, per-image references: each (member, view) term is recomputed
     locally on its own (flipped, gray, channel-swapped) view and the windows follow the flip."""
     torch.manual_seed(7)
-    other = _randomised(build_gestaltmatcher("r18", width=0.125, num_classes=4), seed=8)
+    other = randomise_model(build_gestaltmatcher("r18", width=0.125, num_classes=4), seed=8)
     other.channel_order = "BGR"
     refs = torch.randn(2, 512, generator=torch.Generator().manual_seed(9))
     slots = [(False, False), (True, False), (False, True), (True, True)]
