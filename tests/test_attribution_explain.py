@@ -157,11 +157,18 @@ def test_explain_logit_topk_pairs_and_tta_ensemble(tiny_run, tmp_path):
 
 
 def test_unknown_method_and_bad_specs_fail_before_work(tiny_run):
+    from gestalt_xai.config import validate_config
     from gestalt_xai.errors import ConfigError
 
+    # method names, method parameters and the occlusion grid are options: checked when the config is read
     with pytest.raises(ConfigError, match="unknown attribution method"):
-        explain_stage(tiny_run, ExplainConfig(methods=["nope"], quiet=True))
-    from gestalt_xai.config import validate_config
+        validate_config(ExplainConfig, {"methods": ["nope"]})
+    with pytest.raises(ConfigError, match=r"occlusion_stride \(12\) must not exceed occlusion_patch \(10\)"):
+        validate_config(ExplainConfig, {"occlusion_stride": 12})
+    with pytest.raises(ConfigError, match=r"stride \(30\) must not exceed the patch"):
+        validate_config(ExplainConfig, {"methods": ["occlusion"], "method_params": {"occlusion": {"stride": 30}}})
+    with pytest.raises(ConfigError, match="not requested"):
+        validate_config(ExplainConfig, {"methods": ["gradcam"], "method_params": {"lrp": {}}})
 
     with pytest.raises(ConfigError, match="colour"):
         validate_config(ExplainConfig, {"methods": ["gradcam"], "colour": "red"})  # unknown keys are errors

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gestalt_xai.attribution.base import UNSIGNED_METHODS, AttributionMethod, get_method
 from gestalt_xai.attribution.gradients import DEFAULT_LAYER
@@ -97,6 +97,18 @@ class ExplainConfig(StageConfig):
     device: str = Field("cpu", description="cpu, cuda, cuda:N")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
     quiet: bool = False
+
+    @model_validator(mode="after")
+    def _methods_can_be_built(self) -> ExplainConfig:
+        """Method names, their parameters and the occlusion grid are checked here, before any work."""
+        if self.occlusion_stride > self.occlusion_patch:
+            raise ValueError(f"occlusion_stride ({self.occlusion_stride}) must not exceed occlusion_patch "
+                             f"({self.occlusion_patch}): pixels between windows would never be occluded")
+        try:
+            _method_instances(self)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 @dataclass
