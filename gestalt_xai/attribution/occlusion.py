@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -39,13 +40,13 @@ from torch import nn
 from gestalt_xai.attribution.base import AttributionMethod, MethodMaps, register_method
 from gestalt_xai.attribution.occlusion_local import Window, local_window_scores, supports_local
 from gestalt_xai.attribution.score_model import MemberView, ScoreModel, apply_view
-from gestalt_xai.attribution.targets import Target
 from gestalt_xai.errors import ConfigError
 
 __all__ = ["Occlusion", "occlusion", "occluded_scores", "window_starts", "window_boxes", "occlusion_baseline",
            "BASELINES"]
 
 BASELINES = ("black", "mean", "blur")
+T = TypeVar("T")
 
 
 def window_starts(size: int, patch: int, stride: int) -> list[int]:
@@ -116,6 +117,20 @@ def _plain_scores(score_copies: Callable[[torch.Tensor, int], torch.Tensor], x: 
     return out
 
 
+def _for_copies(obj: T, b: int) -> Callable[[int], T]:
+    """``k -> obj`` for ``k`` window-major copies of a batch of ``b`` images: an object with ``select`` (a target,
+    a score function with per-image targets) follows its rows repeated ``k`` times; cached per ``k``."""
+    cache: dict[int, T] = {}
+    select = getattr(obj, "select", None)
+
+    def get(k: int) -> T:
+        if k not in cache:
+            cache[k] = select(list(range(b)) * k) if select is not None else obj
+        return cache[k]
+
+    return get
+
+
 def _view_scores(view: MemberView, x: torch.Tensor, base: torch.Tensor, boxes: Sequence[Window], max_batch: int,
                  local: bool) -> torch.Tensor:
     """One (member, TTA view) term of a :class:`ScoreModel` for every window: ``(K, B)``."""
@@ -124,12 +139,10 @@ def _view_scores(view: MemberView, x: torch.Tensor, base: torch.Tensor, boxes: S
     xv, bv = apply_view(x, view.flip, view.gray, order), apply_view(base, view.flip, view.gray, order)
     if view.flip:  # the view mirrors the image: so are the windows
         boxes = [(y0, y1, w - x1, w - x0) for y0, y1, x0, x1 in boxes]
-    targets: dict[int, Target] = {}
+    target_for = _for_copies(view.target, b)
 
     def rows(logits: torch.Tensor | None, emb: torch.Tensor, k: int) -> torch.Tensor:
-        if k not in targets:  # per-image references repeated for k window-major copies of the batch
-            targets[k] = view.target.select(list(range(b)) * k)
-        return targets[k](logits, emb)
+        return target_for(k)(logits, emb)
 
     if local and supports_local(view.model):
         return local_window_scores(view.model, xv, bv, boxes, rows, max_batch=max_batch)
@@ -152,15 +165,8 @@ def occluded_scores(score_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.T
             total = s if total is None else total + s
         assert total is not None
         return total / len(score_fn.views)
-    cache: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
-    select = getattr(score_fn, "select", None)
-
-    def copies(t: torch.Tensor, k: int) -> torch.Tensor:
-        if k not in cache:  # a score function with per-image targets follows its rows
-            cache[k] = select(list(range(x.shape[0])) * k) if select is not None else score_fn
-        return cache[k](t)
-
-    return _plain_scores(copies, x, base, boxes, max_batch)
+    score_for = _for_copies(score_fn, x.shape[0])
+    return _plain_scores(lambda t, k: score_for(k)(t), x, base, boxes, max_batch)
 
 
 @torch.no_grad()

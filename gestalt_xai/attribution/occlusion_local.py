@@ -138,7 +138,7 @@ def _units(backbone: IResNet) -> list[IBasicBlock | None]:
 
 
 def _unit_forward(backbone: IResNet, unit: IBasicBlock | None, x: torch.Tensor) -> torch.Tensor:
-    return backbone.prelu(backbone.bn1(backbone.conv1(x))) if unit is None else unit(x)
+    return backbone.forward_stem(x) if unit is None else unit(x)
 
 
 def _macs(conv: nn.Conv2d) -> int:

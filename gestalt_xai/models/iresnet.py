@@ -248,9 +248,13 @@ class IResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """conv3x3 → BN → PReLU: the ``(N, C1, 112, 112)`` input of ``layer1``."""
+        return self.prelu(self.bn1(self.conv1(x)))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem + the four stages: the ``(N, C4, 7, 7)`` last conv-stage activation."""
-        x = self.prelu(self.bn1(self.conv1(x)))
+        x = self.forward_stem(x)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
