@@ -23,8 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -55,7 +55,8 @@ __all__ = [
     "sha256_file",
 ]
 
-ERROR_COLUMNS = ["stage", "item_id", "error_kind", "message"]
+#: ``key`` holds the failed work unit's structured key (JSON object, sorted keys; "" when the item id says it all)
+ERROR_COLUMNS = ["stage", "item_id", "error_kind", "message", "key"]
 
 #: packages whose versions every manifest records
 MANIFEST_PACKAGES = (
@@ -203,12 +204,23 @@ def progress(iterable: Iterable[T], description: str, total: int | None = None) 
 # ------------------------------------------------------------------------------------------------------ records
 @dataclass(frozen=True)
 class ErrorRow:
-    """One per-item failure, as stored in ``errors.parquet``."""
+    """One per-item failure, as stored in ``errors.parquet``.
+
+    ``item_id`` names the input that failed (an image id, a file); ``key`` the work unit when one input has several
+    (e.g. ``{"model_id": "m", "target": "centroid:S01", "method": "gradcam"}``), stored as a JSON object.
+    """
 
     stage: str
     item_id: str
     error_kind: str
     message: str
+    key: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_record(self) -> dict[str, str]:
+        """The row as ``errors.parquet`` stores it."""
+        key = json.dumps(dict(self.key), sort_keys=True, default=str) if self.key else ""
+        return {"stage": self.stage, "item_id": str(self.item_id), "error_kind": self.error_kind,
+                "message": self.message, "key": key}
 
 
 @dataclass
@@ -446,11 +458,11 @@ class Run:
         if isinstance(rows, pd.DataFrame):
             new = rows
         else:
-            new = pd.DataFrame([asdict(r) for r in rows], columns=ERROR_COLUMNS)
-        new = new.assign(stage=stage)[ERROR_COLUMNS]
-        old = self.errors()
+            new = pd.DataFrame([r.as_record() for r in rows], columns=ERROR_COLUMNS)
+        new = new.assign(stage=stage).reindex(columns=ERROR_COLUMNS).fillna("")
+        old = self.errors().reindex(columns=ERROR_COLUMNS).fillna("")
         table = pd.concat([old[old["stage"] != stage], new], ignore_index=True)
-        table = table.astype("string").sort_values(["stage", "item_id"], kind="stable").reset_index(drop=True)
+        table = table.astype("string").sort_values(["stage", "item_id", "key"], kind="stable").reset_index(drop=True)
         write_parquet(table, self.path / self.ERRORS)
 
     def __repr__(self) -> str:

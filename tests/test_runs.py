@@ -37,12 +37,19 @@ def test_failed_stage_is_marked_in_manifest(tmp_path: Path) -> None:
 
 def test_errors_table_replaces_stage_rows_sorted(tmp_path: Path) -> None:
     run = Run(tmp_path)
-    assert run.errors().empty and list(run.errors().columns) == ["stage", "item_id", "error_kind", "message"]
+    assert run.errors().empty and list(run.errors().columns) == ["stage", "item_id", "error_kind", "message", "key"]
     run.write_errors("align", [ErrorRow("align", "b", "input", "bad"), ErrorRow("align", "a", "no_face", "none")])
     run.write_errors("embed", [ErrorRow("embed", "c", "input", "x")])
     run.write_errors("align", [ErrorRow("align", "z", "input", "again")])
     e = run.errors()
     assert e["item_id"].tolist() == ["z", "c"] and e["stage"].tolist() == ["align", "embed"]
+    # one input with several failed work units: one row each, the unit's key kept as structured JSON
+    run.write_errors("explain", [ErrorRow("explain", "img1", "target", "no centroid", {"target": "centroid:S2",
+                                                                                        "model_id": "m"}),
+                                 ErrorRow("explain", "img1", "target", "no centroid", {"target": "centroid:S1",
+                                                                                        "model_id": "m"})])
+    rows = run.errors().query("stage == 'explain'")
+    assert [json.loads(k)["target"] for k in rows["key"]] == ["centroid:S1", "centroid:S2"]
 
 
 def test_ledger_survives_torn_line_and_respects_fingerprint(tmp_path: Path) -> None:
