@@ -1,53 +1,65 @@
-"""Command line: one thin subcommand per stage (parse options → call the stage function), plus ``study run``.
+"""Command line, generated from the stage registry: one subcommand per stage, plus ``study run|check|status``.
 
 Every stage command takes ``--run RUN_DIR`` (the study folder it reads from and writes to), ``--config FILE`` (a YAML
-file of the stage's options) and its own options, which override the file. Options are validated before any work.
+file of the stage's options), ``--set KEY=VALUE`` for any option, and one flag per simple option of the stage's
+options model (its field name in kebab case, plus the aliases and actions the stage declares); flags override
+``--set``, which overrides the file. Options are validated before any work; a stage's failed items are printed after
+it. Adding a stage (:func:`gestalt_xai.stages.stage`) adds its command here with no edit.
 """
 
 from __future__ import annotations
 
+import enum
+import inspect
 import logging
 import sys
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
+from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.table import Table
 
-from gestalt_xai.config import load_yaml, validate_config
+from gestalt_xai.config import load_yaml
 from gestalt_xai.errors import ConfigError, GestaltXAIError
-from gestalt_xai.runs import Run, set_quiet
+from gestalt_xai.progress import set_quiet
+from gestalt_xai.runs import Run
+from gestalt_xai.stages import Stage, load_stages
 
-app = typer.Typer(
-    name="gestalt-xai",
-    help="Explain facial syndrome classifiers (GestaltMatcher-style): align → embed/match → explain → aggregate.",
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode="markdown",
-)
-study_app = typer.Typer(help="Run study definitions (pipelines/*.yaml).", no_args_is_help=True)
-app.add_typer(study_app, name="study")
+__all__ = ["build_app", "main"]
 
 console = Console()
 err_console = Console(stderr=True)
 
-RunOpt = Annotated[Path, typer.Option("--run", help="Run (study) folder to read from and write to.",
-                                      file_okay=False)]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of this stage's options "
-                                                "(command-line options override it).", dir_okay=False)]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Any other option as KEY=VALUE (YAML value; dotted "
-                                                 "keys for nested options), repeatable.")]
+#: parameter names every stage command has (an options field of the same name is reachable through --set only)
+_RESERVED = {"run", "config", "sets", "set", "help"}
 
 
-@app.callback()
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (test runners swap it per command)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _main(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; warnings and errors only.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     set_quiet(quiet)
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def _options(config: Path | None, sets: list[str] | None = None, **given: Any) -> dict[str, Any]:
@@ -72,21 +84,156 @@ def _options(config: Path | None, sets: list[str] | None = None, **given: Any) -
     return opts
 
 
-def _print_errors(run: Run, stage: str) -> None:
+def _print_errors(run: Run, instance: str) -> None:
     errors = run.errors()
-    errors = errors[errors["stage"] == stage]
+    errors = errors[errors["stage"] == instance]
     if errors.empty:
         return
-    table = Table(title=f"{len(errors)} item(s) failed in {stage} (all in {run.path / 'errors.parquet'})")
-    for col in ("item_id", "error_kind", "message"):
+    table = Table(title=f"{len(errors)} item(s) failed in {instance} (all in {run.path / run.ERRORS})")
+    for col in ("item_id", "key", "error_kind", "message"):
         table.add_column(col, overflow="fold")
     for row in errors.head(20).itertuples():
-        table.add_row(row.item_id, row.error_kind, row.message)
+        table.add_row(row.item_id, row.key, row.error_kind, row.message)
     err_console.print(table)
 
 
+# ------------------------------------------------------------------------------------------ options → CLI flags
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _literal_values(tp: Any) -> list[str] | None:
+    if typing.get_origin(tp) is Literal and all(isinstance(v, str) for v in typing.get_args(tp)):
+        return list(typing.get_args(tp))
+    return None
+
+
+def _cli_shape(tp: Any) -> tuple[str, Any] | None:
+    """How an option's annotation maps onto a flag: ``("scalar", type)``, ``("choice", values)``, ``("bool", None)``,
+    ``("list", literal values or None)``; ``None`` for options only ``--set``/``--config`` can give."""
+    args = [a for a in (typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,))
+            if a is not type(None)]
+    if str in args:
+        return ("scalar", str)
+    lists = [a for a in args if typing.get_origin(a) is list and typing.get_args(a)[0] in (str, Path)]
+    literals = [v for a in args if (vals := _literal_values(a)) for v in vals]
+    if lists and len(lists) + sum(_literal_values(a) is not None for a in args) == len(args):
+        return ("list", literals or None)
+    if len(args) != 1:
+        return None
+    (a,) = args
+    if a is bool:
+        return ("bool", None)
+    if a in (int, float, Path):
+        return ("scalar", a)
+    if (vals := _literal_values(a)) is not None:
+        return ("choice", vals)
+    return None
+
+
+def _option_parameters(spec: Stage) -> tuple[list[inspect.Parameter], dict[str, tuple[str, Any]]]:
+    params, shapes = [], {}
+    for name, field in spec.options.model_fields.items():
+        shape = _cli_shape(field.annotation)
+        if shape is None or name in _RESERVED:
+            continue
+        shapes[name] = shape
+        names = [_flag(name)] + ([spec.aliases[name]] if name in spec.aliases else [])
+        help_text = _field_help(field)
+        kind, info = shape
+        if kind == "bool":
+            option = typer.Option("/".join([_flag(name), "--no-" + name.replace("_", "-")]), help=help_text)
+            annotation: Any = bool | None
+        elif kind == "choice":  # a str Enum gives click's choice list and its check
+            option = typer.Option(*names, help=help_text)
+            annotation = enum.Enum(f"{spec.name}_{name}", {v: v for v in info}, type=str) | None
+        elif kind == "list":
+            extra = f" One of {', '.join(info)}, or a" if info else " A"
+            option = typer.Option(*names, help=f"{help_text}.{extra} comma-separated list (or repeat the flag).")
+            annotation = list[str] | None
+        else:
+            option = typer.Option(*names, help=help_text)
+            annotation = info | None
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[annotation, option]))
+    return params, shapes
+
+
+def _field_help(field: FieldInfo) -> str:
+    text = (field.description or "").rstrip(".")
+    if field.default is not None and not callable(field.default) and field.default != "":
+        text += f" (default: {field.default})"
+    return text or "see the options model"
+
+
+def _cli_value(shape: tuple[str, Any], value: Any) -> Any:
+    kind, info = shape
+    if kind == "choice":
+        return value.value
+    if kind != "list":
+        return value
+    items = [part.strip() for v in value for part in str(v).split(",") if part.strip()]
+    if info and len(items) == 1 and items[0] in info:
+        return items[0]
+    return items
+
+
+def _stage_command(spec: Stage) -> Callable[..., None]:
+    option_params, shapes = _option_parameters(spec)
+    action_params = {a.flag: inspect.Parameter(
+        "action_" + a.flag.lstrip("-").replace("-", "_"), inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=Annotated[Path | None, typer.Option(a.flag, help=a.help, metavar=a.metavar, dir_okay=False)])
+        for a in spec.actions}
+
+    def command(**kwargs: Any) -> None:
+        run_dir: Path | None = kwargs.pop("run")
+        config: Path | None = kwargs.pop("config")
+        sets: list[str] | None = kwargs.pop("sets")
+        actions = {a: kwargs.pop(p.name) for a, p in action_params.items()}
+        given = {k: _cli_value(shapes[k], v) for k, v in kwargs.items() if v is not None}
+        cfg = spec.validate(_options(config, sets, **given))
+        chosen = [a for a in spec.actions if actions[a.flag] is not None]
+        if any(a.replaces_stage for a in chosen):
+            for a in chosen:
+                for line in a.run(cfg, actions[a.flag], run_dir or Path(".")):
+                    console.print(line)
+            return
+        if run_dir is None:
+            raise ConfigError(f"{spec.name}: --run RUN_DIR is required (the study folder to read and write)")
+        run = Run(run_dir)
+        result = spec(run, cfg)
+        _print_errors(run, spec.name)
+        for line in result.summary:
+            console.print(line)
+        for label, path in sorted(result.outputs.items()):
+            console.print(f"{label + ':':<12} {path}")
+        for a in chosen:
+            for line in a.run(cfg, actions[a.flag], run.path):
+                console.print(line)
+
+    common = [
+        inspect.Parameter("run", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Path | None, typer.Option("--run", help="Run (study) folder to read from and write to.",
+                                      file_okay=False)]),
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Path | None, typer.Option("--config", help="YAML file of this stage's options (flags override it).",
+                                      dir_okay=False)]),
+        inspect.Parameter("sets", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            list[str] | None, typer.Option("--set", help="Any option as KEY=VALUE (YAML value; dotted keys for nested "
+                                                         "options), repeatable.")]),
+    ]
+    params = common + option_params + list(action_params.values())
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    reads = ", ".join(spec.reads) or "nothing"
+    writes = ", ".join(spec.writes) or "nothing"
+    command.__doc__ = (f"{spec.summary[:1].upper()}{spec.summary[1:]}.\n\nReads {reads}; writes {writes}. Options not "
+                       f"shown as flags: --set KEY=VALUE or --config FILE.\n\nExample: `{spec.example}`")
+    command.__name__ = spec.name
+    return command
+
+
 # ------------------------------------------------------------------------------------------------------- study
-@study_app.command("run")
 def study_run(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline file (YAML).", exists=True, dir_okay=False)],
     run: Annotated[Path | None, typer.Option("--run", help="Run folder (default: runs/<pipeline name>).")] = None,
@@ -98,277 +245,69 @@ def study_run(
     from gestalt_xai.study import run_study
 
     result = run_study(pipeline, run)
-    manifest = result.manifest
-    table = Table(title=f"Study {manifest['study']['name']} → {result.path}")
-    for col in ("stage", "status", "items", "errors", "seconds"):
-        table.add_column(col)
-    for name, st in manifest["stages"].items():
-        table.add_row(name, st["status"], str(st.get("n_items", "")), str(st.get("n_errors", "")),
-                      f"{st['timing'].get('seconds', 0):.1f}")
-    console.print(table)
-    for line in _study_outputs(result):
-        console.print(line)
+    _print_status(result)
 
 
-def _study_outputs(run: Run) -> list[str]:
-    out = [f"manifest:   {run.path / 'manifest.json'}", f"errors:     {run.path / 'errors.parquet'}"]
-    for label, rel in (("aligned:", "aligned"), ("alignments:", "aligned/alignment.parquet"),
-                       ("atlas:", "aligned/atlas.png"), ("cohort:", "cohort"), ("models:", "models"),
-                       ("embeddings:", "embeddings.parquet"), ("matching:", "matching"), ("maps:", "maps"),
-                       ("aggregate:", "aggregate")):
-        if (run.path / rel).exists():
-            out.append(f"{label:<11} {run.path / rel}")
-    return out
-
-
-@study_app.command("check")
 def study_check(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline file (YAML).", exists=True, dir_okay=False)],
 ) -> None:
-    """Validate a pipeline file without running it.
+    """Validate a pipeline file (every option of every stage) without running anything.
 
     Example: `gestalt-xai study check pipelines/demo.yaml`
     """
     from gestalt_xai.config import load_pipeline
-    from gestalt_xai.study import validate_study
+    from gestalt_xai.study import plan_study
 
-    stages = validate_study(load_pipeline(pipeline), where=str(pipeline))
-    console.print(f"{pipeline}: valid; stages: {', '.join(name for name, _, _ in stages)}")
+    plan = plan_study(load_pipeline(pipeline), where=str(pipeline))
+    console.print(f"{pipeline}: valid; stages: {', '.join(step.id for step in plan)}")
 
 
-# ------------------------------------------------------------------------------------------------------- align
-@app.command()
-def align(
-    run: RunOpt,
-    images: Annotated[Path | None, typer.Option(help="Folder of photos (image id = file name stem).")] = None,
-    cohort: Annotated[Path | None, typer.Option(
-        help="GMDB metadata folder, a gmdb_*.csv, or a plain cohort CSV "
-             "(image_id, path, subject_id, syndrome_id[, sex, age, ancestry]).")] = None,
-    image_root: Annotated[Path | None, typer.Option(help="Folder the cohort's images live in.")] = None,
-    version: Annotated[str | None, typer.Option(help="GMDB version suffix (when several are present).")] = None,
-    pattern: Annotated[str | None, typer.Option(help="Image file name pattern, default '{image_id}.jpg'.")] = None,
-    detector: Annotated[str | None, typer.Option(help="mtcnn (default) or retinaface.")] = None,
-    detector_weights: Annotated[Path | None, typer.Option(help="RetinaFace state dict (Resnet50_Final.pth).")] = None,
-    threshold: Annotated[float | None, typer.Option(help="Minimum face confidence (default 0.95).")] = None,
-    aligned_input: Annotated[bool | None, typer.Option("--aligned-input", help="Inputs are already aligned "
-                                                       "112×112 crops: identity transform.")] = None,
-    landmarks: Annotated[Path | None, typer.Option(help="External landmarks (GM-Arc face_coords.csv layout).")] = None,
-    two_pass: Annotated[bool | None, typer.Option("--two-pass", help="Level the eyes and detect again.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Parallel worker processes.")] = None,
-    config: ConfigOpt = None,
+def study_status(
+    run: Annotated[Path, typer.Option("--run", help="Run folder.", exists=True, file_okay=False)],
 ) -> None:
-    """Detect and align faces onto the ArcFace 112×112 template.
+    """Show which stages of a run have run, with their counts, timings and outputs, and which have not.
 
-    Writes `aligned/<image_id>.png` and `aligned/alignment.parquet`; bad photos become error rows; reruns skip
-    finished photos.
-
-    Example: `gestalt-xai align --run runs/try --images photos/`
+    Example: `gestalt-xai study status --run runs/demo`
     """
-    from gestalt_xai.faces.stage import AlignConfig, align_stage
-
-    opts = _options(config, images=images, cohort=cohort, image_root=image_root, version=version, pattern=pattern,
-                    detector=detector, detector_weights=detector_weights, threshold=threshold,
-                    aligned_input=aligned_input, landmarks=landmarks, two_pass=two_pass, workers=workers)
-    cfg = validate_config(AlignConfig, opts, where="align")
-    r = Run(run)
-    result = align_stage(r, cfg)
-    _print_errors(r, "align")
-    console.print(f"aligned {result.n_aligned} of {result.n_images} photos → {result.crops} "
-                  f"(table: {result.table}; {result.n_errors} error(s))")
+    _print_status(Run(run))
 
 
-@app.command()
-def atlas(
-    run: RunOpt,
-    image_id: Annotated[str | None, typer.Option(help="Aligned image to draw on (default: the first).")] = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Draw the facial region atlas (template space, with HPO anchors) over an aligned face.
+def _print_status(run: Run) -> None:
+    from gestalt_xai.study import study_status as status_rows
 
-    Example: `gestalt-xai atlas --run runs/demo`
-    """
-    from gestalt_xai.faces.atlas_stage import AtlasConfig, atlas_stage
-
-    cfg = validate_config(AtlasConfig, _options(config, image_id=image_id), where="atlas")
-    result = atlas_stage(Run(run), cfg)
-    console.print(f"atlas figure: {result.figure}\nregion table: {result.table}")
+    rows = status_rows(run)
+    table = Table(title=f"Run {run.path}")
+    for col in ("stage", "status", "items", "errors", "seconds", "outputs"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        seconds = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        table.add_row(r["instance"], r["status"], str(r["items"] if r["items"] is not None else ""),
+                      str(r["errors"] if r["errors"] is not None else ""), seconds, ", ".join(r["outputs"]))
+    console.print(table)
+    console.print(f"manifest: {run.path / run.MANIFEST}\nerrors:   {run.path / run.ERRORS}")
 
 
-# ----------------------------------------------------------------------------------------------- synth
-@app.command()
-def synth(
-    run: RunOpt,
-    n_syndromes: Annotated[int | None, typer.Option(help="Number of synthetic syndromes.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed (same seed → byte-identical cohort).")] = None,
-    preview: Annotated[Path | None, typer.Option(help="Only draw a montage (one face per syndrome, features "
-                                                 "outlined) to this PNG; write no cohort.", dir_okay=False)] = None,
-    data_card: Annotated[Path | None, typer.Option(help="Also write the cohort's data card (Markdown) here.",
-                                                   dir_okay=False)] = None,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-) -> None:
-    """Render the synthetic cohort: procedural faces with planted, HPO-coded phenotypes and ground truth.
-
-    Writes GMDB-format tables and raw photos to `cohort/` and the ground truth to `cohort/truth/`.
-
-    Example: `gestalt-xai synth --run runs/demo --seed 0` or `gestalt-xai synth --run runs/demo --preview preview.png`
-    """
-    from gestalt_xai.data.synthetic.cohort import SynthConfig, synth_stage
-
-    cfg = validate_config(SynthConfig, _options(config, sets, n_syndromes=n_syndromes, seed=seed), where="synth")
-    if preview is not None:
-        from gestalt_xai.data.synthetic.preview import render_preview
-
-        console.print(f"preview: {render_preview(cfg, preview)}")
-        return
-    r = Run(run)
-    synth_stage(r, cfg)
-    console.print(f"synthetic cohort → {r.path / 'cohort'}")
-    if data_card is not None:
-        from gestalt_xai.data.synthetic.data_card import write_data_card
-
-        console.print(f"data card → {write_data_card(r.path, data_card)}")
-
-
-# ----------------------------------------------------------------------------------------------- models
-@app.command()
-def train(
-    run: RunOpt,
-    preset: Annotated[str | None, typer.Option(help="gmarc (GM-Arc's recipe) or demo (small model).")] = None,
-    init: Annotated[Path | None, typer.Option(help="Checkpoint to fine-tune (any format embed reads).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
-    model_id: Annotated[str | None, typer.Option(help="Name of the model in run/models.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed (same seed → same weights on CPU).")] = None,
-    trust_pickle: Annotated[bool | None, typer.Option("--trust-pickle", help="Allow a whole-module pickle as "
-                                                      "--init (executes code from the file).")] = None,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-) -> None:
-    """Train or fine-tune a GestaltMatcher-style model on the run's cohort (train split; val for the scheduler).
-
-    Example: `gestalt-xai train --run runs/demo --preset demo`
-    """
-    from gestalt_xai.models.train import TrainConfig, train_stage
-
-    cfg = validate_config(TrainConfig, _options(config, sets, preset=preset, init=init, epochs=epochs,
-                                                model_id=model_id, seed=seed, trust_pickle=trust_pickle),
-                          where="train")
-    console.print(f"model → {train_stage(Run(run), cfg)}")
-
-
-@app.command()
-def embed(
-    run: RunOpt,
-    model: Annotated[list[Path] | None, typer.Option("--model", help="Checkpoint (repeat for an ensemble); "
-                                                     "default: every model in run/models.")] = None,
-    no_tta: Annotated[bool | None, typer.Option("--no-tta", help="One slot instead of GM-Arc's 4 TTA "
-                                                "slots.")] = None,
-    trust_pickle: Annotated[bool | None, typer.Option("--trust-pickle", help="Allow GM-Arc whole-module .pth "
-                                                      "pickles (executes code from the file).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per forward pass.")] = None,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-) -> None:
-    """Embed every aligned face with one model or an ensemble (GM-Arc TTA slots) into `embeddings.parquet`.
-
-    Example: `gestalt-xai embed --run runs/demo --model s1_r50.pth --model glint360k_r100.onnx`
-    """
-    from gestalt_xai.models.embed import EmbedConfig, embed_stage
-
-    cfg = validate_config(EmbedConfig, _options(config, sets, models=model or None,
-                                                tta=False if no_tta else None, trust_pickle=trust_pickle,
-                                                batch_size=batch_size), where="embed")
-    console.print(f"embeddings → {embed_stage(Run(run), cfg)}")
-
-
-@app.command()
-def match(
-    run: RunOpt,
-    model: Annotated[list[str] | None, typer.Option("--model", help="Model id to ensemble (repeat); default: "
-                                                    "every embedded model.")] = None,
-    no_tta: Annotated[bool | None, typer.Option("--no-tta", help="Use only the original slot.")] = None,
-    gallery_encodings: Annotated[Path | None, typer.Option(help="GM-Arc gallery encodings to use as the "
-                                                           "gallery.")] = None,
-    trust_pickle: Annotated[bool | None, typer.Option("--trust-pickle", help="Allow a pickled encodings "
-                                                      "file.")] = None,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-) -> None:
-    """Rank syndromes in the Clinical Face Phenotype Space: GMDB frequent / rare / unified protocols, macro top-k.
-
-    Example: `gestalt-xai match --run runs/demo`
-    """
-    from gestalt_xai.matching import MatchConfig, match_stage
-
-    cfg = validate_config(MatchConfig, _options(config, sets, models=model or None, tta=False if no_tta else None,
-                                                gallery_encodings=gallery_encodings, trust_pickle=trust_pickle),
-                          where="match")
-    match_stage(Run(run), cfg)
-
-
-# ----------------------------------------------------------------------------------------------- explain
-@app.command()
-def explain(
-    run: RunOpt,
-    methods: Annotated[str | None, typer.Option(help="Comma-separated: gradcam,hirescam,fullgrad,saliency,"
-                                                "input_x_gradient,occlusion,integrated_gradients,smoothgrad,"
-                                                "smoothgrad_ig,deeplift,guided_backprop,deconvolution,lrp")] = None,
-    target: Annotated[str | None, typer.Option(help="centroid | logit | pair")] = None,
-    syndromes: Annotated[str | None, typer.Option(help="label | topk:K | ID,ID,…")] = None,
-    pairs: Annotated[str | None, typer.Option(help="nearest:K, or a CSV/Parquet table image_id,partner_id")] = None,
-    layer: Annotated[list[str] | None, typer.Option("--layer", help="Layer for Grad-CAM/HiResCAM (repeat); "
-                                                    "default backbone.layer4.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-) -> None:
-    """Per-patient maps (one shared gradient pass, occlusion, IG, LRP, …) into the map store `maps/`, with overlays.
-
-    Example: `gestalt-xai explain --run runs/demo --methods gradcam,hirescam,fullgrad,occlusion --target centroid`
-    """
-    from gestalt_xai.attribution.explain import ExplainConfig, explain_stage
-
-    cfg = validate_config(ExplainConfig, _options(config, sets, methods=methods.split(",") if methods else None,
-                                                  target=target, syndromes=syndromes, pairs=pairs,
-                                                  layers=layer or None, batch_size=batch_size), where="explain")
-    r = Run(run)
-    store = explain_stage(r, cfg)
-    _print_errors(r, "explain")
-    console.print(f"maps → {store.root} ({len(store)} maps)")
-
-
-# ----------------------------------------------------------------------------------------------- aggregate
-@app.command()
-def aggregate(
-    run: RunOpt,
-    methods: Annotated[str | None, typer.Option(help="Comma-separated methods (default: all in the store).")] = None,
-    normalisation: Annotated[str | None, typer.Option(help="Comma-separated per-map normalisations: none, "
-                                                      "max-abs, zscore, positive (the first drives the figures).")
-                             ] = None,
-    min_subjects: Annotated[int | None, typer.Option(help="Privacy guard: fewest subjects a composite face is "
-                                                     "rendered from (default 10).")] = None,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-) -> None:
-    """Syndrome-level composites, composite faces, similarity maps, generic maps, region (HPO) scores and SpRAy.
-
-    Example: `gestalt-xai aggregate --run runs/demo --methods hirescam,occlusion --normalisation max-abs`
-    """
-    from gestalt_xai.aggregate.stage import AggregateConfig, aggregate_stage
-
-    cfg = validate_config(AggregateConfig, _options(config, sets, methods=methods.split(",") if methods else None,
-                                                    normalisations=normalisation.split(",") if normalisation
-                                                    else None, min_subjects=min_subjects), where="aggregate")
-    r = Run(run)
-    aggregate_stage(r, cfg)
-    _print_errors(r, "aggregate")
-    console.print(f"aggregate → {r.path / 'aggregate'}")
+# ---------------------------------------------------------------------------------------------------------- app
+def build_app() -> typer.Typer:
+    """The ``gestalt-xai`` application: the study commands and one command per registered stage."""
+    app = typer.Typer(name="gestalt-xai", no_args_is_help=True, add_completion=False, rich_markup_mode="markdown",
+                      help="Explain facial syndrome classifiers (GestaltMatcher-style): "
+                           "align → embed/match → explain → aggregate.")
+    app.callback()(_main)
+    study_app = typer.Typer(help="Run, check and inspect study definitions (pipelines/*.yaml).", no_args_is_help=True)
+    study_app.command("run")(study_run)
+    study_app.command("check")(study_check)
+    study_app.command("status")(study_status)
+    app.add_typer(study_app, name="study")
+    for spec in load_stages().values():
+        app.command(name=spec.name)(_stage_command(spec))
+    return app
 
 
 def main() -> None:
     """Console entry point: known errors print one clear message (exit 2 for configuration, 1 otherwise)."""
     try:
-        app()
+        build_app()()
     except ConfigError as exc:
         err_console.print(f"[bold red]configuration error:[/] {exc}")
         sys.exit(2)

@@ -42,15 +42,13 @@ __all__ = [
     "ErrorRow",
     "StageRecord",
     "ERROR_COLUMNS",
+    "LAYOUT",
+    "RunLayout",
+    "RunModel",
     "atomic_write_bytes",
     "atomic_write_text",
     "write_parquet",
     "seed_everything",
-    "progress",
-    "progress_bar",
-    "ProgressBar",
-    "quiet",
-    "set_quiet",
     "torch_threads",
     "sha256_file",
 ]
@@ -65,8 +63,41 @@ MANIFEST_PACKAGES = (
     "Pillow", "pydantic", "matplotlib", "seaborn",
 )
 
-_QUIET = False
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where things live inside a run folder (paths relative to it): the one definition of the folder layout."""
+
+    manifest: str = "manifest.json"
+    errors: str = "errors.parquet"
+    ledger: str = ".ledger"
+    cohort: str = "cohort"
+    aligned: str = "aligned"
+    alignments: str = "aligned/alignment.parquet"
+    models: str = "models"
+    embeddings: str = "embeddings.parquet"
+    matching: str = "matching"
+    ranks: str = "matching/ranks.parquet"
+    maps: str = "maps"
+    aggregate: str = "aggregate"
+
+    def crop(self, image_id: str) -> str:
+        """The aligned 112×112 crop of ``image_id``."""
+        return f"{self.aligned}/{image_id}.png"
+
+
+#: the layout every run folder follows
+LAYOUT = RunLayout()
+
+
+@dataclass(frozen=True)
+class RunModel:
+    """A model stored in the run (``models/<model_id>.safetensors`` with its ``.json`` description)."""
+
+    model_id: str
+    path: Path
 
 
 # --------------------------------------------------------------------------------------------------- file writing
@@ -140,87 +171,24 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def set_quiet(quiet: bool) -> None:
-    """Silence progress bars (``--quiet``)."""
-    global _QUIET
-    _QUIET = quiet
-
-
-def quiet() -> bool:
-    """Whether progress display is off (``--quiet`` or ``GESTALT_XAI_QUIET`` set)."""
-    return _QUIET or bool(os.environ.get("GESTALT_XAI_QUIET"))
-
-
-class ProgressBar:
-    """Handle of a running progress bar: ``advance(n, status=…)``; does nothing when progress is off."""
-
-    def __init__(self, bar: Any = None, task: Any = None) -> None:
-        self._bar, self._task = bar, task
-
-    def advance(self, n: int = 1, status: str | None = None) -> None:
-        if self._bar is None:
-            return
-        fields: dict[str, Any] = {"advance": n}
-        if status is not None:
-            fields["status"] = status
-        self._bar.update(self._task, **fields)
-
-
-@contextlib.contextmanager
-def progress_bar(description: str, total: int | None, silent: bool = False) -> Iterator[ProgressBar]:
-    """A rich progress bar on stderr with a free-text status column (e.g. live training metrics).
-
-    Silent with ``--quiet``, ``GESTALT_XAI_QUIET`` or ``silent=True``.
-    """
-    if silent or quiet():
-        yield ProgressBar()
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        yield ProgressBar(bar, bar.add_task(description, total=total, status=""))
-
-
-def progress(iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a rich progress bar on stderr (none with ``--quiet``)."""
-    if total is None and hasattr(iterable, "__len__"):
-        total = len(iterable)  # type: ignore[arg-type]
-    with progress_bar(description, total) as bar:
-        for item in iterable:
-            yield item
-            bar.advance()
-
-
 # ------------------------------------------------------------------------------------------------------ records
 @dataclass(frozen=True)
 class ErrorRow:
-    """One per-item failure, as stored in ``errors.parquet``.
+    """One per-item failure, as stored in ``errors.parquet`` (the stage instance that writes it fills ``stage``).
 
     ``item_id`` names the input that failed (an image id, a file); ``key`` the work unit when one input has several
     (e.g. ``{"model_id": "m", "target": "centroid:S01", "method": "gradcam"}``), stored as a JSON object.
     """
 
-    stage: str
     item_id: str
     error_kind: str
     message: str
     key: Mapping[str, Any] = field(default_factory=dict)
 
     def as_record(self) -> dict[str, str]:
-        """The row as ``errors.parquet`` stores it."""
+        """The row as ``errors.parquet`` stores it (without the stage column)."""
         key = json.dumps(dict(self.key), sort_keys=True, default=str) if self.key else ""
-        return {"stage": self.stage, "item_id": str(self.item_id), "error_kind": self.error_kind,
-                "message": self.message, "key": key}
+        return {"item_id": str(self.item_id), "error_kind": self.error_kind, "message": self.message, "key": key}
 
 
 @dataclass
@@ -346,15 +314,16 @@ class Run:
     2
     """
 
-    MANIFEST = "manifest.json"
-    ERRORS = "errors.parquet"
+    MANIFEST = LAYOUT.manifest
+    ERRORS = LAYOUT.errors
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).resolve()
         self.path.mkdir(parents=True, exist_ok=True)
         self._manifest = self._read_manifest()
-        #: appended to manifest stage names while a pipeline runs the same stage again ("#2", …)
-        self.stage_suffix = ""
+        #: the stage instance running now (set by :meth:`stage`): it keys ledgers and error rows
+        self._active: str | None = None
+        self._cache: dict[str, tuple[Any, Any]] = {}
         if not (self.path / self.ERRORS).exists():
             write_parquet(pd.DataFrame({c: pd.Series(dtype="string") for c in ERROR_COLUMNS}), self.path / self.ERRORS)
 
@@ -365,9 +334,34 @@ class Run:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def ledger(self, stage: str, config: BaseModel | dict[str, Any] | None = None,
-               ignore: tuple[str, ...] = ()) -> Ledger:
-        """The work-unit ledger of ``stage`` (``.ledger/<stage>.jsonl``).
+    def relative(self, path: str | Path) -> str:
+        """``path`` relative to the run folder when it lies inside it (POSIX separators), else absolute."""
+        p = Path(path)
+        p = p if p.is_absolute() else Path.cwd() / p
+        try:
+            return p.resolve().relative_to(self.path).as_posix()
+        except ValueError:
+            return str(p.resolve())
+
+    def shorten(self, text: str) -> str:
+        """``text`` (e.g. an error message) with paths inside the run written relative to it."""
+        return text.replace(f"{self.path}{os.sep}", "")
+
+    def resolve(self, stored: str | Path) -> Path:
+        """The absolute path of a path stored by :meth:`relative`."""
+        p = Path(stored)
+        return p if p.is_absolute() else self.path / p
+
+    @property
+    def active_stage(self) -> str:
+        """The id of the stage instance running now (``align``, ``explain#2`` …)."""
+        if self._active is None:
+            raise RuntimeError("no stage is running: call the stage's entry function (it opens run.stage)")
+        return self._active
+
+    def ledger(self, config: BaseModel | dict[str, Any] | None = None, ignore: tuple[str, ...] = (),
+               unit: str = "") -> Ledger:
+        """The work-unit ledger of the running stage instance (``.ledger/<instance>[.<unit>].jsonl``).
 
         With ``config``, finished items count as done only if they were made with the same options (fields named
         in ``ignore``, such as worker counts, do not matter), so a rerun with changed options recomputes them.
@@ -377,7 +371,110 @@ class Run:
             data = config.model_dump(mode="json") if isinstance(config, BaseModel) else dict(config)
             data = {k: v for k, v in data.items() if k not in ignore}
             fp = hashlib.sha256(json.dumps(data, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
-        return Ledger(self.path / ".ledger" / f"{stage}.jsonl", fingerprint=fp)
+        name = self.active_stage.replace("#", "-") + (f".{unit}" if unit else "")
+        return Ledger(self.path / LAYOUT.ledger / f"{name}.jsonl", fingerprint=fp)
+
+    # -- tables the stages hand each other (typed, cached while the files are unchanged; treat as read-only) ------
+    def _cached(self, name: str, files: Iterable[Path], load: Any) -> Any:
+        signature = []
+        for f in files:
+            try:
+                st = f.stat()
+                signature.append((str(f), st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                signature.append((str(f), None, None))
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] == signature:
+            return hit[1]
+        value = load()
+        self._cache[name] = (signature, value)
+        return value
+
+    def _require(self, rel: str, producer: str) -> Path:
+        path = self.path / rel
+        if not path.exists():
+            from gestalt_xai.errors import InputError
+
+            raise InputError(f"{path} not found: run the {producer} stage on this run first "
+                             f"(`gestalt-xai {producer} --run {self.path}`)")
+        return path
+
+    def cohort(self) -> Any:
+        """The run's :class:`~gestalt_xai.data.cohort.Cohort` (string ids; image paths absolute)."""
+        from gestalt_xai.data.cohort import COHORT_FILES, load_run_cohort
+
+        self._require(f"{LAYOUT.cohort}/images.parquet", "align")
+        files = [self.path / LAYOUT.cohort / f for f in COHORT_FILES]
+        return self._cached("cohort", files, lambda: load_run_cohort(self))
+
+    def alignments(self, aligned_only: bool = False) -> pd.DataFrame:
+        """``aligned/alignment.parquet``: one row per photo, or with ``aligned_only`` the aligned images' rows.
+
+        An image is *aligned* when its row is ``ok`` and its crop exists: the one definition every stage uses.
+        """
+        path = self._require(LAYOUT.alignments, "align")
+        table = self._cached("alignments", [path], lambda: pd.read_parquet(path).astype({"image_id": str})).copy()
+        if aligned_only:
+            keep = table["ok"].astype(bool) & [self.crop_path(i).is_file() for i in table["image_id"]]
+            table = table[keep].reset_index(drop=True)
+        return table
+
+    def crop_path(self, image_id: str) -> Path:
+        """Path of the aligned crop of ``image_id``."""
+        return self.path / LAYOUT.crop(image_id)
+
+    def aligned_ids(self) -> list[str]:
+        """The aligned images' ids, sorted (see :meth:`alignments`)."""
+        return sorted(self.alignments(aligned_only=True)["image_id"])
+
+    def crops(self, image_ids: Iterable[str]) -> np.ndarray:
+        """Aligned crops as an ``(N, 112, 112, 3)`` RGB uint8 array, in the given order."""
+        from gestalt_xai.data.aligned import load_crops
+
+        return load_crops(self, list(image_ids))
+
+    def embeddings(self) -> pd.DataFrame:
+        """``embeddings.parquet`` (image_id, model_id, flip, gray, embedding, logits; string ids)."""
+        path = self._require(LAYOUT.embeddings, "embed")
+
+        def load() -> pd.DataFrame:
+            table = pd.read_parquet(path)
+            return table.assign(image_id=table["image_id"].astype(str), model_id=table["model_id"].astype(str))
+
+        return self._cached("embeddings", [path], load).copy()
+
+    def models(self) -> list[RunModel]:
+        """The models stored in the run, sorted by id (the one model discovery)."""
+        return [RunModel(p.stem, p) for p in sorted((self.path / LAYOUT.models).glob("*.safetensors"))]
+
+    def ranks(self) -> pd.DataFrame:
+        """``matching/ranks.parquet``: each test image's rank of every syndrome per protocol (match stage)."""
+        path = self._require(LAYOUT.ranks, "match")
+        return self._cached("ranks", [path], lambda: pd.read_parquet(path)).copy()
+
+    def map_store(self) -> Any:
+        """The map store ``maps/`` (:class:`~gestalt_xai.store.MapStore`)."""
+        from gestalt_xai.store import MapStore
+
+        return MapStore(self.path / LAYOUT.maps)
+
+    def image_table(self) -> pd.DataFrame:
+        """One row per cohort image: ids, optional metadata (sex, age, ancestry), ``sets`` (the protocol sets it
+        belongs to, comma-joined and sorted) and ``aligned``; joined once and shared by the stages."""
+        cohort = self.cohort()
+        files = [self.path / LAYOUT.cohort / "images.parquet", self.path / LAYOUT.cohort / "splits.parquet",
+                 self.path / LAYOUT.alignments]
+
+        def load() -> pd.DataFrame:
+            table = cohort.images.drop(columns=["path"], errors="ignore").copy()
+            sets = (cohort.splits.groupby(cohort.splits["image_id"].astype(str))["set"]
+                    .agg(lambda s: ",".join(sorted(set(s)))) if len(cohort.splits) else pd.Series(dtype=str))
+            table["sets"] = table["image_id"].map(sets).fillna("")
+            aligned = set(self.aligned_ids()) if (self.path / LAYOUT.alignments).exists() else set()
+            table["aligned"] = table["image_id"].isin(aligned)
+            return table.sort_values("image_id", kind="stable").reset_index(drop=True)
+
+        return self._cached("image_table", files, load).copy()
 
     # -- manifest ------------------------------------------------------------------------------------------
     @property
@@ -413,30 +510,34 @@ class Run:
 
     @contextlib.contextmanager
     def stage(self, name: str, cfg: BaseModel | dict[str, Any] | None = None,
-              seed: int | None = None) -> Iterator[StageRecord]:
+              seed: int | None = None, kind: str | None = None) -> Iterator[StageRecord]:
         """Context manager around one stage: records options, seed, counts, timings and peak memory.
 
         The stage's entry is written as ``running`` first, then ``done`` or ``failed`` (with the error message), so an
         interrupted run is visible in the manifest.
         """
         config = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else dict(cfg or {})
-        name = name + self.stage_suffix
+        if self._active is not None:
+            raise RuntimeError(f"stage {name!r} started while {self._active!r} is running")
         if seed is None and isinstance(config.get("seed"), int):
             seed = config["seed"]
         record = StageRecord(name=name)
         started = datetime.now(UTC)
         t0 = time.perf_counter()
-        entry: dict[str, Any] = {"config": config, "seed": seed, "status": "running",
+        entry: dict[str, Any] = {"stage": kind or name.split("#")[0], "config": config, "seed": seed,
+                                 "status": "running",
                                  "timing": {"started": started.isoformat(timespec="seconds")}}
         self._manifest.setdefault("stages", {})[name] = entry
         self._write_manifest()
         status, message = "done", None
+        self._active = name
         try:
             yield record
         except BaseException as exc:
             status, message = "failed", f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            self._active = None
             entry.update({"status": status, "n_items": record.n_items, "n_errors": record.n_errors, **record.extra})
             if message:
                 entry["error"] = message
@@ -453,13 +554,16 @@ class Run:
         """All per-item failures recorded so far."""
         return pd.read_parquet(self.path / self.ERRORS)
 
-    def write_errors(self, stage: str, rows: Iterable[ErrorRow] | pd.DataFrame) -> None:
-        """Replace ``stage``'s rows of ``errors.parquet`` with ``rows`` (sorted, so reruns give the same bytes)."""
-        if isinstance(rows, pd.DataFrame):
-            new = rows
-        else:
-            new = pd.DataFrame([r.as_record() for r in rows], columns=ERROR_COLUMNS)
-        new = new.assign(stage=stage).reindex(columns=ERROR_COLUMNS).fillna("")
+    def error_count(self, stage: str) -> int:
+        """Number of error rows of one stage instance."""
+        return int((self.errors()["stage"] == stage).sum())
+
+    def write_errors(self, rows: Iterable[ErrorRow]) -> None:
+        """Replace the running stage instance's rows of ``errors.parquet`` with ``rows`` (sorted, so reruns give
+        the same bytes); other instances' rows, e.g. the first ``explain``'s when ``explain#2`` runs, are kept."""
+        stage = self.active_stage
+        new = pd.DataFrame([{**r.as_record(), "stage": stage} for r in rows], columns=ERROR_COLUMNS)
+        new["message"] = [self.shorten(m) for m in new["message"]]
         old = self.errors().reindex(columns=ERROR_COLUMNS).fillna("")
         table = pd.concat([old[old["stage"] != stage], new], ignore_index=True)
         table = table.astype("string").sort_values(["stage", "item_id", "key"], kind="stable").reset_index(drop=True)

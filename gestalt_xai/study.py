@@ -1,82 +1,66 @@
 """The study runner: execute the stages a pipeline file declares, in order, into one run folder.
 
-Every stage is registered here by name with its options class and entry function (imported lazily, so a study that
-does not explain does not import captum). All stage options are validated before the first stage starts: a wrong
-pipeline file fails at once, naming the field, and no work is done.
+Stages come from the registry (:mod:`gestalt_xai.stages`). All stage options are validated before the first stage
+starts: a wrong pipeline file fails at once, naming the field, and no work is done. A stage listed twice runs as two
+*instances* with their own ids: the pipeline item's ``id:`` if it has one, otherwise ``explain``, ``explain#2``, … by
+position. The id keys the instance's ledger, fingerprint, error rows and manifest entry, so two instances never reset
+or overwrite each other::
+
+    stages:
+      - explain: {methods: [gradcam]}                 # instance "explain"
+      - explain: {id: occlusion, methods: [occlusion]} # instance "occlusion"
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gestalt_xai.config import PipelineConfig, StageConfig, load_pipeline, validate_config
+from gestalt_xai.config import PipelineConfig, StageConfig, load_pipeline
 from gestalt_xai.errors import ConfigError
 from gestalt_xai.runs import Run, seed_everything
+from gestalt_xai.stages import STAGES, Stage, get_stage, load_stages
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STAGES", "StageSpec", "stage_spec", "run_study", "validate_study"]
+__all__ = ["STAGES", "StageInstance", "plan_study", "run_study", "study_status"]
+
+_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_#.-]*$")
 
 
 @dataclass(frozen=True)
-class StageSpec:
-    """Where a stage lives: ``module``, its options class and its entry function ``fn(run, cfg)``."""
+class StageInstance:
+    """One step of a pipeline: a stage, its validated options and its instance id."""
 
-    module: str
-    config: str
-    function: str
-    summary: str
-
-    def load(self) -> tuple[type[StageConfig], Any]:
-        mod = importlib.import_module(self.module)
-        return getattr(mod, self.config), getattr(mod, self.function)
+    id: str
+    stage: Stage
+    options: StageConfig
 
 
-#: every stage a pipeline file may name, in pipeline order
-STAGES: dict[str, StageSpec] = {
-    "synth": StageSpec("gestalt_xai.data.synthetic.cohort", "SynthConfig", "synth_stage",
-                       "render the synthetic cohort (planted, HPO-coded phenotypes with ground truth)"),
-    "example_photos": StageSpec("gestalt_xai.data.examples", "ExamplePhotosConfig", "example_photos_stage",
-                                "copy the real example photos shipped inside installed packages"),
-    "align": StageSpec("gestalt_xai.faces.stage", "AlignConfig", "align_stage",
-                       "detect and align faces to the ArcFace 112×112 template"),
-    "atlas": StageSpec("gestalt_xai.faces.atlas_stage", "AtlasConfig", "atlas_stage",
-                       "draw the facial region atlas over an aligned face"),
-    "train": StageSpec("gestalt_xai.models.train", "TrainConfig", "train_stage",
-                       "train or fine-tune a GestaltMatcher-style model"),
-    "embed": StageSpec("gestalt_xai.models.embed", "EmbedConfig", "embed_stage",
-                       "embed aligned faces with one model or an ensemble (with test-time augmentation)"),
-    "match": StageSpec("gestalt_xai.matching", "MatchConfig", "match_stage",
-                       "rank syndromes in the Clinical Face Phenotype Space (GMDB protocols, top-k)"),
-    "explain": StageSpec("gestalt_xai.attribution.explain", "ExplainConfig", "explain_stage",
-                         "per-patient attribution maps into the map store"),
-    "aggregate": StageSpec("gestalt_xai.aggregate.stage", "AggregateConfig", "aggregate_stage",
-                           "syndrome-level composites, composite faces, similarity maps, region scores, SpRAy"),
-}
-
-
-def stage_spec(name: str) -> StageSpec:
-    """The registered stage ``name`` (a :class:`ConfigError` lists the known ones)."""
-    if name not in STAGES:
-        raise ConfigError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}")
-    return STAGES[name]
-
-
-def validate_study(pipeline: PipelineConfig, where: str = "pipeline") -> list[tuple[str, StageConfig, Any]]:
-    """Validate every stage's options (before any work); returns ``(name, options, entry function)`` in order."""
-    out = []
+def plan_study(pipeline: PipelineConfig, where: str = "pipeline") -> list[StageInstance]:
+    """Validate every stage's options (before any work) and give each step its instance id."""
+    plan: list[StageInstance] = []
+    counts: dict[str, int] = {}
     for i, (name, opts) in enumerate(pipeline.stage_items()):
-        spec = stage_spec(name)
-        cls, fn = spec.load()
-        if "seed" in cls.model_fields and "seed" not in opts:
+        spec = get_stage(name)
+        given_id = opts.pop("id", None)
+        if "seed" in spec.options.model_fields and "seed" not in opts:
             opts = {**opts, "seed": pipeline.seed}
-        out.append((name, validate_config(cls, opts, where=f"{where}: stages[{i}].{name}"), fn))
-    return out
+        options = spec.validate(opts, where=f"{where}: stages[{i}].{name}")
+        counts[name] = counts.get(name, 0) + 1
+        instance = str(given_id) if given_id is not None else name if counts[name] == 1 else f"{name}#{counts[name]}"
+        if not _ID.match(instance):
+            raise ConfigError(f"{where}: stages[{i}].{name}.id: {instance!r} is not a valid id (letters, digits, "
+                              "'_', '-', '.', '#')")
+        if any(step.id == instance for step in plan):
+            raise ConfigError(f"{where}: stages[{i}].{name}: instance id {instance!r} is used twice; give the step "
+                              "its own 'id:'")
+        plan.append(StageInstance(instance, spec, options))
+    return plan
 
 
 def run_study(pipeline_path: str | Path, run_dir: str | Path | None = None) -> Run:
@@ -87,18 +71,36 @@ def run_study(pipeline_path: str | Path, run_dir: str | Path | None = None) -> R
     ``gestalt-xai study run pipelines/demo.yaml --run runs/demo``
     """
     pipeline = load_pipeline(pipeline_path)
-    stages = validate_study(pipeline, where=str(pipeline_path))
+    plan = plan_study(pipeline, where=str(pipeline_path))
     run = Run(run_dir or Path("runs") / pipeline.name)
     run.set_study(pipeline.name, pipeline.seed, pipeline.model_dump(mode="json"))
     seed_everything(pipeline.seed)
-    counts: dict[str, int] = {}
-    for name, cfg, fn in stages:
-        counts[name] = counts.get(name, 0) + 1
-        # a stage listed twice (e.g. explain with two targets) gets its own manifest entry: explain, explain#2
-        run.stage_suffix = "" if counts[name] == 1 else f"#{counts[name]}"
+    for step in plan:
         t0 = time.perf_counter()
-        log.info("stage %s%s …", name, run.stage_suffix)
-        fn(run, cfg)
-        log.info("stage %s done in %.1f s", name, time.perf_counter() - t0)
-    run.stage_suffix = ""
+        log.info("stage %s …", step.id)
+        step.stage(run, step.options, instance=step.id)
+        log.info("stage %s done in %.1f s", step.id, time.perf_counter() - t0)
     return run
+
+
+def study_status(run: Run) -> list[dict[str, Any]]:
+    """One row per stage instance the run has recorded (manifest order), then one per registered stage that has
+    not run: instance, stage, status, items, errors, seconds and the outputs that exist."""
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    stages = load_stages()
+    for instance, entry in run.manifest.get("stages", {}).items():
+        name = entry.get("stage") or instance.split("#")[0]
+        seen.add(name)
+        spec = stages.get(name)
+        outputs = entry.get("outputs") or {}
+        paths = list(outputs.values()) if outputs else list(spec.writes if spec else ())
+        rows.append({"instance": instance, "stage": name, "status": entry.get("status", "?"),
+                     "items": entry.get("n_items"), "errors": run.error_count(instance),
+                     "seconds": entry.get("timing", {}).get("seconds"),
+                     "outputs": [p for p in paths if run.resolve(p).exists()]})
+    for name, spec in stages.items():
+        if name not in seen:
+            rows.append({"instance": name, "stage": name, "status": "not run", "items": None, "errors": None,
+                         "seconds": None, "outputs": [p for p in spec.writes if run.resolve(p).exists()]})
+    return rows

@@ -7,28 +7,29 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gestalt_xai.cli import _options, app
+from gestalt_xai.cli import _options, build_app
 from gestalt_xai.config import load_pipeline
 from gestalt_xai.errors import ConfigError
-from gestalt_xai.study import STAGES, validate_study
+from gestalt_xai.stages import load_stages
+from gestalt_xai.study import plan_study
 
 PIPELINES = sorted((Path(__file__).parent.parent / "pipelines").glob("*.yaml"))
-COMMANDS = ["align", "atlas", "synth", "train", "embed", "match", "explain", "aggregate"]
+app = build_app()
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_every_stage_command_has_help_with_an_example_and_run_option(command: str) -> None:
+@pytest.mark.parametrize("command", list(load_stages()))
+def test_every_stage_command_has_help_with_an_example_and_the_common_options(command: str) -> None:
     result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "Example:" in result.output and f"gestalt-xai {command} --run" in result.output
-    assert "--run" in result.output and "--config" in result.output
+    assert "--run" in result.output and "--config" in result.output and "--set" in result.output
 
 
 def test_every_pipeline_stage_is_registered_and_valid() -> None:
     assert PIPELINES, "no pipeline files found"
     for path in PIPELINES:
-        stages = validate_study(load_pipeline(path), where=str(path))
-        assert stages and all(name in STAGES for name, _, _ in stages)
+        plan = plan_study(load_pipeline(path), where=str(path))
+        assert plan and all(step.stage.name in load_stages() for step in plan)
 
 
 def test_demo_pipeline_runs_every_stage_in_order() -> None:

@@ -406,22 +406,38 @@ def write_gmdb(out_dir: str | Path, images: pd.DataFrame, syndromes: pd.DataFram
 
 
 # --------------------------------------------------------------------------------------------- run persistence
+#: the files :func:`save_run_cohort` writes into ``<run>/cohort/``
+COHORT_FILES = ("images.parquet", "syndromes.parquet", "splits.parquet", "cohort.json")
+
+
 def save_run_cohort(run: Run, cohort: Cohort) -> None:
-    """Store the resolved cohort in ``<run>/cohort/`` (Parquet tables + ``cohort.json``) for later stages."""
+    """Store the resolved cohort in ``<run>/cohort/`` (Parquet tables + ``cohort.json``) for later stages.
+
+    Image paths and the image root are stored relative to the run folder when they lie inside it, so a run folder
+    can be moved or shared; photos elsewhere keep their absolute paths.
+    """
     d = run.dir("cohort")
-    write_parquet(cohort.images, d / "images.parquet")
+    images = cohort.images.assign(path=[run.relative(p) for p in cohort.images["path"]])
+    write_parquet(images, d / "images.parquet")
     write_parquet(cohort.syndromes.astype({"syndrome_id": str}), d / "syndromes.parquet")
     write_parquet(cohort.splits, d / "splits.parquet")
-    info = {"version": cohort.version, "image_root": cohort.image_root, "lookup": cohort.lookup}
+    root = run.relative(cohort.image_root) if cohort.image_root else ""
+    info = {"version": cohort.version, "image_root": root, "lookup": cohort.lookup}
     atomic_write_text(d / "cohort.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
 def load_run_cohort(run: Run) -> Cohort:
-    """Read the cohort stored by the align stage in ``<run>/cohort/``."""
+    """Read the cohort stored by the align stage in ``<run>/cohort/`` (string ids, absolute image paths)."""
     d = run.path / "cohort"
     if not (d / "images.parquet").exists():
         raise InputError(f"{d / 'images.parquet'} not found: run the align stage with --cohort first")
     info = json.loads((d / "cohort.json").read_text(encoding="utf-8"))
-    return Cohort(images=pd.read_parquet(d / "images.parquet"), syndromes=pd.read_parquet(d / "syndromes.parquet"),
-                  splits=pd.read_parquet(d / "splits.parquet"), lookup=info.get("lookup"),
-                  version=info.get("version", "custom"), image_root=info.get("image_root", ""))
+    images = _normalise_ids(pd.read_parquet(d / "images.parquet"), ["image_id", "subject_id", "syndrome_id"])
+    images = images.assign(path=[str(run.resolve(p)) for p in images["path"]])
+    splits = pd.read_parquet(d / "splits.parquet")
+    if len(splits):
+        splits = splits.assign(image_id=splits["image_id"].astype(str))
+    root = info.get("image_root", "")
+    return Cohort(images=images, syndromes=pd.read_parquet(d / "syndromes.parquet").astype({"syndrome_id": str}),
+                  splits=splits, lookup=info.get("lookup"), version=info.get("version", "custom"),
+                  image_root=str(run.resolve(root)) if root else "")

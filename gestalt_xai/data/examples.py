@@ -8,12 +8,14 @@ is downloaded.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import Field
 
 from gestalt_xai.config import StageConfig
 from gestalt_xai.errors import InputError
 from gestalt_xai.runs import Run
+from gestalt_xai.stages import StageResult, stage
 
 __all__ = ["ExamplePhotosConfig", "example_photo_paths", "example_photos_stage"]
 
@@ -42,22 +44,18 @@ def example_photo_paths() -> dict[str, Path]:
 class ExamplePhotosConfig(StageConfig):
     """Options of the ``example_photos`` stage (none needed)."""
 
-    folder: str = "photos"
+    folder: str = Field("photos", description="folder inside the run to copy the photos into")
 
 
-@dataclass
-class ExamplePhotosResult:
-    folder: Path
-    n_photos: int
-
-
-def example_photos_stage(run: Run, cfg: ExamplePhotosConfig) -> ExamplePhotosResult:
+@stage("example_photos", options=ExamplePhotosConfig, order=10,
+       summary="copy the real example photos shipped inside installed packages (no patients)",
+       writes=("photos",), example="gestalt-xai example_photos --run runs/examples")
+def example_photos_stage(run: Run, cfg: ExamplePhotosConfig) -> StageResult:
     """Copy the example photos into ``<run>/<folder>/`` (file name = image id)."""
-    with run.stage("example_photos", cfg) as st:
-        out = run.dir(cfg.folder)
-        for name, src in example_photo_paths().items():
-            target = out / f"{name}{src.suffix}"
-            if not target.exists() or target.stat().st_size != src.stat().st_size:
-                shutil.copyfile(src, target)
-        st.n_items = len(list(out.iterdir()))
-    return ExamplePhotosResult(out, st.n_items)
+    out = run.dir(cfg.folder)
+    for name, src in example_photo_paths().items():
+        target = out / f"{name}{src.suffix}"
+        if not target.exists() or target.stat().st_size != src.stat().st_size:
+            shutil.copyfile(src, target)
+    n = len(list(out.iterdir()))
+    return StageResult(items=n, outputs={"photos": out}, summary=[f"{n} example photos → {run.relative(out)}"])

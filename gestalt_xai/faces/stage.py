@@ -13,7 +13,6 @@ import logging
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,11 +35,13 @@ from gestalt_xai.faces.align import (
     yaw_proxy,
 )
 from gestalt_xai.faces.detect import FaceDetector, make_detector
-from gestalt_xai.runs import ErrorRow, Run, progress, write_parquet
+from gestalt_xai.progress import progress
+from gestalt_xai.runs import LAYOUT, ErrorRow, Run, write_parquet
+from gestalt_xai.stages import StageResult, stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AlignConfig", "AlignResult", "align_stage", "read_landmark_table", "IMAGE_SUFFIXES"]
+__all__ = ["AlignConfig", "align_stage", "read_landmark_table", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".heic", ".heif")
 ALIGNMENT_COLUMNS = ["image_id", "ok", "detector", "n_faces", "score", "yaw", "frontal", "landmarks", "landmarks68",
@@ -86,17 +87,6 @@ class AlignConfig(StageConfig):
         sub = {k: getattr(self, k).replace("{run}", str(run.path)) for k in
                ("images", "cohort", "image_root", "detector_weights", "landmarks") if getattr(self, k)}
         return self.model_copy(update=sub)
-
-
-@dataclass
-class AlignResult:
-    """What the align stage did."""
-
-    n_images: int
-    n_aligned: int
-    n_errors: int
-    table: Path
-    crops: Path
 
 
 # ----------------------------------------------------------------------------------------------- landmark tables
@@ -242,20 +232,15 @@ def _align_one(image_id: str, path: str, crops_dir: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------- stage
-def align_stage(run: Run, cfg: AlignConfig) -> AlignResult:
+@stage("align", options=AlignConfig, order=20,
+       summary="detect and align faces to the ArcFace 112×112 template",
+       reads=(), writes=(LAYOUT.cohort, LAYOUT.aligned, LAYOUT.alignments),
+       example="gestalt-xai align --run runs/try --images photos/")
+def align_stage(run: Run, cfg: AlignConfig) -> StageResult:
     """Detect and align every photo of a folder or cohort into ``<run>/aligned/``.
 
-    Parameters
-    ----------
-    run:
-        The study folder.
-    cfg:
-        :class:`AlignConfig`.
-
-    Returns
-    -------
-    AlignResult
-        Counts and the paths of ``alignment.parquet`` and the crop folder.
+    Writes ``aligned/<image_id>.png`` and ``aligned/alignment.parquet`` (one row per photo, ``ok`` for the aligned
+    ones) and the cohort tables; bad photos become error rows and the run goes on; reruns skip finished photos.
 
     Examples
     --------
@@ -268,48 +253,47 @@ def align_stage(run: Run, cfg: AlignConfig) -> AlignResult:
         raise ConfigError(f"landmarks: table not found: {cfg.landmarks}")
     if cfg.detector_weights and not Path(cfg.detector_weights).is_file():
         raise ConfigError(f"detector_weights: file not found: {cfg.detector_weights}")
-    with run.stage("align", given) as st:
-        cohort = _folder_cohort(Path(cfg.images)) if cfg.images else load_cohort(
-            cfg.cohort, cfg.image_root, cfg.version, cfg.pattern)
-        save_run_cohort(run, cohort)
-        crops_dir = run.dir("aligned")
-        ledger = run.ledger("align", cfg, ignore=("workers",))
-        done = ledger.done()
-        todo = [(i, p) for i, p in zip(cohort.images["image_id"], cohort.images["path"], strict=True) if i not in done]
-        if done:
-            log.info("align: %d of %d photos already aligned; %d to do", len(done), len(cohort.images), len(todo))
-        workers = min(cfg.workers, max(1, len(todo)))
-        if workers == 1:
-            _init_worker(cfg, None)
-            results = (_align_one(i, p, str(crops_dir)) for i, p in todo)
-            for rec in progress(results, "aligning", total=len(todo)):
+    cohort = _folder_cohort(Path(cfg.images)) if cfg.images else load_cohort(
+        cfg.cohort, cfg.image_root, cfg.version, cfg.pattern)
+    save_run_cohort(run, cohort)
+    crops_dir = run.dir("aligned")
+    ledger = run.ledger(given, ignore=("workers",))
+    done = ledger.done()
+    todo = [(i, p) for i, p in zip(cohort.images["image_id"], cohort.images["path"], strict=True) if i not in done]
+    if done:
+        log.info("align: %d of %d photos already aligned; %d to do", len(done), len(cohort.images), len(todo))
+    workers = min(cfg.workers, max(1, len(todo)))
+    if workers == 1:
+        _init_worker(cfg, None)
+        results = (_align_one(i, p, str(crops_dir)) for i, p in todo)
+        for rec in progress(results, "aligning", total=len(todo)):
+            ledger.add(rec["image_id"], rec, ok=rec["ok"])
+    else:
+        import multiprocessing as mp
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(cfg, threads)) as pool:
+            futures = pool.map(_align_one, [i for i, _ in todo], [p for _, p in todo],
+                               [str(crops_dir)] * len(todo), chunksize=4)
+            for rec in progress(futures, "aligning", total=len(todo)):
                 ledger.add(rec["image_id"], rec, ok=rec["ok"])
-        else:
-            import multiprocessing as mp
 
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                     initargs=(cfg, threads)) as pool:
-                futures = pool.map(_align_one, [i for i, _ in todo], [p for _, p in todo],
-                                   [str(crops_dir)] * len(todo), chunksize=4)
-                for rec in progress(futures, "aligning", total=len(todo)):
-                    ledger.add(rec["image_id"], rec, ok=rec["ok"])
-
-        records = ledger.records()
-        wanted = set(cohort.images["image_id"])
-        rows = [{c: records[i].get(c) for c in ALIGNMENT_COLUMNS} for i in sorted(wanted) if i in records]
-        for rej in cohort.rejected.itertuples():
-            rows.append({**{c: None for c in ALIGNMENT_COLUMNS}, "image_id": rej.image_id, "ok": False,
-                         "error_kind": "input", "message": rej.message})
-        table = pd.DataFrame(rows, columns=ALIGNMENT_COLUMNS).sort_values("image_id", kind="stable")
-        table = table.astype({"ok": bool, "n_faces": "Int64", "score": "Float64", "yaw": "Float64",
-                              "frontal": "boolean", "photo_width": "Int64",
-                              "photo_height": "Int64", "two_pass_angle": "Float64"}).reset_index(drop=True)
-        write_parquet(table, crops_dir / "alignment.parquet")
-        failed = table[~table["ok"]]
-        run.write_errors("align", [ErrorRow("align", r.image_id, r.error_kind or "error", r.message or "")
-                                   for r in failed.itertuples()])
-        st.n_items, st.n_errors = len(table), len(failed)
-        st.extra["n_aligned"] = int(table["ok"].sum())
-    return AlignResult(n_images=len(table), n_aligned=int(table["ok"].sum()), n_errors=len(failed),
-                       table=crops_dir / "alignment.parquet", crops=crops_dir)
+    records = ledger.records()
+    wanted = set(cohort.images["image_id"])
+    rows = [{c: records[i].get(c) for c in ALIGNMENT_COLUMNS} for i in sorted(wanted) if i in records]
+    for rej in cohort.rejected.itertuples():
+        rows.append({**{c: None for c in ALIGNMENT_COLUMNS}, "image_id": rej.image_id, "ok": False,
+                     "error_kind": "input", "message": rej.message})
+    table = pd.DataFrame(rows, columns=ALIGNMENT_COLUMNS).sort_values("image_id", kind="stable")
+    table["message"] = [run.shorten(m) if isinstance(m, str) else m for m in table["message"]]
+    table = table.astype({"ok": bool, "n_faces": "Int64", "score": "Float64", "yaw": "Float64",
+                          "frontal": "boolean", "photo_width": "Int64",
+                          "photo_height": "Int64", "two_pass_angle": "Float64"}).reset_index(drop=True)
+    write_parquet(table, crops_dir / "alignment.parquet")
+    failed = table[~table["ok"]]
+    run.write_errors(ErrorRow(r.image_id, r.error_kind or "error", r.message or "") for r in failed.itertuples())
+    n_aligned = int(table["ok"].sum())
+    return StageResult(items=len(table), extra={"n_aligned": n_aligned},
+                       outputs={"aligned": crops_dir, "alignments": crops_dir / "alignment.parquet"},
+                       summary=[f"aligned {n_aligned} of {len(table)} photos → {run.relative(crops_dir)}"])

@@ -27,14 +27,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
 from gestalt_xai.config import StageConfig
-from gestalt_xai.data.aligned import _read_crop, aligned_dir, aligned_path
+from gestalt_xai.data.aligned import _read_crop, aligned_path
 from gestalt_xai.errors import ConfigError, GestaltXAIError, InputError, error_kind
+from gestalt_xai.runs import LAYOUT, Run
+from gestalt_xai.stages import StageResult, stage
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ __all__ = [
     "EmbedConfig",
     "embed_stage",
     "embedding_table",
-    "list_aligned_images",
     "resolve_models",
     "write_embeddings",
 ]
@@ -75,7 +75,6 @@ class EmbedConfig(StageConfig):
     channel_order: Literal["RGB", "BGR"] | None = Field(None, description="override the models' channel order")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     threads: int | None = Field(None, ge=1, description="torch CPU threads while embedding (default: torch's)")
-    quiet: bool = False
 
 
 def _model_id_from_path(path: Path) -> str:
@@ -86,14 +85,13 @@ def _model_id_from_path(path: Path) -> str:
     return path.stem
 
 
-def resolve_models(run: Any, cfg: EmbedConfig) -> list[tuple[str, Path]]:
+def resolve_models(run: Run, cfg: EmbedConfig) -> list[tuple[str, Path]]:
     """``(model_id, checkpoint)`` pairs sorted by id; ``"run"`` = ``run/models/*.safetensors``."""
     if cfg.models == "run":
-        paths = sorted((Path(run.path) / "models").glob("*.safetensors"))
+        paths = [m.path for m in run.models()]
         if not paths:
-            raise InputError(
-                f"no models in {Path(run.path) / 'models'}: run `gestalt-xai train` first or pass --model PATH"
-            )
+            raise InputError(f"no models in {run.path / LAYOUT.models}: run `gestalt-xai train` first or pass "
+                             "--model PATH")
     else:
         paths = [Path(p) for p in cfg.models]
         missing = [str(p) for p in paths if not p.exists()]
@@ -109,21 +107,6 @@ def resolve_models(run: Any, cfg: EmbedConfig) -> list[tuple[str, Path]]:
     if dup:
         raise ConfigError(f"model ids {dup} occur twice; name the models with model_ids")
     return sorted(zip(ids, paths, strict=True))
-
-
-def list_aligned_images(run: Any) -> list[str]:
-    """Image ids with an aligned crop: ``ok`` rows of ``aligned/alignment.parquet`` (else every ``*.png``)."""
-    d = aligned_dir(run)
-    table = d / "alignment.parquet"
-    if table.exists():
-        df = pd.read_parquet(table, columns=["image_id", "ok"])
-        ids = df.loc[df["ok"].astype(bool), "image_id"].astype(str).tolist()
-    else:
-        ids = [p.stem for p in d.glob("*.png")]
-    ids = sorted(i for i in set(ids) if aligned_path(run, i).is_file())
-    if not ids:
-        raise InputError(f"no aligned crops in {d}: run `gestalt-xai align --run {Path(run.path)}` first")
-    return ids
 
 
 def embedding_table(rows: dict[str, list[Any]]) -> pa.Table:
@@ -173,28 +156,34 @@ def _encode_chunk(
     return embedding_table(rows), errors
 
 
-def embed_stage(run: Any, cfg: EmbedConfig | None = None) -> Path:
-    """Embed every aligned crop with every model into ``run/embeddings.parquet`` (resumable).
+@stage("embed", options=EmbedConfig, order=50,
+       summary="embed aligned faces with one model or an ensemble (with test-time augmentation)",
+       reads=(LAYOUT.alignments, LAYOUT.models), writes=(LAYOUT.embeddings,), aliases={"models": "--model"},
+       example="gestalt-xai embed --run runs/demo --model s1_r50.pth --model glint360k_r100.onnx")
+def embed_stage(run: Run, cfg: EmbedConfig) -> StageResult:
+    """Embed every aligned crop with every model into ``run/embeddings.parquet`` (resumable; GM-Arc TTA slots).
 
-    Returns the path of ``embeddings.parquet``. Unreadable crops become rows of ``errors.parquet``.
+    Unreadable crops become rows of ``errors.parquet``.
     """
     import torch
 
     from gestalt_xai.models.checkpoints import load_model, model_sha256
-    from gestalt_xai.runs import ErrorRow, atomic_write_bytes, progress, torch_threads
+    from gestalt_xai.progress import progress
+    from gestalt_xai.runs import ErrorRow, atomic_write_bytes, torch_threads
 
-    cfg = cfg or EmbedConfig()
-    with run.stage("embed", cfg) as st, torch_threads(cfg.threads):
+    with torch_threads(cfg.threads):
         models = resolve_models(run, cfg)
-        image_ids = list_aligned_images(run)
+        image_ids = run.aligned_ids()
+        if not image_ids:
+            raise InputError(f"no aligned crops in {run.path / LAYOUT.aligned}: run the align stage first")
         device = torch.device(
             "cuda"
             if cfg.device == "auto" and torch.cuda.is_available()
             else ("cpu" if cfg.device == "auto" else cfg.device)
         )
-        ledger = run.ledger("embed")
+        ledger = run.ledger()
         done = ledger.done()
-        parts_root = Path(run.path) / ".embed_parts"
+        parts_root = run.path / ".embed_parts"
         chunks = [image_ids[i : i + cfg.chunk_size] for i in range(0, len(image_ids), cfg.chunk_size)]
         units: list[tuple[str, str, Path, list[str]]] = []  # (unit id, model_id, checkpoint, image ids)
         shas: dict[str, str] = {}
@@ -216,7 +205,7 @@ def embed_stage(run: Any, cfg: EmbedConfig | None = None) -> Path:
         )
         loaded: dict[str, Any] = {}
         errors: dict[str, tuple[str, str, str]] = {}
-        for unit_id, model_id, path, ids in progress(todo, "embed", total=len(todo)) if not cfg.quiet else todo:
+        for unit_id, model_id, path, ids in progress(todo, "embed", total=len(todo)):
             if model_id not in loaded:
                 loaded.clear()  # one model in memory at a time
                 loaded[model_id] = load_model(
@@ -242,22 +231,14 @@ def embed_stage(run: Any, cfg: EmbedConfig | None = None) -> Path:
                 ("gray", "ascending"),
             ]
         ).combine_chunks()
-        out = Path(run.path) / "embeddings.parquet"
+        out = run.path / LAYOUT.embeddings
         write_embeddings(final, out)
-        run.write_errors("embed", [ErrorRow("embed", i, k, m) for i, k, m in sorted(errors.values())])
+        run.write_errors(ErrorRow(i, k, m) for i, k, m in sorted(errors.values()))
         for model_id, path in models:
-            info = {"path": str(path), "tta": cfg.tta}
+            info = {"path": run.relative(path), "tta": cfg.tta}
             known = run.manifest.get("models", {}).get(model_id)
             if known is None or known.get("sha256") != shas[model_id]:
                 run.record_model(model_id, shas[model_id], info)
-        st.n_items = len(image_ids) * len(models)
-        st.n_errors = len(errors)
-        st.extra.update(
-            {
-                "models": [m for m, _ in models],
-                "n_images": len(image_ids),
-                "tta": cfg.tta,
-                "n_rows": final.num_rows,
-            }
-        )
-    return out
+        extra = {"models": [m for m, _ in models], "n_images": len(image_ids), "tta": cfg.tta, "n_rows": final.num_rows}
+        return StageResult(items=len(image_ids) * len(models), outputs={"embeddings": out}, extra=extra,
+                           summary=[f"{len(image_ids)} images × {len(models)} model(s) → {run.relative(out)}"])

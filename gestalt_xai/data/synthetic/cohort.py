@@ -38,7 +38,8 @@ from gestalt_xai.data.synthetic.phenotypes import (
 )
 from gestalt_xai.data.synthetic.renderer import MARK_CENTRE, MARK_RADIUS, RenderedPhoto, render_photo
 from gestalt_xai.data.synthetic.truth import MAX_FEATURE_BITS, encode_mask_bits
-from gestalt_xai.errors import ConfigError
+from gestalt_xai.runs import LAYOUT, Run
+from gestalt_xai.stages import CliAction, StageResult, stage
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,8 @@ def generate_cohort(cfg: SynthConfig, out_dir: str | Path, done: dict[str, dict[
     ``on_item(image_id, record)`` is called after each newly written photo (the stage records it in its ledger).
     """
     from gestalt_xai.data.cohort import write_gmdb
-    from gestalt_xai.runs import atomic_write_bytes, atomic_write_text, progress, write_parquet
+    from gestalt_xai.progress import progress
+    from gestalt_xai.runs import atomic_write_bytes, atomic_write_text, write_parquet
 
     out = Path(out_dir)
     plan = plan_cohort(cfg)
@@ -388,30 +390,39 @@ def generate_cohort(cfg: SynthConfig, out_dir: str | Path, done: dict[str, dict[
             "n_rendered": len(todo), "n_confounded": int(images["confounder"].sum())}
 
 
-def synth_stage(run: Any, cfg: SynthConfig) -> dict[str, Any]:
+def _preview_action(cfg: SynthConfig, value: Path, run_dir: Path) -> list[str]:
+    from gestalt_xai.data.synthetic.preview import render_preview
+
+    return [f"preview: {render_preview(cfg, value)}"]
+
+
+def _data_card_action(cfg: SynthConfig, value: Path, run_dir: Path) -> list[str]:
+    from gestalt_xai.data.synthetic.data_card import write_data_card
+
+    return [f"data card → {write_data_card(run_dir, value)}"]
+
+
+@stage("synth", options=SynthConfig, order=0,
+       summary="render the synthetic cohort (planted, HPO-coded phenotypes with ground truth)",
+       writes=(LAYOUT.cohort,),
+       example="gestalt-xai synth --run runs/demo --seed 0  |  gestalt-xai synth --run runs/demo --preview preview.png",
+       actions=(CliAction("--preview", "only draw a montage (one face per syndrome, features outlined) to this PNG; "
+                          "write no cohort", _preview_action, replaces_stage=True),
+                CliAction("--data-card", "also write the cohort's data card (Markdown) here", _data_card_action)))
+def synth_stage(run: Run, cfg: SynthConfig) -> StageResult:
     """Write the synthetic cohort of ``cfg`` into ``<run>/cohort/`` (resumable, deterministic).
 
-    Parameters
-    ----------
-    run:
-        The :class:`gestalt_xai.runs.Run` to write into.
-    cfg:
-        Cohort options.
-
-    Returns a summary (counts of images, subjects, syndromes, photos rendered in this call).
+    GMDB-format tables and raw photos go to ``cohort/``, the ground truth to ``cohort/truth/``, the data card to
+    ``cohort/data_card.md``; the result's ``extra`` holds the counts of images, subjects and syndromes.
     """
-    if not isinstance(cfg, SynthConfig):
-        raise ConfigError(f"synth_stage expects a SynthConfig, got {type(cfg).__name__}")
-    out = run.dir("cohort")
-    with run.stage("synth", cfg, seed=cfg.seed) as st:
-        ledger = run.ledger("synth", cfg, ignore=("workers",))
-        done = {k: v["record"] for k, v in ledger.done().items() if "record" in v}
-        summary = generate_cohort(cfg, out, done, on_item=lambda i, r: ledger.add(i, {"record": r}))
-        from gestalt_xai.data.synthetic.data_card import write_data_card
+    out = run.dir(LAYOUT.cohort)
+    ledger = run.ledger(cfg, ignore=("workers",))
+    done = {k: v["record"] for k, v in ledger.done().items() if "record" in v}
+    summary = generate_cohort(cfg, out, done, on_item=lambda i, r: ledger.add(i, {"record": r}))
+    from gestalt_xai.data.synthetic.data_card import write_data_card
 
-        write_data_card(out, out / "data_card.md")
-        st.n_items = summary["n_images"]
-        st.extra.update({k: v for k, v in summary.items() if k != "n_images"})
-    log.info("synth: %d photos of %d subjects (%d syndromes + controls) in %s", summary["n_images"],
-             summary["n_subjects"], summary["n_syndromes"], out)
-    return summary
+    write_data_card(out, out / "data_card.md")
+    line = (f"{summary['n_images']} photos of {summary['n_subjects']} subjects ({summary['n_syndromes']} syndromes "
+            f"+ controls) → {run.relative(out)}")
+    return StageResult(items=summary["n_images"], extra={k: v for k, v in summary.items() if k != "n_images"},
+                       outputs={"cohort": out}, summary=[line])
