@@ -36,6 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from gestalt_xai.errors import InputError
+from gestalt_xai.faces.align import CROP_SIZE
 
 __all__ = [
     "CROP_SIZE",
@@ -46,9 +47,6 @@ __all__ = [
     "augment_crop",
     "load_crops",
 ]
-
-CROP_SIZE = 112
-
 
 def aligned_dir(run: Any) -> Path:
     """``run/aligned`` for a :class:`~gestalt_xai.runs.Run` or a run folder path."""

@@ -1,6 +1,6 @@
 """GestaltMatcher model: iResNet backbone + 512-d embedding + syndrome classifier, preprocessing, TTA, ensembles.
 
-Follows GestaltMatcher-Arc (Hustinx et al., WACV 2023; REFERENCE §2):
+Follows GestaltMatcher-Arc (Hustinx et al., WACV 2023; igsb/GestaltMatcher-Arc):
 
 * ``forward(x) -> (logits, embedding)``; ``logits`` is ``None`` for backbone-only members (the ``.onnx`` model).
 * Input: aligned 112×112 face crops, uint8, ``x/255``, then ``(x − 0.5)/0.5`` (so pixel 0 ↦ −1, 255 ↦ +1).
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from gestalt_xai.errors import InputError
+from gestalt_xai.faces.align import CROP_SIZE
 from gestalt_xai.models.iresnet import IResNet, build_iresnet
 
 __all__ = [
@@ -45,7 +46,8 @@ __all__ = [
 ]
 
 ChannelOrder = Literal["RGB", "BGR"]
-INPUT_SIZE = 112
+#: GM-Arc models take the aligned ArcFace crop
+INPUT_SIZE = CROP_SIZE
 #: TTA slots as ``(flip, gray)`` in GM-Arc's order (``lib/encode.py``: ``for flip ...: for gray ...``).
 TTA_SLOTS: tuple[tuple[bool, bool], ...] = ((False, False), (False, True), (True, False), (True, True))
 
@@ -280,7 +282,7 @@ def encode(
 ) -> Encoding:
     """Run ``model`` (in eval mode, under ``torch.inference_mode``) on RGB uint8 crops for each TTA slot.
 
-    ``batch_size`` is in images per forward; on a 2-core CPU 8–16 is faster per image than 64 (REFERENCE §1).
+    ``batch_size`` is in images per forward; on a 2-core CPU 8–16 is faster per image than 64 (``benchmarks/embedding.py``).
     The model's train/eval mode is restored afterwards.
     """
     if batch_size < 1:

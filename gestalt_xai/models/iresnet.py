@@ -4,7 +4,8 @@ The module and parameter names follow insightface's ``recognition/arcface_torch/
 (``conv1``, ``bn1``, ``prelu``, ``layer1.0.bn1`` … ``layer4.2.bn3``, ``layerN.0.downsample.0/1``, ``bn2``, ``fc``,
 ``features``), so an arcface_torch state dict loads with ``strict=True``.
 
-Architecture (REFERENCE §2)::
+Architecture (insightface ``recognition/arcface_torch/backbones/iresnet.py``; Duta et al., "Improved Residual
+Networks", ICPR 2020)::
 
     stem    conv3x3(3→C1) → BN → PReLU                                  112×112
     layer1  IBasicBlock × n1 (first block stride 2)                      56×56, C1

@@ -38,6 +38,7 @@ from gestalt_xai.data.synthetic.phenotypes import (
 )
 from gestalt_xai.data.synthetic.renderer import MARK_CENTRE, MARK_RADIUS, RenderedPhoto, render_photo
 from gestalt_xai.data.synthetic.truth import MAX_FEATURE_BITS, encode_mask_bits
+from gestalt_xai.faces.align import CROP_SIZE
 from gestalt_xai.runs import LAYOUT, Run
 from gestalt_xai.stages import CliAction, StageResult, stage
 
@@ -58,7 +59,6 @@ __all__ = [
 
 CONTROL_ID = "S00"
 CONTROL_NAME = "Unaffected (control)"
-_CROP = 112
 
 
 class ConfounderConfig(StageConfig):
@@ -205,7 +205,7 @@ def _crop_fraction(mask: np.ndarray, lm5: np.ndarray) -> float:
         return 0.0
     M = estimate_transform(lm5)
     pts = transform_points(np.column_stack([xs + 0.5, ys + 0.5]), M)
-    inside = (pts[:, 0] >= 0) & (pts[:, 0] < _CROP) & (pts[:, 1] >= 0) & (pts[:, 1] < _CROP)
+    inside = (pts[:, 0] >= 0) & (pts[:, 0] < CROP_SIZE) & (pts[:, 1] >= 0) & (pts[:, 1] < CROP_SIZE)
     return float(inside.mean())
 
 
