@@ -415,7 +415,7 @@ class Run:
         path = self._require(LAYOUT.alignments, "align")
         table = self._cached("alignments", [path], lambda: pd.read_parquet(path).astype({"image_id": str})).copy()
         if aligned_only:
-            keep = table["ok"].astype(bool) & [self.crop_path(i).is_file() for i in table["image_id"]]
+            keep = table["ok"].astype(bool) & np.array([self.crop_path(i).is_file() for i in table["image_id"]], bool)
             table = table[keep].reset_index(drop=True)
         return table
 

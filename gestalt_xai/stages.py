@@ -104,6 +104,8 @@ class Stage:
     actions: tuple[CliAction, ...] = ()
     #: position in listings (pipeline order)
     order: int = 100
+    #: options for a tiny run on a small synthetic cohort: the contract test runs every registered stage with them
+    tiny_options: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self, cfg: Any = None, where: str | None = None) -> StageConfig:
         """The stage's options from ``None`` (defaults), a mapping, or an options object (validated again)."""
@@ -164,7 +166,8 @@ def unregister_stage(name: str) -> None:
 
 def stage(name: str, *, options: type[StageConfig], summary: str, reads: tuple[str, ...] = (),
           writes: tuple[str, ...] = (), example: str = "", aliases: Mapping[str, str] | None = None,
-          actions: tuple[CliAction, ...] = (), order: int = 100) -> Callable[[F], F]:
+          actions: tuple[CliAction, ...] = (), order: int = 100,
+          tiny_options: Mapping[str, Any] | None = None) -> Callable[[F], F]:
     """Declare and register the stage whose entry function this decorates (see the module docstring).
 
     >>> from gestalt_xai.config import StageConfig
@@ -182,7 +185,7 @@ def stage(name: str, *, options: type[StageConfig], summary: str, reads: tuple[s
     def decorate(function: F) -> F:
         spec = register_stage(Stage(name=name, options=options, function=function, summary=summary, reads=reads,
                                     writes=writes, example=example, aliases=dict(aliases or {}), actions=actions,
-                                    order=order))
+                                    order=order, tiny_options=dict(tiny_options or {})))
 
         @functools.wraps(function)
         def entry(run: Run | str | Path, cfg: Any = None, *, instance: str | None = None) -> StageResult:

@@ -45,7 +45,7 @@ def photo_dir(tmp_path: Path, example_photos) -> Path:
 def test_bad_inputs_become_error_rows_and_run_goes_on(tmp_path: Path, photo_dir: Path) -> None:
     run = Run(tmp_path / "run")
     result = align_stage(run, AlignConfig(images=str(photo_dir), max_pixels=5_000_000))
-    table = pd.read_parquet(result.table)
+    table = pd.read_parquet(result.outputs["alignments"])
     assert table["image_id"].tolist() == sorted(table["image_id"])
     ok = table[table["ok"]]
     assert sorted(ok["image_id"]) == ["astronaut", "group"]
@@ -237,7 +237,7 @@ def test_retinaface_detector_through_the_stage(tmp_path: Path, example_photos) -
     run = Run(tmp_path / "run")
     result = align_stage(run, AlignConfig(images=str(d), detector="retinaface",
                                           detector_weights=str(tmp_path / "Resnet50_Final.pth")))
-    table = pd.read_parquet(result.table)
+    table = pd.read_parquet(result.outputs["alignments"])
     assert len(table) == 1
     row = table.iloc[0]
     assert (row["ok"] and row["detector"] == "retinaface" and row["n_faces"] >= 1) or row["error_kind"]

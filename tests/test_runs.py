@@ -35,21 +35,36 @@ def test_failed_stage_is_marked_in_manifest(tmp_path: Path) -> None:
     assert entry["status"] == "failed" and "disk full" in entry["error"]
 
 
-def test_errors_table_replaces_stage_rows_sorted(tmp_path: Path) -> None:
+def test_errors_table_replaces_the_running_instance_rows_sorted(tmp_path: Path) -> None:
     run = Run(tmp_path)
     assert run.errors().empty and list(run.errors().columns) == ["stage", "item_id", "error_kind", "message", "key"]
-    run.write_errors("align", [ErrorRow("align", "b", "input", "bad"), ErrorRow("align", "a", "no_face", "none")])
-    run.write_errors("embed", [ErrorRow("embed", "c", "input", "x")])
-    run.write_errors("align", [ErrorRow("align", "z", "input", "again")])
+    with run.stage("align"):
+        run.write_errors([ErrorRow("b", "input", "bad"), ErrorRow("a", "no_face", f"{run.path}/cohort/a.jpg: none")])
+    with run.stage("embed"):
+        run.write_errors([ErrorRow("c", "input", "x")])
+    with run.stage("align"):
+        run.write_errors([ErrorRow("z", "input", "again")])
     e = run.errors()
     assert e["item_id"].tolist() == ["z", "c"] and e["stage"].tolist() == ["align", "embed"]
+    assert run.error_count("align") == 1 and run.error_count("explain") == 0
     # one input with several failed work units: one row each, the unit's key kept as structured JSON
-    run.write_errors("explain", [ErrorRow("explain", "img1", "target", "no centroid", {"target": "centroid:S2",
-                                                                                        "model_id": "m"}),
-                                 ErrorRow("explain", "img1", "target", "no centroid", {"target": "centroid:S1",
-                                                                                        "model_id": "m"})])
-    rows = run.errors().query("stage == 'explain'")
+    with run.stage("explain#2"):
+        run.write_errors([ErrorRow("img1", "target", "no centroid", {"target": "centroid:S2", "model_id": "m"}),
+                          ErrorRow("img1", "target", "no centroid", {"target": "centroid:S1", "model_id": "m"})])
+    rows = run.errors().query("stage == 'explain#2'")
     assert [json.loads(k)["target"] for k in rows["key"]] == ["centroid:S1", "centroid:S2"]
+    with pytest.raises(RuntimeError, match="no stage is running"):
+        run.write_errors([])
+
+
+def test_paths_inside_the_run_are_stored_relative_and_messages_shortened(tmp_path: Path) -> None:
+    run = Run(tmp_path / "run")
+    assert run.relative(run.path / "cohort" / "images" / "a.jpg") == "cohort/images/a.jpg"
+    assert run.relative(tmp_path / "photos" / "b.jpg") == str((tmp_path / "photos" / "b.jpg").resolve())
+    assert run.resolve("cohort/images/a.jpg") == run.path / "cohort" / "images" / "a.jpg"
+    with run.stage("align"):
+        run.write_errors([ErrorRow("a", "input", f"{run.path / 'cohort' / 'a.jpg'}: truncated")])
+    assert run.errors()["message"].tolist() == ["cohort/a.jpg: truncated"]
 
 
 def test_ledger_survives_torn_line_and_respects_fingerprint(tmp_path: Path) -> None:
@@ -67,10 +82,12 @@ def test_ledger_survives_torn_line_and_respects_fingerprint(tmp_path: Path) -> N
 
 def test_run_ledger_fingerprint_ignores_named_fields(tmp_path: Path) -> None:
     run = Run(tmp_path)
-    a = run.ledger("s", {"threshold": 0.9, "workers": 1}, ignore=("workers",))
-    a.add("i", {})
-    assert "i" in run.ledger("s", {"threshold": 0.9, "workers": 4}, ignore=("workers",)).done()
-    assert "i" not in run.ledger("s", {"threshold": 0.8, "workers": 1}, ignore=("workers",)).done()
+    with run.stage("s"):
+        run.ledger({"threshold": 0.9, "workers": 1}, ignore=("workers",)).add("i", {})
+        assert "i" in run.ledger({"threshold": 0.9, "workers": 4}, ignore=("workers",)).done()
+        assert "i" not in run.ledger({"threshold": 0.8, "workers": 1}, ignore=("workers",)).done()
+    with run.stage("s#2"):  # another instance of the same stage has its own ledger
+        assert "i" not in run.ledger({"threshold": 0.9, "workers": 1}, ignore=("workers",)).done()
 
 
 def test_write_parquet_is_deterministic_and_atomic(tmp_path: Path) -> None:

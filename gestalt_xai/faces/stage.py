@@ -235,7 +235,7 @@ def _align_one(image_id: str, path: str, crops_dir: str) -> dict[str, Any]:
 @stage("align", options=AlignConfig, order=20,
        summary="detect and align faces to the ArcFace 112×112 template",
        reads=(), writes=(LAYOUT.cohort, LAYOUT.aligned, LAYOUT.alignments),
-       example="gestalt-xai align --run runs/try --images photos/")
+       example="gestalt-xai align --run runs/try --images photos/", tiny_options={"cohort": "{run}/cohort"})
 def align_stage(run: Run, cfg: AlignConfig) -> StageResult:
     """Detect and align every photo of a folder or cohort into ``<run>/aligned/``.
 

@@ -159,7 +159,8 @@ def _encode_chunk(
 @stage("embed", options=EmbedConfig, order=50,
        summary="embed aligned faces with one model or an ensemble (with test-time augmentation)",
        reads=(LAYOUT.alignments, LAYOUT.models), writes=(LAYOUT.embeddings,), aliases={"models": "--model"},
-       example="gestalt-xai embed --run runs/demo --model s1_r50.pth --model glint360k_r100.onnx")
+       example="gestalt-xai embed --run runs/demo --model s1_r50.pth --model glint360k_r100.onnx",
+       tiny_options={"tta": False})
 def embed_stage(run: Run, cfg: EmbedConfig) -> StageResult:
     """Embed every aligned crop with every model into ``run/embeddings.parquet`` (resumable; GM-Arc TTA slots).
 

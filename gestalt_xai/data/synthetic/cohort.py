@@ -405,6 +405,8 @@ def _data_card_action(cfg: SynthConfig, value: Path, run_dir: Path) -> list[str]
 @stage("synth", options=SynthConfig, order=0,
        summary="render the synthetic cohort (planted, HPO-coded phenotypes with ground truth)",
        writes=(LAYOUT.cohort,),
+       tiny_options={"n_syndromes": 4, "n_frequent": 3, "frequent_subjects": [8, 9], "n_controls": 6,
+                     "images_per_subject": [1, 2], "workers": 1},
        example="gestalt-xai synth --run runs/demo --seed 0  |  gestalt-xai synth --run runs/demo --preview preview.png",
        actions=(CliAction("--preview", "only draw a montage (one face per syndrome, features outlined) to this PNG; "
                           "write no cohort", _preview_action, replaces_stage=True),
