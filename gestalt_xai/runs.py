@@ -460,7 +460,10 @@ class Run:
 
     def image_table(self) -> pd.DataFrame:
         """One row per cohort image: ids, optional metadata (sex, age, ancestry), ``sets`` (the protocol sets it
-        belongs to, comma-joined and sorted) and ``aligned``; joined once and shared by the stages."""
+        belongs to, comma-joined and sorted), ``test`` / ``gallery`` (in a test / gallery set of the protocol) and
+        ``aligned``; joined once and shared by the stages."""
+        from gestalt_xai.data.cohort import GALLERY_SETS, TEST_SETS
+
         cohort = self.cohort()
         files = [self.path / LAYOUT.cohort / "images.parquet", self.path / LAYOUT.cohort / "splits.parquet",
                  self.path / LAYOUT.alignments]
@@ -470,6 +473,9 @@ class Run:
             sets = (cohort.splits.groupby(cohort.splits["image_id"].astype(str))["set"]
                     .agg(lambda s: ",".join(sorted(set(s)))) if len(cohort.splits) else pd.Series(dtype=str))
             table["sets"] = table["image_id"].map(sets).fillna("")
+            member = table["sets"].str.split(",")
+            table["test"] = member.map(lambda s: any(x in TEST_SETS for x in s))
+            table["gallery"] = member.map(lambda s: any(x in GALLERY_SETS for x in s))
             aligned = set(self.aligned_ids()) if (self.path / LAYOUT.alignments).exists() else set()
             table["aligned"] = table["image_id"].isin(aligned)
             return table.sort_values("image_id", kind="stable").reset_index(drop=True)

@@ -57,3 +57,17 @@ def test_wrong_pipeline_option_fails_before_work_naming_the_field(tmp_path: Path
     p.write_text("name: bad\nstages:\n  - synth: {}\n  - teleport: {}\n")
     result = CliRunner().invoke(app, ["study", "check", str(p)])
     assert isinstance(result.exception, ConfigError) and "unknown stage 'teleport'" in str(result.exception)
+
+
+def test_stage_actions_run_through_the_generated_command(tmp_path: Path) -> None:
+    """synth's --preview replaces the stage (no --run needed, no cohort written); flags and --set both reach it."""
+    png = tmp_path / "montage.png"
+    result = CliRunner().invoke(app, ["synth", "--preview", str(png), "--n-syndromes", "2", "--set", "n_frequent=1"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "cohort").exists()
+    result = CliRunner().invoke(app, ["atlas"])
+    assert isinstance(result.exception, ConfigError) and "--run RUN_DIR is required" in str(result.exception)
+    result = CliRunner().invoke(app, ["align", "--run", str(tmp_path / "r"), "--detector", "dlib"])
+    assert result.exit_code == 2 and "dlib" in result.output  # a choice is checked by the flag itself

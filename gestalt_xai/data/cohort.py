@@ -58,6 +58,9 @@ __all__ = [
 ]
 
 GMDB_SETS = ("train", "val", "test", "frequent_gallery", "frequent_test", "rare_gallery", "rare_test")
+#: the sets whose images are explained as patients, and those that form galleries and centroids
+TEST_SETS = ("test", "frequent_test", "rare_test")
+GALLERY_SETS = ("train", "val", "frequent_gallery", "rare_gallery")
 #: a disorder is "frequent" with more than this many subjects (GMDB protocol)
 FREQUENT_MIN_SUBJECTS = 7
 #: a disorder is "rare" with 2..6 subjects
