@@ -16,7 +16,7 @@ import pandas as pd
 from gestalt_xai.aggregate.annotate import OWN_TARGET_GROUPS
 from gestalt_xai.aggregate.composite import is_signed_normalisation, normalise
 from gestalt_xai.aggregate.faces import ALL, WHOLE, FaceAccumulator, guarded_background
-from gestalt_xai.aggregate.figures import (
+from gestalt_xai.viz import (
     composite_grid,
     faces_figure,
     pair_figure,

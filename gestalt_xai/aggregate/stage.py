@@ -483,7 +483,7 @@ def aggregate_stage(run: Any, cfg: AggregateConfig | None = None) -> dict[str, A
         write_parquet(pairs, out / "pairs.parquet")
 
         if cfg.figures:
-            from gestalt_xai.aggregate.figures import FIGURE_FORMATS
+            from gestalt_xai.viz import FIGURE_FORMATS
             from gestalt_xai.aggregate.report import draw_all
 
             token = FIGURE_FORMATS.set(tuple(cfg.figure_formats))
