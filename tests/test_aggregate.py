@@ -1,5 +1,5 @@
 """Aggregation computations on constructed maps with known answers: composites, normalisations, streaming memory,
-region shares and enrichment, SpRAy, pair-map directions and the composite-face privacy guard."""
+region shares and enrichment, SpRAy and its cue check, pair-map directions and the composite-face privacy guard."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 
 from gestalt_xai.aggregate.composite import (
     CompositeAccumulator,
+    GroupComposites,
     composite_of_maps,
+    composite_table,
     normalise,
     stream_composites,
 )
@@ -25,7 +27,8 @@ from gestalt_xai.aggregate.regions import (
     syndrome_region_scores,
 )
 from gestalt_xai.aggregate.similarity import pair_maps, pair_table
-from gestalt_xai.aggregate.spray import downsample, spray_cluster
+from gestalt_xai.aggregate.spray import SprayResult, downsample, spray_cluster
+from gestalt_xai.assess.planted import ConfounderCue, check_cue
 from gestalt_xai.errors import InputError
 from gestalt_xai.faces.regions import LABEL, REGIONS, template_atlas
 from gestalt_xai.store import MapKey, MapStore
@@ -86,6 +89,31 @@ def test_subject_with_many_images_does_not_outweigh_others(tmp_path):
     np.testing.assert_allclose(acc.mean(), (a + b) / 2)  # per image it would be (a + 10 b) / 11
     assert acc.n_subjects == 2 and acc.n_images == 11
     assert np.allclose(acc.sign_agreement()[15, 15], 0.5) and np.allclose(acc.std()[15, 15], 0.5)
+
+
+def test_group_composites_count_a_subject_in_its_syndrome_all_and_its_strata():
+    comps = GroupComposites(["max-abs", "none"])
+    key = ("m", "hirescam", "", "centroid:own")
+    m = np.zeros((112, 112))
+    m[0, 0] = -2.0
+    m[0, 1] = 1.0
+    primary = comps.add_subject(key, "S01", ["all", "sex:F"], [m])
+    comps.add_subject(key, "S02", ["all", "sex:M"], [2 * m, 4 * m])
+    np.testing.assert_allclose(primary, normalise(m, "max-abs"))
+    # strata under the primary normalisation only; every subject also in ALL
+    assert set(comps.accumulators) == {
+        (g, s, *key, n) for g, s, n in [("S01", "all", "max-abs"), ("S01", "sex:F", "max-abs"),
+                                        ("S02", "all", "max-abs"), ("S02", "sex:M", "max-abs"),
+                                        ("ALL", "all", "max-abs"), ("ALL", "sex:F", "max-abs"),
+                                        ("ALL", "sex:M", "max-abs"), ("S01", "all", "none"), ("S02", "all", "none"),
+                                        ("ALL", "all", "none")]}
+    table = composite_table([comps])
+    s02 = table[(table["group"] == "S02") & (table["normalisation"] == "none")].iloc[0]
+    assert s02["n_subjects"] == 1 and s02["n_images"] == 2
+    every = table[(table["group"] == "ALL") & (table["normalisation"] == "none")].iloc[0]
+    # ALL = mean of S01 (m) and S02 (3m): minus_all of S02 is 3m - 2m = m
+    np.testing.assert_allclose(np.asarray(s02["minus_all"]).reshape(112, 112), m, atol=1e-6)
+    assert every["minus_all"] is None and every["n_subjects"] == 2
 
 
 def test_normalisations_follow_their_formulas():
@@ -183,6 +211,33 @@ def test_spray_finds_a_planted_split():
     res = spray_cluster(np.stack([downsample(m) for m in maps]))
     assert res.n_clusters == 2 and res.sizes == [16, 7]
     assert set(res.labels[16:]) == {1} and set(res.labels[:16]) == {0}
+
+
+def _cue_analysis(cluster_means: dict[int, np.ndarray]) -> tuple[dict, dict]:
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    res = SprayResult(2, labels, np.zeros(4), np.zeros(3), np.zeros((6, 2)), 2, [3, 3])
+    a = {"syndrome_id": "S01", "model_id": "m", "method": "hirescam", "layer": "", "target_group": "centroid:own",
+         "n_clusters": 2, "confounded_syndrome": True, "cluster_means": cluster_means}
+    return a, {("S01", "m", "hirescam", "", "centroid:own"): (res, [f"p{i}" for i in range(6)])}
+
+
+def test_cue_check_finds_the_cluster_recognised_by_the_cue():
+    mask = np.zeros((112, 112), bool)
+    mask[70:80, 84:94] = True
+    on_cue, elsewhere = np.zeros((112, 112)), np.zeros((112, 112))
+    on_cue[mask] = 1.0
+    elsewhere[40:50, 40:50] = 1.0
+    a, results = _cue_analysis({0: elsewhere, 1: on_cue})
+    check_cue([a], results, ConfounderCue("S01", mask, frozenset({"p3", "p4", "p5", "p0"})))
+    by = {c["cluster"]: c for c in a["cue"]}
+    assert a["cue_cluster"] == 1 and a["splits_on_cue"]
+    assert by[1]["cue_share"] == 1.0 and by[0]["cue_share"] == 0.0
+    assert by[1]["cue_enrichment"] == pytest.approx(1 / mask.mean())
+    assert by[1]["marked_fraction"] == 1.0 and by[0]["marked_fraction"] == pytest.approx(1 / 3)
+    # both clusters on the cue: no split on it
+    b, results = _cue_analysis({0: on_cue, 1: on_cue})
+    check_cue([b], results, ConfounderCue("S01", mask))
+    assert not b["splits_on_cue"]
 
 
 def test_spray_reports_one_cluster_without_structure():

@@ -5,6 +5,7 @@ between its feature and a cue), with a minimal synthetic-cohort truth. No traine
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -98,6 +99,12 @@ def aggregated(tmp_path_factory):
     return run, summary
 
 
+def _copy_before_aggregate(run: Run, folder) -> Run:
+    copy = Run(shutil.copytree(run.path, folder))
+    shutil.rmtree(copy.path / "aggregate")
+    return copy
+
+
 def test_stage_writes_tables_and_figures(aggregated):
     run, summary = aggregated
     out = run.path / "aggregate"
@@ -163,12 +170,59 @@ def test_stage_spray_splits_confounded_syndrome_on_the_cue(aggregated):
 
 
 def test_figure_formats_option(aggregated, tmp_path):
-    import shutil
-
-    run, _ = aggregated
-    copy = Run(shutil.copytree(run.path, tmp_path / "run"))
-    shutil.rmtree(copy.path / "aggregate")
+    copy = _copy_before_aggregate(aggregated[0], tmp_path / "run")
     aggregate_stage(copy, AggregateConfig(normalisations=["max-abs"], strata=[], pair_figures=0, patient_figures=0,
                                           figure_formats=["png"], quiet=True))
     suffixes = {p.suffix for p in (copy.path / "aggregate" / "figures").rglob("*") if p.is_file()}
     assert suffixes == {".png"}
+
+
+def test_stage_returns_its_summary_lines(aggregated):
+    run, summary = aggregated
+    lines = summary["summary_lines"]
+    assert any("saliency" in line and "3/3 syndromes (100%" in line for line in lines), lines
+    assert "summary_lines" not in run.manifest["stages"]["aggregate"]["summary"]
+
+
+@pytest.mark.parametrize("broken", ["features.parquet", "syndromes.json"])
+def test_unreadable_truth_is_reported_not_taken_for_a_real_cohort(aggregated, tmp_path, caplog, broken):
+    copy = _copy_before_aggregate(aggregated[0], tmp_path / "run")
+    path = copy.path / "cohort" / "truth" / broken
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # truncated
+    with caplog.at_level("WARNING"):
+        summary = aggregate_stage(copy, AggregateConfig(normalisations=["max-abs"], strata=[], figures=False))
+    errors = copy.errors()
+    rows = errors[errors["stage"] == "aggregate"]
+    assert list(rows["item_id"]) == [f"cohort/truth/{broken}"] and list(rows["error_kind"]) == ["input"]
+    assert any(f"cohort/truth/{broken}" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    # the run goes on, without checks against the truth
+    assert (copy.path / "aggregate" / "composites.parquet").exists()
+    assert not (copy.path / "aggregate" / "planted_hits.parquet").exists()
+    assert summary["planted_hits"] == [] and summary["control_id"] is None
+
+
+def test_real_cohort_without_truth_has_no_truth_errors(aggregated, tmp_path, caplog):
+    copy = _copy_before_aggregate(aggregated[0], tmp_path / "run")
+    shutil.rmtree(copy.path / "cohort" / "truth")
+    with caplog.at_level("WARNING"):
+        summary = aggregate_stage(copy, AggregateConfig(normalisations=["max-abs"], strata=[], figures=False))
+    errors = copy.errors()
+    assert not len(errors[errors["stage"] == "aggregate"])
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "truth" in r.getMessage()]
+    assert summary["planted_hits"] == [] and summary["spray"] == []
+
+
+def test_confounder_without_a_mask_is_reported_and_still_flagged(aggregated, tmp_path):
+    copy = _copy_before_aggregate(aggregated[0], tmp_path / "run")
+    (copy.path / "cohort" / "truth" / "syndromes.json").write_text(
+        json.dumps({"control_id": "S00", "config": {"confounder": {"syndrome": "S01"}}}), encoding="utf-8")
+    summary = aggregate_stage(copy, AggregateConfig(normalisations=["max-abs"], strata=[], figures=False))
+    errors = copy.errors()
+    rows = errors[errors["stage"] == "aggregate"]
+    assert list(rows["item_id"]) == ["cohort/truth/masks"] and "alignment" in rows["message"].iloc[0]
+    assert summary["confounded_syndrome"] == "S01"
+    assert {s["method"] for s in summary["spray"]} == {"hirescam", "saliency"}
+    assert all(s["cue"] is None for s in summary["spray"])
+    members = pd.read_parquet(copy.path / "aggregate" / "spray_members.parquet")
+    assert members.loc[members["syndrome_id"] == "S01", "confounded"].eq(False).all()
+    assert any("no cue mask" in line for line in summary["summary_lines"])

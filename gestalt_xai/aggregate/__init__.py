@@ -3,13 +3,16 @@ facial-region scores and SpRAy clusters (the ``aggregate`` stage).
 
 Modules, one concept each:
 
-- :mod:`.composite`: named per-map normalisations and the streaming composite accumulator (one subject counts once)
 - :mod:`.annotate`: joins the map-store index with the cohort (subject, syndrome, target group)
+- :mod:`.composite`: named per-map normalisations, the streaming composite accumulator (one subject counts once) and
+  the composites of a syndrome, of every subject and per stratum
 - :mod:`.faces`: composite faces, strata (sex / age band / ancestry) and the privacy guard
 - :mod:`.similarity`: both directions of pair maps; a patient against a syndrome (centroid + nearest gallery)
 - :mod:`.regions`: positive-mass shares and enrichment per atlas region, with HPO anchors
-- :mod:`.spray`: SpRAy (downsampled maps, kNN graph, spectral embedding, eigengap)
-- :mod:`.figures` / :mod:`.report`: drawing; :mod:`.stage`: :class:`AggregateConfig` and :func:`aggregate_stage`
+- :mod:`.spray`: SpRAy (downsampled maps, kNN graph, spectral embedding, eigengap) per syndrome
+- :mod:`.report`: which figures to draw (drawn by :mod:`gestalt_xai.viz`); :mod:`.stage`: :class:`AggregateConfig`
+  and :func:`aggregate_stage`, which also runs the checks against a synthetic cohort's truth
+  (:mod:`gestalt_xai.assess.planted`)
 """
 
 from gestalt_xai.aggregate.composite import NORMALISATIONS, CompositeAccumulator, composite_of_maps, normalise

@@ -17,7 +17,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["annotate_index", "OWN_TARGET_GROUPS", "target_group"]
+__all__ = ["annotate_index", "GROUP_COLS", "OWN_TARGET_GROUPS", "target_group"]
+
+#: the columns (besides syndrome, stratum and normalisation) that identify a composite, a region score or a SpRAy run
+GROUP_COLS = ["model_id", "method", "layer", "target_group"]
 
 #: target groups that explain a patient towards its own diagnosis (composites, regions, SpRAy default to these)
 OWN_TARGET_GROUPS = ("centroid:own", "logit:own", "pair:same-syndrome")

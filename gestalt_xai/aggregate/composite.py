@@ -23,6 +23,11 @@ Normalisations (:data:`NORMALISATIONS`), each applied per map before averaging:
 Any other name is passed to :func:`gestalt_xai.attribution.postprocess.apply_view` (e.g. ``"relu+max-abs"``,
 ``"sum-norm"``), so every named view of the toolkit can feed a composite.
 
+In the aggregate stage :class:`GroupComposites` feeds each subject into the composites of its syndrome and of every
+subject (``ALL``), whole and — under the first (primary) normalisation — per stratum, and :func:`composite_table`
+lays them out as ``aggregate/composites.parquet`` rows with the difference from the ``ALL`` composite
+(``minus_all``, the syndrome-specific part of the map).
+
 Streaming: :class:`CompositeAccumulator` keeps running sums (``Σu``, ``Σu²``, sign counts) in float64 — a fixed
 number of 112×112 arrays per group — and :func:`stream_subject_maps` hands out one subject's maps at a time from
 blocks of at most ``block_maps`` maps, so memory does not grow with the number of patients. Subjects are visited in
@@ -39,13 +44,15 @@ which maps were stored (and ``float64`` sums keep rounding far below float32 res
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from gestalt_xai.aggregate.annotate import GROUP_COLS
+from gestalt_xai.aggregate.faces import ALL, WHOLE
 from gestalt_xai.attribution.postprocess import apply_view
 
 __all__ = [
@@ -58,6 +65,9 @@ __all__ = [
     "composite_of_maps",
     "stream_composites",
     "subject_mean",
+    "GroupComposites",
+    "composite_table",
+    "composite_array",
 ]
 
 MAP_SIZE = 112
@@ -258,3 +268,82 @@ def stream_composites(store: Any, rows: pd.DataFrame, normalisation: str = "max-
         u, n = subject_mean((m for _, m in items), normalisation)
         out.setdefault(key, CompositeAccumulator()).add(u, n)
     return out
+
+
+class GroupComposites:
+    """The composites of one streaming pass, one :class:`CompositeAccumulator` per
+    ``(group, stratum, model_id, method, layer, target_group, normalisation)``.
+
+    Parameters
+    ----------
+    normalisations : per-map normalisations; the first (primary) one also feeds the strata composites.
+    """
+
+    def __init__(self, normalisations: Sequence[str]):
+        self.normalisations = list(normalisations)
+        self.accumulators: dict[tuple[Any, ...], CompositeAccumulator] = {}
+
+    def add_subject(self, key: tuple[Any, ...], syndrome: str, strata: Sequence[str],
+                    maps: Sequence[np.ndarray]) -> np.ndarray:
+        """Add one subject's maps of one ``key`` (:data:`~gestalt_xai.aggregate.annotate.GROUP_COLS` values).
+
+        The subject counts in its ``syndrome`` and in ``ALL``, whole and in each of its ``strata`` labels
+        (:func:`gestalt_xai.aggregate.faces.subject_strata`, ``"all"`` first). Returns the subject's mean map under
+        the primary normalisation (the SpRAy feature of :mod:`gestalt_xai.aggregate.spray`).
+        """
+        primary = self.normalisations[0]
+        primary_mean = None
+        for norm in self.normalisations:
+            u, n = subject_mean(maps, norm)
+            for group in (syndrome, ALL):
+                for label in (strata if norm == primary else [WHOLE]):
+                    self.accumulators.setdefault((group, label, *key, norm), CompositeAccumulator()).add(u, n)
+            if norm == primary:
+                primary_mean = u
+        assert primary_mean is not None
+        return primary_mean
+
+
+def _flat(a: np.ndarray | None) -> np.ndarray | None:
+    return None if a is None else np.asarray(a, np.float32).ravel()
+
+
+def composite_table(composites: Iterable[GroupComposites]) -> pd.DataFrame:
+    """The rows of ``aggregate/composites.parquet`` (sorted by key within each pass) with ``minus_all``.
+
+    ``minus_all`` is a syndrome composite minus the ``ALL`` composite of the same stratum, key and normalisation
+    (``None`` for ``ALL`` itself).
+    """
+    rows = []
+    for part in composites:
+        for key in sorted(part.accumulators):
+            a = part.accumulators[key]
+            group, stratum, model_id, method, layer, tgroup, norm = key
+            rows.append({"group": group, "stratum": stratum, "model_id": model_id, "method": method, "layer": layer,
+                         "target_group": tgroup, "normalisation": norm, "n_subjects": a.n_subjects,
+                         "n_images": a.n_images, "mean": _flat(a.mean()), "std": _flat(a.std()),
+                         "sign_agreement": _flat(a.sign_agreement())})
+    comp = pd.DataFrame(rows)
+    keys = ["stratum", *GROUP_COLS, "normalisation"]
+    ref = {tuple(r[k] for k in keys): r["mean"] for r in comp[comp["group"] == ALL].to_dict("records")}
+    diffs = []
+    for r in comp.to_dict("records"):
+        base = ref.get(tuple(r[k] for k in keys))
+        if r["group"] == ALL or base is None:
+            diffs.append(None)
+        else:
+            diffs.append((np.asarray(r["mean"], np.float32) - np.asarray(base, np.float32)).astype(np.float32))
+    comp["minus_all"] = diffs
+    return comp
+
+
+def composite_array(row: pd.Series | dict[str, Any], column: str = "mean") -> np.ndarray | None:
+    """A composite's map from a ``composites.parquet`` row as ``(112, 112)`` float32 (``None`` when null).
+
+    >>> composite_array({"mean": [0.5] * 112 * 112}).shape
+    (112, 112)
+    """
+    v = row[column]
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return None
+    return np.asarray(v, np.float32).reshape(MAP_SIZE, MAP_SIZE)

@@ -16,12 +16,16 @@ Streaming: :class:`FaceAccumulator` keeps one float64 sum per group; crops are r
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from gestalt_xai.errors import InputError
+from gestalt_xai.runs import ErrorRow, progress
 
 __all__ = [
     "ALL",
@@ -29,7 +33,11 @@ __all__ = [
     "GuardedFace",
     "age_band",
     "strata_of",
+    "stratum_labels",
+    "subject_strata",
+    "aligned_images",
     "accumulate_faces",
+    "composite_faces",
     "guarded_background",
     "schematic_face",
 ]
@@ -126,19 +134,39 @@ def stratum_labels(row: dict[str, Any], kinds: Iterable[str]) -> list[str]:
     return out
 
 
-def accumulate_faces(run: Any, images: pd.DataFrame, strata: pd.DataFrame, kinds: list[str],
-                     errors: list[dict[str, str]] | None = None) -> dict[tuple[str, str], FaceAccumulator]:
+def subject_strata(strata: pd.DataFrame, kinds: Iterable[str]) -> dict[str, list[str]]:
+    """Per subject, the strata it counts in: ``{"S01_p00": ["all", "sex:F", "age_band:2-5y"], …}``.
+
+    ``strata`` is :func:`strata_of`'s table; ``"all"`` (the whole group) comes first.
+
+    >>> subject_strata(pd.DataFrame({"subject_id": ["a"], "sex": ["F"]}), ["sex", "ancestry"])
+    {'a': ['all', 'sex:F']}
+    """
+    kinds = list(kinds)
+    return {str(row["subject_id"]): [WHOLE, *stratum_labels(row, kinds)] for row in strata.to_dict("records")}
+
+
+def aligned_images(run: Any, images: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``images`` whose aligned crop is in ``run/aligned``."""
+    from gestalt_xai.data.aligned import aligned_dir
+
+    folder = aligned_dir(run)
+    ids = {p.stem for p in folder.glob("*.png")} if folder.exists() else set()
+    return images[images["image_id"].astype(str).isin(ids)]
+
+
+def accumulate_faces(run: Any, images: pd.DataFrame, strata: Mapping[str, list[str]],
+                     errors: list[ErrorRow] | None = None, stage: str = "aggregate"
+                     ) -> dict[tuple[str, str], FaceAccumulator]:
     """Composite-face accumulators keyed ``(group, stratum)``: every syndrome and ``ALL``, ``"all"`` and strata.
 
-    Crops are read from ``run/aligned`` one subject at a time; a missing crop is skipped (and reported in
-    ``errors``).
+    ``strata`` maps a subject to the strata it counts in (:func:`subject_strata`; subjects missing there count in
+    ``"all"`` only). Crops are read from ``run/aligned`` one subject at a time; a missing crop is skipped (and
+    reported in ``errors`` as a row of ``stage``).
     """
     from gestalt_xai.data.aligned import load_crops
-    from gestalt_xai.errors import InputError
-    from gestalt_xai.runs import progress
 
     acc: dict[tuple[str, str], FaceAccumulator] = {}
-    meta = strata.set_index("subject_id")
     table = images.assign(subject_id=images["subject_id"].astype(str), image_id=images["image_id"].astype(str),
                           syndrome_id=images["syndrome_id"].astype(str))
     groups = list(table.groupby("subject_id", sort=True))
@@ -149,18 +177,37 @@ def accumulate_faces(run: Any, images: pd.DataFrame, strata: pd.DataFrame, kinds
                 crops.append(load_crops(run, [image_id])[0].astype(np.float64))
             except InputError as exc:
                 if errors is not None:
-                    errors.append({"item_id": image_id, "error_kind": "input", "message": str(exc)})
+                    errors.append(ErrorRow(stage, image_id, exc.kind, str(exc)))
         if not crops:
             continue
         face = np.mean(crops, axis=0)
         syndrome = str(part["syndrome_id"].iloc[0])
-        labels = [WHOLE]
-        if subject in meta.index:
-            labels += stratum_labels(meta.loc[subject].to_dict(), kinds)
         for group in (syndrome, ALL):
-            for lab in labels:
-                acc.setdefault((group, lab), FaceAccumulator()).add(face, len(crops))
+            for label in strata.get(str(subject), [WHOLE]):
+                acc.setdefault((group, label), FaceAccumulator()).add(face, len(crops))
     return acc
+
+
+def composite_faces(run: Any, images: pd.DataFrame, strata: Mapping[str, list[str]], min_subjects: int,
+                    out_dir: Path, errors: list[ErrorRow] | None = None
+                    ) -> tuple[dict[tuple[str, str], FaceAccumulator], pd.DataFrame]:
+    """The composite faces of the aligned images, and the table of ``aggregate/faces.parquet``.
+
+    Faces of at least ``min_subjects`` subjects are written to ``out_dir/<group>__<stratum>.png`` (the privacy
+    guard, module docstring); the table lists every ``(group, stratum)`` with ``rendered`` saying which.
+    """
+    from gestalt_xai.data.images import save_png
+    from gestalt_xai.viz import file_stem
+
+    faces = accumulate_faces(run, aligned_images(run, images), strata, errors)
+    rows = []
+    for (group, stratum), acc in sorted(faces.items()):
+        rendered = acc.n_subjects >= min_subjects
+        if rendered:
+            save_png(out_dir / f"{file_stem(group)}__{file_stem(stratum)}.png", acc.mean())
+        rows.append({"group": group, "stratum": stratum, "n_subjects": acc.n_subjects, "n_images": acc.n_images,
+                     "rendered": rendered, "min_subjects": min_subjects})
+    return faces, pd.DataFrame(rows)
 
 
 def schematic_face() -> np.ndarray:

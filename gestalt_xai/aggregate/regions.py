@@ -11,6 +11,10 @@ above 1 the model looks at the region more than its size explains. Shares of *po
 target, Arras et al. 2022 relevance mass) are invariant to a positive rescaling of the map, so they are computed on
 the raw stored map whatever normalisation the composites use. A map with no positive pixel has no shares (NaN).
 
+In the aggregate stage every stored map is scored on the template atlas and, when the image's 68 landmarks are
+known, on its own landmark atlas (:func:`map_region_rows`); :func:`region_tables` then averages per subject and per
+syndrome (and over every subject, group ``ALL``).
+
 Per subject, shares are the mean over the subject's images; per syndrome, the mean over its subjects (each subject
 counts once), and the syndrome's enrichment is that mean share over the (mean) area share. Each region carries its
 HPO anchor terms (``hpo_face_regions.tsv``, :func:`gestalt_xai.faces.regions.region_table`).
@@ -25,12 +29,16 @@ HPO anchor terms (``hpo_face_regions.tsv``, :func:`gestalt_xai.faces.regions.reg
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import cache
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from gestalt_xai.faces.regions import REGION_GROUP, REGIONS, region_table, template_atlas
+from gestalt_xai.aggregate.annotate import GROUP_COLS
+from gestalt_xai.aggregate.faces import ALL
+from gestalt_xai.faces.regions import REGION_GROUP, REGIONS, landmark_atlas, region_table, template_atlas
 
 __all__ = [
     "region_shares",
@@ -40,6 +48,9 @@ __all__ = [
     "syndrome_region_scores",
     "subject_region_scores",
     "top_regions",
+    "map_region_rows",
+    "template_landmarks",
+    "region_tables",
     "FACE_REGIONS",
 ]
 
@@ -135,3 +146,63 @@ def top_regions(per_syndrome: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 def group_of(region: str) -> str | None:
     """Toolkit region group (``hpo_face_regions.tsv``) of an atlas region."""
     return REGION_GROUP.get(region)
+
+
+def template_landmarks(run: Any, photo_landmarks: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Per aligned image, its 68 landmarks in template space, for the landmark atlas.
+
+    The landmarks (photo pixels) are ``aligned/alignment.parquet``'s ``landmarks68``, else ``photo_landmarks[image]``
+    (e.g. a synthetic cohort's true ones, :func:`gestalt_xai.assess.planted.truth_landmarks`), brought into the crop
+    by the image's alignment matrix. Empty when the run has no alignment table.
+    """
+    from gestalt_xai.errors import InputError
+    from gestalt_xai.faces.align import load_alignments, row_matrix, transform_points
+
+    try:
+        al = load_alignments(run)
+    except InputError:  # no alignment table (maps imported with their crops): template atlas only
+        return {}
+    photo_landmarks = photo_landmarks or {}
+    out = {}
+    for row in al.to_dict("records"):
+        lm = row.get("landmarks68")
+        if lm is None or (not isinstance(lm, (list, np.ndarray))) or len(lm) != 136:
+            lm = photo_landmarks.get(str(row["image_id"]))
+        if lm is None or row.get("matrix") is None:
+            continue
+        out[str(row["image_id"])] = transform_points(np.asarray(lm, np.float64).reshape(68, 2), row_matrix(row))
+    return out
+
+
+def map_region_rows(row: dict[str, Any], map_: np.ndarray, template: np.ndarray,
+                    landmarks68: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """The ``aggregate/region_maps.parquet`` rows of one stored map: per atlas × region its share, area share and
+    the map's positive mass.
+
+    ``row`` is the map's annotated index row (:func:`gestalt_xai.aggregate.annotate.annotate_index`); the map is
+    scored on ``template`` (atlas ``"template"``) and, when ``landmarks68`` (template space) are given, on the
+    image's own :func:`~gestalt_xai.faces.regions.landmark_atlas` (atlas ``"landmarks"``).
+    """
+    atlases = [("template", template)]
+    if landmarks68 is not None:
+        atlases.append(("landmarks", landmark_atlas(landmarks68)))
+    out = []
+    pos = float(np.maximum(map_, 0).sum())
+    for name, labels in atlases:
+        share, area = region_shares(map_, labels)
+        for r, region in enumerate(REGIONS):
+            out.append({"image_id": row["image_id"], "subject_id": row["subject_id"], "syndrome_id": row["syndrome_id"],
+                        **{c: row[c] for c in GROUP_COLS}, "target": row["target"], "atlas": name, "region": region,
+                        "share": float(share[r]), "area_share": float(area[r]), "positive_mass": pos})
+    return out
+
+
+def region_tables(per_map: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(per subject, per syndrome)`` region scores from :func:`map_region_rows` rows, keyed by syndrome,
+    :data:`~gestalt_xai.aggregate.annotate.GROUP_COLS` and atlas; the per-syndrome table also holds every subject
+    together as syndrome ``ALL``."""
+    keys = ["syndrome_id", *GROUP_COLS, "atlas"]
+    per_subject = subject_region_scores(per_map, keys)
+    per_syn = syndrome_region_scores(per_subject, keys)
+    everyone = syndrome_region_scores(per_subject.assign(syndrome_id=ALL), keys)
+    return per_subject, pd.concat([per_syn, everyone], ignore_index=True)

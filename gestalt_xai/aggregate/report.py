@@ -8,15 +8,18 @@ figure shows a composite face of fewer than ``min_subjects`` subjects.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from gestalt_xai.aggregate.annotate import OWN_TARGET_GROUPS
-from gestalt_xai.aggregate.composite import is_signed_normalisation, normalise
+from gestalt_xai.aggregate.composite import composite_array, is_signed_normalisation, normalise
 from gestalt_xai.aggregate.faces import ALL, WHOLE, FaceAccumulator, guarded_background
-from gestalt_xai.aggregate.figures import (
+from gestalt_xai.attribution.base import UNSIGNED_METHODS
+from gestalt_xai.viz import (
+    FIGURE_FORMATS,
     composite_grid,
     faces_figure,
     pair_figure,
@@ -24,16 +27,11 @@ from gestalt_xai.aggregate.figures import (
     region_heatmap,
     spray_figure,
 )
-from gestalt_xai.attribution.base import UNSIGNED_METHODS
+from gestalt_xai.viz import file_stem as _safe
 
 log = logging.getLogger(__name__)
 
-__all__ = ["draw_all"]
-
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.+" else "-" for c in str(name))
+__all__ = ["FigureInputs", "draw_all"]
 
 
 def _col(method: str, layer: str) -> str:
@@ -53,18 +51,40 @@ def _smooth(m: np.ndarray | None, layer: str, sigma: float) -> np.ndarray | None
     return cv2.GaussianBlur(np.asarray(m, np.float32), (0, 0), sigma)
 
 
-def _arr(v: Any) -> np.ndarray | None:
-    if v is None or (isinstance(v, float) and np.isnan(v)):
-        return None
-    return np.asarray(v, np.float32).reshape(112, 112)
+@dataclass
+class FigureInputs:
+    """What the aggregate stage hands its figures: its tables and what the truth says (empty for a real cohort)."""
+
+    store: Any  # the map store (pair and patient figures read their maps)
+    rows: pd.DataFrame  # the annotated map index (:func:`~gestalt_xai.aggregate.annotate.annotate_index`)
+    composites: pd.DataFrame  # aggregate/composites.parquet
+    region_syndromes: pd.DataFrame  # aggregate/region_syndromes.parquet
+    faces: dict[tuple[str, str], FaceAccumulator]  # composite faces by (group, stratum)
+    spray: list[dict[str, Any]]  # SpRAy analyses (with cluster maps and the cue check)
+    spray_results: dict[tuple[Any, ...], Any]  # key → (SprayResult, subjects)
+    spray_members: list[dict[str, Any]]
+    pairs: pd.DataFrame  # aggregate/pairs.parquet
+    names: dict[str, str]  # syndrome id → name
+    planted: dict[str, set[str]]  # syndrome → atlas regions of its planted features
+    control: str | None  # syndrome id of controls
+    confounded: str | None  # syndrome carrying the confounder cue
 
 
-def draw_all(run: Any, cfg: Any, store: Any, comp: pd.DataFrame, per_syn: pd.DataFrame,
-             faces: dict[tuple[str, str], FaceAccumulator], planted: dict[str, set[str]], control: str | None,
-             spray_rows: list[dict[str, Any]], spray_results: dict[tuple[Any, ...], Any],
-             spray_members: list[dict[str, Any]], pairs: pd.DataFrame, rows: pd.DataFrame,
-             names: dict[str, str], confounded: str | None) -> None:
-    """All figures (see the module docstring)."""
+def draw_all(run: Any, cfg: Any, inputs: FigureInputs) -> None:
+    """All figures (see the module docstring) in ``cfg.figure_formats`` (an :class:`AggregateConfig
+    <gestalt_xai.aggregate.stage.AggregateConfig>`)."""
+    token = FIGURE_FORMATS.set(tuple(cfg.figure_formats))
+    try:
+        _draw_all(run, cfg, inputs)
+    finally:
+        FIGURE_FORMATS.reset(token)
+
+
+def _draw_all(run: Any, cfg: Any, t: FigureInputs) -> None:
+    store, comp, per_syn, faces, planted, control = t.store, t.composites, t.region_syndromes, t.faces, t.planted, \
+        t.control
+    spray_rows, spray_results, spray_members = t.spray, t.spray_results, t.spray_members
+    pairs, rows, names, confounded = t.pairs, t.rows, t.names, t.confounded
     from gestalt_xai.runs import progress
 
     fig_dir = run.dir("aggregate") / "figures"
@@ -102,9 +122,10 @@ def draw_all(run: Any, cfg: Any, store: Any, comp: pd.DataFrame, per_syn: pd.Dat
         for r in whole.to_dict("records"):
             c = _col(r["method"], r["layer"])
             sm = cfg.figure_smoothing
-            cells[(r["group"], c)] = (_smooth(_arr(r["mean"]), r["layer"], sm), int(r["n_subjects"]))
-            if r["group"] != ALL and _arr(r["minus_all"]) is not None:
-                diffs[(r["group"], c)] = (_smooth(_arr(r["minus_all"]), r["layer"], sm), int(r["n_subjects"]))
+            cells[(r["group"], c)] = (_smooth(composite_array(r), r["layer"], sm), int(r["n_subjects"]))
+            diff = composite_array(r, "minus_all")
+            if r["group"] != ALL and diff is not None:
+                diffs[(r["group"], c)] = (_smooth(diff, r["layer"], sm), int(r["n_subjects"]))
         row_names = syndromes + [ALL]
         backgrounds = {g: bg(g).face for g in row_names}
         stem = f"{_safe(model_id)}__{_safe(tgroup)}__{_safe(norm)}"
@@ -125,7 +146,7 @@ def draw_all(run: Any, cfg: Any, store: Any, comp: pd.DataFrame, per_syn: pd.Dat
         gcells = {}
         for r in part[part["group"] == ALL].to_dict("records"):
             gcells[(r["stratum"], _col(r["method"], r["layer"]))] = (
-                _smooth(_arr(r["mean"]), r["layer"], cfg.figure_smoothing), int(r["n_subjects"]))
+                _smooth(composite_array(r), r["layer"], cfg.figure_smoothing), int(r["n_subjects"]))
         composite_grid(gcells, strata_rows, cols, {s: bg(ALL, s).face for s in strata_rows}, signed,
                        fig_dir / f"generic__{stem}.png",
                        f"Generic maps: all subjects together, and by stratum — model {model_id}, {what}",
@@ -158,7 +179,7 @@ def draw_all(run: Any, cfg: Any, store: Any, comp: pd.DataFrame, per_syn: pd.Dat
                         continue
                     b = bg(g, s)
                     sp.append((f"{'all' if s == WHOLE else s.replace('_', ' ')}\nn={b.n_subjects}", b.face,
-                               _smooth(_arr(sel.iloc[0]["mean"]), ly, cfg.figure_smoothing), b.label))
+                               _smooth(composite_array(sel.iloc[0]), ly, cfg.figure_smoothing), b.label))
                 faces_figure(sp, signed[c], fig_dir / "strata" / f"{_safe(g)}__{stem}__{_file_col(m, ly)}.png",
                              f"{label(g)} by sex / age band / ancestry — {c}, {tgroup}, {norm}",
                              colorbar_label=f"mean ({norm})")

@@ -15,6 +15,11 @@ cheek in most photos of one syndrome) show up as clusters of their attribution m
    precomputed graph, ``cluster_qr`` labels: deterministic), numbered by decreasing size; a 2-D spectral embedding
    (``sklearn.manifold.spectral_embedding``) for the scatter plot.
 
+In the aggregate stage (:func:`spray_syndromes`) SpRAy runs per ``(syndrome, model, method, layer, target group)``
+for the targets that explain a patient towards its own syndrome, on syndromes with enough subjects; a second
+streaming pass over the maps forms each cluster's full-resolution composite. Whether a confounded syndrome splits on
+its cue is checked against the synthetic cohort's truth by :func:`gestalt_xai.assess.planted.check_cue`.
+
 Memory: the features are ``n_subjects × size²`` floats of one syndrome (400 per subject at 20×20), never full maps.
 
 >>> rng = np.random.default_rng(0)
@@ -27,13 +32,20 @@ Memory: the features are ``n_subjects × size²`` floats of one syndrome (400 pe
 
 from __future__ import annotations
 
+import json
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
+import pandas as pd
 
-__all__ = ["SprayResult", "downsample", "spray_cluster", "eigengap"]
+from gestalt_xai.aggregate.annotate import GROUP_COLS, OWN_TARGET_GROUPS
+from gestalt_xai.aggregate.composite import CompositeAccumulator, stream_subject_maps, subject_mean
+
+__all__ = ["SprayResult", "downsample", "spray_cluster", "eigengap", "spray_syndromes", "spray_table"]
 
 
 @dataclass
@@ -114,3 +126,70 @@ def spray_cluster(maps: np.ndarray, n_neighbors: int | None = None, max_clusters
         emb = np.column_stack([emb, np.zeros(n)])
     sizes = [int((labels == c).sum()) for c in range(len(order))]
     return SprayResult(len(order), labels, eigenvalues, gaps, emb[:, :2], k, sizes)
+
+
+def spray_syndromes(store: Any, rows: pd.DataFrame, features: Mapping[tuple[Any, ...], list[tuple[str, np.ndarray]]],
+                    *, normalisation: str, n_neighbors: int | None = None, max_clusters: int = 6,
+                    min_subjects: int = 8, seed: int = 0, block_maps: int = 256,
+                    marked: Mapping[str, set[str]] | None = None
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[tuple[Any, ...], Any]]:
+    """SpRAy per ``(syndrome, model_id, method, layer, target_group)`` of an own target group, then the clusters'
+    composites in a second streaming pass over ``rows`` (annotated store index rows).
+
+    Parameters
+    ----------
+    features : key → ``[(subject, downsampled subject map), …]`` (:func:`downsample` of the subject's mean map under
+        ``normalisation``, collected in the stage's first pass).
+    marked : syndrome → subjects whose photos carry a known cue (a confounded synthetic syndrome): its analyses get
+        ``confounded_syndrome`` True and its members a ``confounded`` flag (``None`` for other syndromes).
+
+    Returns
+    -------
+    ``(analyses, members, results)``: one dict per analysis (with ``cluster_means``: cluster → composite map), one
+    dict per subject (cluster, 2-D embedding), and key → ``(SprayResult, subjects)``.
+    """
+    marked = marked or {}
+    analyses, members = [], []
+    results: dict[tuple[Any, ...], Any] = {}
+    for key in sorted(features):
+        syndrome, model_id, method, layer, tgroup = key
+        if tgroup not in OWN_TARGET_GROUPS or len(features[key]) < min_subjects:
+            continue
+        subjects = [s for s, _ in features[key]]
+        x = np.stack([f for _, f in features[key]])
+        res = spray_cluster(x, n_neighbors, max_clusters, seed=seed)
+        results[key] = (res, subjects)
+        for s, c, e in zip(subjects, res.labels, res.embedding, strict=True):
+            members.append({"syndrome_id": syndrome, "model_id": model_id, "method": method, "layer": layer,
+                            "target_group": tgroup, "subject_id": s, "cluster": int(c), "embedding_x": float(e[0]),
+                            "embedding_y": float(e[1]),
+                            "confounded": (s in marked[syndrome]) if syndrome in marked else None})
+        analyses.append({"syndrome_id": syndrome, "model_id": model_id, "method": method, "layer": layer,
+                         "target_group": tgroup, "normalisation": normalisation, "n_subjects": len(subjects),
+                         "n_neighbors": res.n_neighbors, "n_clusters": res.n_clusters,
+                         "cluster_sizes": res.sizes, "eigenvalues": [float(v) for v in res.eigenvalues],
+                         "confounded_syndrome": syndrome in marked})
+    # second pass: full-resolution composites per cluster (streamed, one accumulator per cluster)
+    cluster_acc: dict[tuple[Any, ...], CompositeAccumulator] = {}
+    member_of = {(m["syndrome_id"], m["model_id"], m["method"], m["layer"], m["target_group"], m["subject_id"]):
+                 m["cluster"] for m in members}
+    wanted = rows[rows["syndrome_id"].isin({k[0] for k in results})]
+    for key, subject, items in stream_subject_maps(store, wanted, GROUP_COLS, block_maps):
+        syndrome = str(items[0][0]["syndrome_id"])
+        c = member_of.get((syndrome, *key, subject))
+        if c is None:
+            continue
+        u, n = subject_mean([m for _, m in items], normalisation)
+        cluster_acc.setdefault((syndrome, *key, c), CompositeAccumulator()).add(u, n)
+    for a in analyses:
+        key = (a["syndrome_id"], a["model_id"], a["method"], a["layer"], a["target_group"])
+        a["cluster_means"] = {c: cluster_acc[(*key, c)].mean() for c in range(a["n_clusters"])
+                              if (*key, c) in cluster_acc}
+    return analyses, members, results
+
+
+def spray_table(analyses: list[dict[str, Any]]) -> pd.DataFrame:
+    """The rows of ``aggregate/spray.parquet``: the analyses without maps, the cue check (if any) as JSON."""
+    return pd.DataFrame([{k: v for k, v in a.items() if k not in ("cluster_means", "cue", "cue_mask")}
+                         | {"cue": json.dumps(a.get("cue"), sort_keys=True) if a.get("cue") else None}
+                         for a in analyses])

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from gestalt_xai.data.synthetic.face_model import FaceGeometry, FaceShape, Pose, build_geometry, project, surface_z
+from gestalt_xai.data.synthetic.renderer import ellipse
 
 __all__ = [
     "Feature",
@@ -66,11 +67,8 @@ class Feature:
 
 
 # ------------------------------------------------------------------------------------------- region polygons
-def _ellipse(cx: float, cy: float, rx: float, ry: float, ang: float = 0.0, n: int = 32) -> np.ndarray:
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    a = np.deg2rad(ang)
-    x, y = rx * np.cos(t), ry * np.sin(t)
-    return np.column_stack([cx + x * np.cos(a) - y * np.sin(a), cy + x * np.sin(a) + y * np.cos(a)])
+#: points per ellipse of a region polygon (coarser than the renderer's 40; the truth masks were made with 32)
+_ELLIPSE_POINTS = 32
 
 
 def _eyes(g: FaceGeometry) -> list[np.ndarray]:
@@ -79,7 +77,8 @@ def _eyes(g: FaceGeometry) -> list[np.ndarray]:
     for tag, side in (("l", -1), ("r", 1)):
         pu = g[f"eye_{tag}_pupil"][0]
         # fissure, lids, lashes, crease and the socket shading that moves with the eye
-        out.append(_ellipse(pu[0], pu[1] - 0.06, s.eye_width * 0.62 + 0.10, 0.24, ang=-side * s.eye_slant))
+        out.append(ellipse(pu[0], pu[1] - 0.06, s.eye_width * 0.62 + 0.10, 0.24, ang=-side * s.eye_slant,
+                           n=_ELLIPSE_POINTS))
     return out
 
 
@@ -87,7 +86,7 @@ def _inner_canthi(g: FaceGeometry) -> list[np.ndarray]:
     out = []
     for tag, side in (("l", -1), ("r", 1)):
         ic = g[f"eye_{tag}_inner"][0]
-        out.append(_ellipse(ic[0] + side * 0.045, ic[1] - 0.01, 0.12, 0.09))
+        out.append(ellipse(ic[0] + side * 0.045, ic[1] - 0.01, 0.12, 0.09, n=_ELLIPSE_POINTS))
     return out
 
 
@@ -130,7 +129,7 @@ def _mouth(g: FaceGeometry) -> list[np.ndarray]:
     lo = g["mouth_lower_outer"][:, :2]
     ym = g["mouth_ym"][0, 1]
     ll = g.shape.lower_lip
-    shadow = _ellipse(0.0, ym + ll + 0.07, g.shape.mouth_half_w * 0.55 + 0.03, 0.09)
+    shadow = ellipse(0.0, ym + ll + 0.07, g.shape.mouth_half_w * 0.55 + 0.03, 0.09, n=_ELLIPSE_POINTS)
     return [np.vstack([up, lo[1:-1]]), shadow]
 
 

@@ -29,7 +29,7 @@ from gestalt_xai.data.synthetic.face_model import (
 )
 from gestalt_xai.data.synthetic.identity import Appearance, PhotoConditions
 
-__all__ = ["RenderedPhoto", "render_photo", "SUPERSAMPLE", "MARK_CENTRE", "MARK_RADIUS", "encode_jpeg"]
+__all__ = ["RenderedPhoto", "render_photo", "ellipse", "SUPERSAMPLE", "MARK_CENTRE", "MARK_RADIUS", "encode_jpeg"]
 
 SUPERSAMPLE = 2
 #: the confounder mark: a small dark spot on the image-right cheek (face frame, face units)
@@ -187,7 +187,14 @@ def _skin_field(skin: np.ndarray, shade: np.ndarray, spec: np.ndarray, texture: 
     return field.astype(np.float32)
 
 
-def _ellipse(cx: float, cy: float, rx: float, ry: float, ang: float = 0.0, n: int = 40) -> np.ndarray:
+def ellipse(cx: float, cy: float, rx: float, ry: float, ang: float = 0.0, n: int = 40) -> np.ndarray:
+    """``(n, 2)`` points on the ellipse centred at ``(cx, cy)`` with semi-axes ``rx, ry``, rotated by ``ang``
+    degrees (face units): the polygons the renderer paints and the truth masks of
+    :mod:`~gestalt_xai.data.synthetic.phenotypes` rasterise (which use ``n=32``).
+
+    >>> ellipse(0.0, 0.0, 2.0, 1.0, n=4).round(6).tolist()
+    [[2.0, 0.0], [0.0, 1.0], [-2.0, 0.0], [-0.0, -1.0]]
+    """
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
     a = math.radians(ang)
     x, y = rx * np.cos(t), ry * np.sin(t)
@@ -361,18 +368,18 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
     # ---- cheeks: blush and (phenotype) fullness highlight
     blush = np.array([1.0, 0.80, 0.80], np.float32)
     for side in (-1, 1):
-        c = _ellipse(side * 0.78, 0.62, 0.30, 0.22)
+        c = ellipse(side * 0.78, 0.62, 0.30, 0.22)
         cv.multiply(cv.alpha([pz(c)], feather=0.12 * u), blush, 0.10 + 0.25 * look.blush * (1 - 0.6 * look.skin_tone))
         if shape.cheek_full > 0:
-            hl = _ellipse(side * (0.95 + 0.10 * shape.cheek_full), 0.70, 0.26, 0.30)
+            hl = ellipse(side * (0.95 + 0.10 * shape.cheek_full), 0.70, 0.26, 0.30)
             cv.multiply(cv.alpha([pz(hl)], feather=0.10 * u), (1.10, 1.08, 1.07), 0.9 * shape.cheek_full)
-            lo = _ellipse(side * (1.10 + 0.12 * shape.cheek_full), 1.00, 0.20, 0.22)
+            lo = ellipse(side * (1.10 + 0.12 * shape.cheek_full), 1.00, 0.20, 0.22)
             cv.multiply(cv.alpha([pz(lo)], feather=0.08 * u), (0.86, 0.84, 0.84), 0.8 * shape.cheek_full)
 
     # ---- eye sockets (move with the eyes)
     for tag in ("l", "r"):
         pu = P[f"eye_{tag}_pupil"][0, :2]
-        sock = _ellipse(pu[0], pu[1] - 0.07, shape.eye_width * 0.62, 0.16)
+        sock = ellipse(pu[0], pu[1] - 0.07, shape.eye_width * 0.62, 0.16)
         cv.multiply(cv.alpha([pz(sock, -0.1)], feather=0.045 * u), (0.80, 0.76, 0.76), 0.55)
 
     # ---- nose: bridge shading, tip, alae, nostrils, subnasal shadow
@@ -394,17 +401,17 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
     nw = shape.nose_width
     tipz = P["nose_tip"][0, 2]
     # shadow under the tip (between the nostrils)
-    cv.multiply(cv.alpha([pp(_pts(_ellipse(0, sub_y - 0.015, nw * 0.55, 0.045), tipz - 0.12))], feather=0.025 * u),
+    cv.multiply(cv.alpha([pp(_pts(ellipse(0, sub_y - 0.015, nw * 0.55, 0.045), tipz - 0.12))], feather=0.025 * u),
                 (0.72, 0.66, 0.65), 0.7)
     for side, tag in ((-1, "l"), (1, "r")):
         ala = P[f"ala_{tag}"]
         cv.multiply(cv.alpha([pp(ala)], feather=0.012 * u, lines=0.03 * u), (0.66, 0.60, 0.58), 0.75)
-        wing = _ellipse(side * nw * 0.72, base_tip_y + 0.02, nw * 0.28, 0.09)
+        wing = ellipse(side * nw * 0.72, base_tip_y + 0.02, nw * 0.28, 0.09)
         cv.multiply(cv.alpha([pz(wing, 0.08)], feather=0.04 * u), (0.88, 0.84, 0.83), 0.6)
         nh = 0.022 + 0.028 * shape.nostril_show
-        nos = _ellipse(side * nw * 0.42, sub_y - 0.035 - 0.01 * shape.nostril_show, nw * 0.24, nh, ang=side * 18)
+        nos = ellipse(side * nw * 0.42, sub_y - 0.035 - 0.01 * shape.nostril_show, nw * 0.24, nh, ang=side * 18)
         cv.multiply(cv.alpha([pp(_pts(nos, tipz - 0.1))], feather=0.01 * u), (0.28, 0.22, 0.21), 0.85 * nostril_o)
-    cv.multiply(cv.alpha([pp(_pts(_ellipse(tip[0], tip[1] - 0.01, 0.07, 0.05), tipz))], feather=0.03 * u),
+    cv.multiply(cv.alpha([pp(_pts(ellipse(tip[0], tip[1] - 0.01, 0.07, 0.05), tipz))], feather=0.03 * u),
                 (1.15, 1.13, 1.12), 0.8)
 
     # ---- nasolabial folds (anchored to the identity, not to the mouth)
@@ -430,20 +437,20 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
     up = np.vstack([P["mouth_upper_outer"][:, :2], P["mouth_stomion"][::-1, :2]])
     lo = np.vstack([P["mouth_stomion"][:, :2], P["mouth_lower_outer"][:, :2]])
     ll = shape.lower_lip
-    chin_shadow = _ellipse(0.0, ym + ll + 0.07, shape.mouth_half_w * 0.55, 0.06)
+    chin_shadow = ellipse(0.0, ym + ll + 0.07, shape.mouth_half_w * 0.55, 0.06)
     cv.multiply(cv.alpha([pz(chin_shadow, 0.05)], feather=0.03 * u), (0.80, 0.76, 0.75), 0.6)
     cv.paint(cv.alpha([pz(up, 0.05)], feather=0.5), lambda r: lip_field[r] * 0.86)
     cv.paint(cv.alpha([pz(lo, 0.05)], feather=0.5), lip_field)
-    cv.multiply(cv.alpha([pz(_ellipse(0, ym + ll * 0.45, shape.mouth_half_w * 0.4, ll * 0.22), 0.05)],
+    cv.multiply(cv.alpha([pz(ellipse(0, ym + ll * 0.45, shape.mouth_half_w * 0.4, ll * 0.22), 0.05)],
                          feather=0.025 * u), (1.16, 1.14, 1.14), 0.7)
     cv.multiply(cv.alpha([pz(P["mouth_stomion"][:, :2], 0.05)], feather=0.008 * u, lines=0.018 * u),
                 (0.35, 0.25, 0.25), 0.9)
     for c in P["mouth_corners"][:, :2]:
-        cv.multiply(cv.alpha([pz(_ellipse(c[0], c[1], 0.025, 0.018), 0.05)], feather=0.01 * u), (0.55, 0.45, 0.45),
+        cv.multiply(cv.alpha([pz(ellipse(c[0], c[1], 0.025, 0.018), 0.05)], feather=0.01 * u), (0.55, 0.45, 0.45),
                     0.6)
 
     # ---- chin highlight
-    cv.multiply(cv.alpha([pz(_ellipse(0.0, shape.chin_y - 0.18, 0.16, 0.09), 0.0)], feather=0.06 * u),
+    cv.multiply(cv.alpha([pz(ellipse(0.0, shape.chin_y - 0.18, 0.16, 0.09), 0.0)], feather=0.06 * u),
                 (1.07, 1.06, 1.05), 0.8)
 
     # ---- eyes
@@ -460,7 +467,7 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
         pupil = P[f"eye_{tag}_pupil"]
         pc = pp(pupil)[0]
         r = shape.iris_r * px_u * math.cos(math.radians(pose.yaw)) ** 0.5
-        iris_cov = cv.alpha([_ellipse(pc[0], pc[1], r, r)], feather=0.5)
+        iris_cov = cv.alpha([ellipse(pc[0], pc[1], r, r)], feather=0.5)
         if iris_cov is not None:
             roi, ia = iris_cov
             clip = _cov_in(fis, roi)
@@ -473,11 +480,11 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
             iris_full[roi] = iris_col
             cv.paint((roi, ia), iris_full)
             pr = r * 0.40
-            pa = cv.alpha([_ellipse(pc[0], pc[1], pr, pr)], feather=0.4)
+            pa = cv.alpha([ellipse(pc[0], pc[1], pr, pr)], feather=0.4)
             if pa is not None:
                 cv.paint((pa[0], pa[1] * _cov_in(fis, pa[0])), (0.03, 0.03, 0.035))
             cl = pc + np.array([0.35 * r * L[0] / (abs(L[0]) + 0.5), -0.35 * r])
-            ca = cv.alpha([_ellipse(cl[0], cl[1], r * 0.16, r * 0.16)], feather=0.4)
+            ca = cv.alpha([ellipse(cl[0], cl[1], r * 0.16, r * 0.16)], feather=0.4)
             if ca is not None:
                 cv.paint((ca[0], ca[1] * _cov_in(fis, ca[0])), (0.97, 0.97, 0.97), 0.85)
         # upper-lid shadow on the eyeball, lashes, lower lid, crease
@@ -495,7 +502,7 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
         # caruncle (pink inner corner) unless an epicanthal fold covers it
         ic = P[f"eye_{tag}_inner"][0, :2]
         side = -1 if tag == "l" else 1
-        car = _ellipse(ic[0] + side * 0.028, ic[1] + 0.004, 0.026, 0.02)
+        car = ellipse(ic[0] + side * 0.028, ic[1] + 0.004, 0.026, 0.02)
         cv.paint(cv.alpha([pz(car, -0.1)], feather=0.006 * u), skin * np.array([1.0, 0.72, 0.72]) * 0.92, 0.8)
         if shape.epicanthus > 0:
             e = shape.epicanthus
@@ -537,7 +544,7 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
 
     # ---- confounder mark
     if mark:
-        mc = _ellipse(MARK_CENTRE[0], MARK_CENTRE[1], MARK_RADIUS, MARK_RADIUS * 0.9)
+        mc = ellipse(MARK_CENTRE[0], MARK_CENTRE[1], MARK_RADIUS, MARK_RADIUS * 0.9)
         cv.paint(cv.alpha([pz(mc, 0.0)], feather=0.012 * u), skin * 0.38, 0.92)
 
     # ---- camera: down-sample, exposure/white balance, blur, noise, JPEG

@@ -1,0 +1,294 @@
+"""Checks of aggregate results against a synthetic cohort's ground truth (``cohort/truth/``).
+
+The synthetic cohort (:mod:`gestalt_xai.data.synthetic`) plants HPO-coded features in known facial regions and,
+optionally, a confounder cue (a dark mark on the cheek) in most photos of one syndrome; its truth tables
+(:mod:`gestalt_xai.data.synthetic.truth`) say where. Two checks follow:
+
+* **Planted regions.** Per syndrome × method, is the facial region with the highest enrichment of positive
+  attribution (:func:`gestalt_xai.aggregate.regions.top_regions`, template atlas, own target) one of the atlas regions
+  of the syndrome's planted, in-crop features (:func:`planted_regions`, through the region groups of
+  ``gestalt_xai/faces/data/hpo_face_regions.tsv``)? Chance: the top region drawn uniformly from the atlas' facial
+  regions, i.e. ``#planted regions / #facial regions`` per syndrome, averaged (:func:`report_hits`).
+* **Confounder (Clever Hans) check.** SpRAy (Lapuschkin et al., Nat. Commun. 2019) on the confounded syndrome should
+  find a cluster of patients recognised by the cue. Per cluster, the share of its composite's positive mass inside
+  the cue mask (relevance mass, Arras et al., Information Fusion 2022) and its enrichment (share / the mask's area
+  share); the syndrome *splits on the cue* when there are ≥ 2 clusters and the best cluster's enrichment is ≥ 2 and
+  ≥ 1.5 × every other cluster's (:func:`check_cue`).
+
+A real cohort has no ``cohort/truth/``: :func:`read_truth` returns ``None`` and no check runs. A truth folder that
+exists but cannot be read is reported (a warning naming the file and an error row), never taken for a real cohort.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow
+
+from gestalt_xai.aggregate.annotate import GROUP_COLS, OWN_TARGET_GROUPS
+from gestalt_xai.aggregate.faces import ALL
+from gestalt_xai.aggregate.regions import FACE_REGIONS, top_regions
+from gestalt_xai.data.synthetic.truth import TruthTables, load_masks, load_truth
+from gestalt_xai.errors import GestaltXAIError
+from gestalt_xai.faces.regions import REGION_GROUP
+from gestalt_xai.runs import ErrorRow, Run
+
+__all__ = [
+    "TRUTH_FILES",
+    "read_truth",
+    "truth_landmarks",
+    "planted_regions",
+    "control_syndrome",
+    "confounded_syndrome",
+    "cue_mask",
+    "ConfounderCue",
+    "confounder_cue",
+    "check_cue",
+    "planted_hits",
+    "report_hits",
+    "report_spray",
+]
+
+log = logging.getLogger(__name__)
+
+#: the files of ``cohort/truth/`` that :func:`~gestalt_xai.data.synthetic.truth.load_truth` reads
+TRUTH_FILES = ("images.parquet", "features.parquet", "catalogue.parquet", "syndromes.json")
+#: what reading a broken file raises (pyarrow's errors for parquet, ``ValueError`` for JSON)
+_READ_ERRORS = (GestaltXAIError, OSError, ValueError, pyarrow.ArrowException)
+
+
+def _unreadable(root: Any) -> Any | None:
+    """The first truth file that is missing or does not parse (``None`` if each reads on its own)."""
+    for name in TRUTH_FILES:
+        path = root / name
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+            else:
+                pd.read_parquet(path)
+        except _READ_ERRORS:
+            return path
+    return None
+
+
+def read_truth(run: Run, stage: str = "aggregate") -> tuple[TruthTables | None, list[ErrorRow]]:
+    """The synthetic cohort's truth of ``run``, and error rows of ``stage`` when it cannot be read.
+
+    ``(None, [])`` for a real cohort (no ``cohort/truth/`` folder). A truth folder that exists but has a missing or
+    unreadable file gives ``(None, [row])``: ``row.item_id`` is that file (relative to the run) and a warning names
+    it, so the caller goes on without truth checks but the run records why.
+    """
+    root = run.path / "cohort" / "truth"
+    if not root.is_dir():
+        return None, []
+    try:
+        return load_truth(root), []
+    except _READ_ERRORS as exc:
+        bad = _unreadable(root) or root
+        item = bad.relative_to(run.path).as_posix()
+        message = f"synthetic-cohort truth unreadable, checks against it skipped ({type(exc).__name__}: {exc})"
+        log.warning("%s: %s", item, message)
+        return None, [ErrorRow(stage, item, "input", message)]
+
+
+def truth_landmarks(truth: TruthTables | None) -> dict[str, Any]:
+    """Image → true 68 landmarks in photo pixels (flattened), when the truth has them."""
+    if truth is None or "landmarks68" not in truth.images.columns:
+        return {}
+    return dict(zip(truth.images["image_id"].astype(str), truth.images["landmarks68"], strict=True))
+
+
+def planted_regions(truth: TruthTables | None) -> dict[str, set[str]]:
+    """Syndrome → atlas regions of its planted, in-crop features (via the toolkit region groups)."""
+    if truth is None:
+        return {}
+    feats = truth.features
+    feats = feats[feats["visible_in_crop"].astype(bool)]
+    by_group: dict[str, set[str]] = {}
+    for region, group in REGION_GROUP.items():
+        if group:
+            by_group.setdefault(group, set()).add(region)
+    out: dict[str, set[str]] = {}
+    for syn, grp in feats.groupby("syndrome_id"):
+        regions: set[str] = set()
+        for g in grp["region"].astype(str).unique():
+            regions |= by_group.get(g, set())
+        out[str(syn)] = regions
+    return out
+
+
+def control_syndrome(truth: TruthTables | None, syndromes: set[str], given: str | None = None) -> str | None:
+    """The syndrome id of unaffected controls: ``given``, else the synthetic cohort's when it is in ``syndromes``."""
+    if given is not None:
+        return given
+    if truth is not None:
+        cid = truth.syndromes.get("control_id")
+        if cid in syndromes:
+            return str(cid)
+    return None
+
+
+def confounded_syndrome(truth: TruthTables | None) -> str | None:
+    """The syndrome whose photos carry the synthetic confounder cue (``None`` without one)."""
+    if truth is None or not truth.syndromes.get("config", {}).get("confounder"):
+        return None
+    return str(truth.syndromes["config"]["confounder"]["syndrome"])
+
+
+def cue_mask(run: Run, truth: TruthTables, syndrome: str) -> tuple[np.ndarray | None, set[str]]:
+    """Template-space mask of the confounder cue (mean over the syndrome's marked photos, ≥ 0.25) and the
+    subjects with at least one marked photo."""
+    from gestalt_xai.faces.align import load_alignments, row_matrix, warp_photo_to_crop
+
+    imgs = truth.images
+    marked = imgs[(imgs["syndrome_id"].astype(str) == syndrome) & imgs["confounder"].astype(bool)]
+    subjects = set(marked["subject_id"].astype(str))
+    if not len(marked):
+        return None, subjects
+    al = load_alignments(run).set_index("image_id")
+    total, n = np.zeros((112, 112), np.float64), 0
+    for image_id in marked["image_id"].astype(str):
+        if image_id not in al.index:
+            continue
+        mask = load_masks(run.path / "cohort", image_id, truth.features)["confounder"]
+        total += warp_photo_to_crop(mask.astype(np.float32), row_matrix(al.loc[image_id]))
+        n += 1
+    if not n:
+        return None, subjects
+    return (total / n) >= 0.25, subjects
+
+
+@dataclass(frozen=True)
+class ConfounderCue:
+    """The confounder cue of a synthetic cohort: its syndrome, its template-space mask (``None`` when unavailable)
+    and the subjects with at least one marked photo. The default is a cohort without a cue."""
+
+    syndrome: str | None = None
+    mask: np.ndarray | None = None
+    subjects: frozenset[str] = frozenset()
+
+    @property
+    def marked(self) -> dict[str, set[str]]:
+        """``{syndrome: marked subjects}`` as :func:`gestalt_xai.aggregate.spray.spray_syndromes` takes it."""
+        return {} if self.syndrome is None else {self.syndrome: set(self.subjects)}
+
+
+def confounder_cue(run: Run, truth: TruthTables | None, stage: str = "aggregate"
+                   ) -> tuple[ConfounderCue, list[ErrorRow]]:
+    """The cohort's confounder cue (:func:`cue_mask` of :func:`confounded_syndrome`) and error rows of ``stage``.
+
+    A mask that cannot be built (a missing alignment table, an unreadable mask image) is reported as an error row
+    and a warning; the cue keeps its syndrome, so the SpRAy analyses still flag it, without a mask to check against.
+    """
+    syndrome = confounded_syndrome(truth)
+    if truth is None or syndrome is None:
+        return ConfounderCue(), []
+    try:
+        mask, subjects = cue_mask(run, truth, syndrome)
+    except (*_READ_ERRORS, KeyError) as exc:
+        message = f"confounder mask of {syndrome} unavailable, SpRAy cue check skipped ({type(exc).__name__}: {exc})"
+        log.warning("%s", message)
+        return ConfounderCue(syndrome), [ErrorRow(stage, "cohort/truth/masks", "input", message)]
+    return ConfounderCue(syndrome, mask, frozenset(subjects)), []
+
+
+def check_cue(analyses: list[dict[str, Any]], results: dict[tuple[Any, ...], Any], cue: ConfounderCue) -> None:
+    """Add the cue check (module docstring) to the SpRAy analyses of the confounded syndrome, in place.
+
+    ``analyses`` and ``results`` come from :func:`gestalt_xai.aggregate.spray.spray_syndromes`; each analysis with
+    ``confounded_syndrome`` gains ``cue`` (per cluster: ``cue_share``, ``cue_enrichment``, ``marked_fraction``,
+    ``n``), ``cue_area_share``, ``cue_mask``, ``cue_cluster`` and ``splits_on_cue``.
+    """
+    mask = cue.mask
+    if mask is None or not mask.any():
+        return
+    area = float(mask.mean())
+    for a in analyses:
+        if not a["confounded_syndrome"]:
+            continue
+        res, subjects = results[(a["syndrome_id"], a["model_id"], a["method"], a["layer"], a["target_group"])]
+        rows_c = []
+        for c, m in a["cluster_means"].items():
+            pos = np.maximum(m, 0)
+            share = float(pos[mask].sum() / pos.sum()) if pos.sum() > 0 else float("nan")
+            frac = float(np.mean([s in cue.subjects for s, lab in zip(subjects, res.labels, strict=True)
+                                  if lab == c]))
+            rows_c.append({"cluster": c, "cue_share": share, "cue_enrichment": share / area if area else np.nan,
+                           "marked_fraction": frac, "n": int((res.labels == c).sum())})
+        a["cue"] = rows_c
+        a["cue_area_share"] = area
+        a["cue_mask"] = mask
+        best = max(rows_c, key=lambda r: -1 if np.isnan(r["cue_share"]) else r["cue_share"])
+        others = [r["cue_enrichment"] for r in rows_c if r["cluster"] != best["cluster"]]
+        a["cue_cluster"] = best["cluster"]
+        a["splits_on_cue"] = bool(a["n_clusters"] >= 2 and best["cue_enrichment"] >= 2.0
+                                  and (not others or best["cue_enrichment"] >= 1.5 * max(others)))
+
+
+def planted_hits(per_syn: pd.DataFrame, planted: dict[str, set[str]], control: str | None) -> pd.DataFrame:
+    """Per syndrome × method: is the top facial region (template atlas, own target) a planted feature's region?
+
+    ``per_syn`` is ``aggregate/region_syndromes.parquet``; controls, ``ALL`` and syndromes without an in-crop
+    planted feature are left out. Empty without truth.
+    """
+    if not planted:
+        return pd.DataFrame()
+    sel = per_syn[(per_syn["atlas"] == "template") & per_syn["target_group"].isin(OWN_TARGET_GROUPS)
+                  & (per_syn["syndrome_id"] != ALL) & (per_syn["syndrome_id"] != (control or ""))]
+    top = top_regions(sel, ["syndrome_id", *GROUP_COLS, "atlas"])
+    rows = []
+    for r in top.to_dict("records"):
+        regions = planted.get(r["syndrome_id"], set())
+        if not regions:
+            continue  # no in-crop planted feature: nothing to hit
+        rows.append({"syndrome_id": r["syndrome_id"], **{c: r[c] for c in GROUP_COLS}, "top_region": r["region"],
+                     "top_group": r["region_group"], "top_enrichment": r["enrichment"],
+                     "planted_regions": ";".join(sorted(regions)), "hit": r["region"] in regions})
+    return pd.DataFrame(rows)
+
+
+def report_hits(hits: pd.DataFrame) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per model × method × layer × target group: the share of syndromes hit and its chance level, and one summary
+    line each."""
+    if not len(hits):
+        return [], []
+    out, lines = [], []
+    n_face_regions = len(FACE_REGIONS)  # chance: the top region drawn uniformly from the facial regions
+    for key, grp in hits.groupby(GROUP_COLS, sort=True):
+        d = dict(zip(GROUP_COLS, key, strict=True))
+        share = float(grp["hit"].mean())
+        chance = float(grp["planted_regions"].map(lambda r: len(r.split(";")) / n_face_regions).mean())
+        d.update(share=share, n_syndromes=len(grp), n_hits=int(grp["hit"].sum()), chance=chance)
+        out.append(d)
+        layer = f" [{d['layer']}]" if d["layer"] else ""
+        lines.append(f"aggregate: {d['method']}{layer} ({d['model_id']}, {d['target_group']}): top-enrichment region "
+                     f"is a planted feature's region for {d['n_hits']}/{d['n_syndromes']} syndromes ({share:.0%}; "
+                     f"chance {chance:.0%})")
+    return out, lines
+
+
+def report_spray(analyses: list[dict[str, Any]], confounded: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The SpRAy analyses of the confounded syndrome (clusters, cue check) and one summary line each."""
+    out, lines = [], []
+    for a in analyses:
+        if not a.get("confounded_syndrome"):
+            continue
+        d = {k: a.get(k) for k in ("syndrome_id", "model_id", "method", "layer", "target_group", "n_subjects",
+                                   "n_clusters", "cluster_sizes", "cue_cluster", "splits_on_cue")}
+        d["cue"] = a.get("cue")
+        out.append(d)
+        head = f"aggregate: SpRAy {a['method']} on confounded {confounded}: {a['n_clusters']} cluster(s) " \
+               f"{a['cluster_sizes']}"
+        if a.get("cue"):
+            best = next(c for c in a["cue"] if c["cluster"] == a["cue_cluster"])
+            lines.append(f"{head}; cluster {best['cluster']} puts {best['cue_share']:.0%} of its positive mass on the "
+                         f"cue (enrichment {best['cue_enrichment']:.1f}, {best['marked_fraction']:.0%} of its subjects "
+                         f"carry the mark) → splits on the cue: {'yes' if a['splits_on_cue'] else 'no'}")
+        else:
+            lines.append(f"{head} (no cue mask to check against)")
+    return out, lines
