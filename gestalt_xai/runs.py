@@ -424,7 +424,10 @@ class Run:
         return self.path / LAYOUT.crop(image_id)
 
     def aligned_ids(self) -> list[str]:
-        """The aligned images' ids, sorted (see :meth:`alignments`)."""
+        """The aligned images' ids, sorted (see :meth:`alignments`); in a run whose crops were made elsewhere (no
+        alignment table, e.g. maps imported with their crops) every crop in ``aligned/``."""
+        if not (self.path / LAYOUT.alignments).exists():
+            return sorted(p.stem for p in (self.path / LAYOUT.aligned).glob("*.png"))
         return sorted(self.alignments(aligned_only=True)["image_id"])
 
     def crops(self, image_ids: Iterable[str]) -> np.ndarray:
@@ -472,12 +475,11 @@ class Run:
             table = cohort.images.drop(columns=["path"], errors="ignore").copy()
             sets = (cohort.splits.groupby(cohort.splits["image_id"].astype(str))["set"]
                     .agg(lambda s: ",".join(sorted(set(s)))) if len(cohort.splits) else pd.Series(dtype=str))
-            table["sets"] = table["image_id"].map(sets).fillna("")
+            table["sets"] = [sets.get(i, "") for i in table["image_id"]]
             member = table["sets"].str.split(",")
             table["test"] = member.map(lambda s: any(x in TEST_SETS for x in s))
             table["gallery"] = member.map(lambda s: any(x in GALLERY_SETS for x in s))
-            aligned = set(self.aligned_ids()) if (self.path / LAYOUT.alignments).exists() else set()
-            table["aligned"] = table["image_id"].isin(aligned)
+            table["aligned"] = table["image_id"].isin(set(self.aligned_ids()))
             return table.sort_values("image_id", kind="stable").reset_index(drop=True)
 
         return self._cached("image_table", files, load).copy()

@@ -93,10 +93,9 @@ def build_run(path, rng_seed: int = 0, with_pairs: bool = True) -> Run:
 def aggregated(tmp_path_factory):
     run = build_run(tmp_path_factory.mktemp("agg") / "run")
     # figures kept few (one stratum kind, one pair, one patient): drawing dominates the stage's run time
-    summary = aggregate_stage(run, AggregateConfig(normalisations=["max-abs", "none"], strata=["sex"],
-                                                   spray_min_subjects=8, pair_figures=1, patient_figures=1,
-                                                   quiet=True))
-    return run, summary
+    result = aggregate_stage(run, AggregateConfig(normalisations=["max-abs", "none"], strata=["sex"],
+                                                   spray_min_subjects=8, pair_figures=1, patient_figures=1))
+    return run, result
 
 
 def _copy_before_aggregate(run: Run, folder) -> Run:
@@ -106,7 +105,7 @@ def _copy_before_aggregate(run: Run, folder) -> Run:
 
 
 def test_stage_writes_tables_and_figures(aggregated):
-    run, summary = aggregated
+    run, result = aggregated
     out = run.path / "aggregate"
     for name in ("composites", "region_maps", "region_subjects", "region_syndromes", "faces", "spray",
                  "spray_members", "pairs", "planted_hits"):
@@ -116,7 +115,7 @@ def test_stage_writes_tables_and_figures(aggregated):
     assert any(n.startswith("regions__") for n in figs) and any(n.startswith("composite_faces__") for n in figs)
     assert any(n.startswith("pair__") for n in figs) and any(n.startswith("patient__") for n in figs)
     assert {p.suffix for p in (out / "figures").glob("composites__*")} == {".png", ".svg"}
-    assert run.manifest["stages"]["aggregate"]["summary"]["min_subjects"] == 10
+    assert run.manifest["stages"]["aggregate"]["results"]["min_subjects"] == 10
 
 
 def test_stage_composites_count_subjects_not_images(aggregated):
@@ -133,11 +132,11 @@ def test_stage_composites_count_subjects_not_images(aggregated):
 
 
 def test_stage_region_scores_find_planted_regions(aggregated):
-    run, summary = aggregated
+    run, result = aggregated
     hits = pd.read_parquet(run.path / "aggregate" / "planted_hits.parquet")
     sal = hits[hits["method"] == "saliency"].set_index("syndrome_id")
     assert sal["hit"].all(), sal
-    reported = {h["method"]: h["share"] for h in summary["planted_hits"]}
+    reported = {h["method"]: h["share"] for h in result.extra["results"]["planted_hits"]}
     assert reported["saliency"] == 1.0
     per_syn = pd.read_parquet(run.path / "aggregate" / "region_syndromes.parquet")
     keys = ["syndrome_id", "method", "target_group", "atlas"]
@@ -158,7 +157,7 @@ def test_stage_privacy_guard_and_faces(aggregated):
 
 
 def test_stage_spray_splits_confounded_syndrome_on_the_cue(aggregated):
-    run, summary = aggregated
+    run, result = aggregated
     spray = pd.read_parquet(run.path / "aggregate" / "spray.parquet")
     s01 = spray[(spray["syndrome_id"] == "S01") & (spray["method"] == "hirescam")].iloc[0]
     assert s01["n_clusters"] == 2
@@ -172,16 +171,16 @@ def test_stage_spray_splits_confounded_syndrome_on_the_cue(aggregated):
 def test_figure_formats_option(aggregated, tmp_path):
     copy = _copy_before_aggregate(aggregated[0], tmp_path / "run")
     aggregate_stage(copy, AggregateConfig(normalisations=["max-abs"], strata=[], pair_figures=0, patient_figures=0,
-                                          figure_formats=["png"], quiet=True))
+                                          figure_formats=["png"]))
     suffixes = {p.suffix for p in (copy.path / "aggregate" / "figures").rglob("*") if p.is_file()}
     assert suffixes == {".png"}
 
 
 def test_stage_returns_its_summary_lines(aggregated):
-    run, summary = aggregated
-    lines = summary["summary_lines"]
+    run, result = aggregated
+    lines = result.summary
     assert any("saliency" in line and "3/3 syndromes (100%" in line for line in lines), lines
-    assert "summary_lines" not in run.manifest["stages"]["aggregate"]["summary"]
+    assert run.manifest["stages"]["aggregate"]["summary"] == lines
 
 
 @pytest.mark.parametrize("broken", ["features.parquet", "syndromes.json"])
@@ -190,7 +189,7 @@ def test_unreadable_truth_is_reported_not_taken_for_a_real_cohort(aggregated, tm
     path = copy.path / "cohort" / "truth" / broken
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # truncated
     with caplog.at_level("WARNING"):
-        summary = aggregate_stage(copy, AggregateConfig(normalisations=["max-abs"], strata=[], figures=False))
+        result = aggregate_stage(copy, AggregateConfig(normalisations=["max-abs"], strata=[], figures=False))
     errors = copy.errors()
     rows = errors[errors["stage"] == "aggregate"]
     assert list(rows["item_id"]) == [f"cohort/truth/{broken}"] and list(rows["error_kind"]) == ["input"]
@@ -198,31 +197,31 @@ def test_unreadable_truth_is_reported_not_taken_for_a_real_cohort(aggregated, tm
     # the run goes on, without checks against the truth
     assert (copy.path / "aggregate" / "composites.parquet").exists()
     assert not (copy.path / "aggregate" / "planted_hits.parquet").exists()
-    assert summary["planted_hits"] == [] and summary["control_id"] is None
+    assert result.extra["results"]["planted_hits"] == [] and result.extra["results"]["control_id"] is None
 
 
 def test_real_cohort_without_truth_has_no_truth_errors(aggregated, tmp_path, caplog):
     copy = _copy_before_aggregate(aggregated[0], tmp_path / "run")
     shutil.rmtree(copy.path / "cohort" / "truth")
     with caplog.at_level("WARNING"):
-        summary = aggregate_stage(copy, AggregateConfig(normalisations=["max-abs"], strata=[], figures=False))
+        result = aggregate_stage(copy, AggregateConfig(normalisations=["max-abs"], strata=[], figures=False))
     errors = copy.errors()
     assert not len(errors[errors["stage"] == "aggregate"])
     assert not [r for r in caplog.records if r.levelname == "WARNING" and "truth" in r.getMessage()]
-    assert summary["planted_hits"] == [] and summary["spray"] == []
+    assert result.extra["results"]["planted_hits"] == [] and result.extra["results"]["spray"] == []
 
 
 def test_confounder_without_a_mask_is_reported_and_still_flagged(aggregated, tmp_path):
     copy = _copy_before_aggregate(aggregated[0], tmp_path / "run")
     (copy.path / "cohort" / "truth" / "syndromes.json").write_text(
         json.dumps({"control_id": "S00", "config": {"confounder": {"syndrome": "S01"}}}), encoding="utf-8")
-    summary = aggregate_stage(copy, AggregateConfig(normalisations=["max-abs"], strata=[], figures=False))
+    result = aggregate_stage(copy, AggregateConfig(normalisations=["max-abs"], strata=[], figures=False))
     errors = copy.errors()
     rows = errors[errors["stage"] == "aggregate"]
     assert list(rows["item_id"]) == ["cohort/truth/masks"] and "alignment" in rows["message"].iloc[0]
-    assert summary["confounded_syndrome"] == "S01"
-    assert {s["method"] for s in summary["spray"]} == {"hirescam", "saliency"}
-    assert all(s["cue"] is None for s in summary["spray"])
+    assert result.extra["results"]["confounded_syndrome"] == "S01"
+    assert {s["method"] for s in result.extra["results"]["spray"]} == {"hirescam", "saliency"}
+    assert all(s["cue"] is None for s in result.extra["results"]["spray"])
     members = pd.read_parquet(copy.path / "aggregate" / "spray_members.parquet")
     assert members.loc[members["syndrome_id"] == "S01", "confounded"].eq(False).all()
-    assert any("no cue mask" in line for line in summary["summary_lines"])
+    assert any("no cue mask" in line for line in result.summary)

@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 from gestalt_xai.errors import InputError
-from gestalt_xai.runs import ErrorRow, progress
+from gestalt_xai.progress import progress
+from gestalt_xai.runs import ErrorRow, Run
 
 __all__ = [
     "ALL",
@@ -146,23 +147,19 @@ def subject_strata(strata: pd.DataFrame, kinds: Iterable[str]) -> dict[str, list
     return {str(row["subject_id"]): [WHOLE, *stratum_labels(row, kinds)] for row in strata.to_dict("records")}
 
 
-def aligned_images(run: Any, images: pd.DataFrame) -> pd.DataFrame:
-    """The rows of ``images`` whose aligned crop is in ``run/aligned``."""
-    from gestalt_xai.data.aligned import aligned_dir
-
-    folder = aligned_dir(run)
-    ids = {p.stem for p in folder.glob("*.png")} if folder.exists() else set()
-    return images[images["image_id"].astype(str).isin(ids)]
+def aligned_images(run: Run, images: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``images`` that are aligned (:meth:`~gestalt_xai.runs.Run.aligned_ids`)."""
+    return images[images["image_id"].astype(str).isin(run.aligned_ids())]
 
 
 def accumulate_faces(run: Any, images: pd.DataFrame, strata: Mapping[str, list[str]],
-                     errors: list[ErrorRow] | None = None, stage: str = "aggregate"
+                     errors: list[ErrorRow] | None = None
                      ) -> dict[tuple[str, str], FaceAccumulator]:
     """Composite-face accumulators keyed ``(group, stratum)``: every syndrome and ``ALL``, ``"all"`` and strata.
 
     ``strata`` maps a subject to the strata it counts in (:func:`subject_strata`; subjects missing there count in
     ``"all"`` only). Crops are read from ``run/aligned`` one subject at a time; a missing crop is skipped (and
-    reported in ``errors`` as a row of ``stage``).
+    reported in ``errors``).
     """
     from gestalt_xai.data.aligned import load_crops
 
@@ -177,7 +174,7 @@ def accumulate_faces(run: Any, images: pd.DataFrame, strata: Mapping[str, list[s
                 crops.append(load_crops(run, [image_id])[0].astype(np.float64))
             except InputError as exc:
                 if errors is not None:
-                    errors.append(ErrorRow(stage, image_id, exc.kind, str(exc)))
+                    errors.append(ErrorRow(image_id, exc.kind, str(exc)))
         if not crops:
             continue
         face = np.mean(crops, axis=0)

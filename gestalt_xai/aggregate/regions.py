@@ -155,13 +155,12 @@ def template_landmarks(run: Any, photo_landmarks: Mapping[str, Any] | None = Non
     (e.g. a synthetic cohort's true ones, :func:`gestalt_xai.assess.planted.truth_landmarks`), brought into the crop
     by the image's alignment matrix. Empty when the run has no alignment table.
     """
-    from gestalt_xai.errors import InputError
-    from gestalt_xai.faces.align import load_alignments, row_matrix, transform_points
+    from gestalt_xai.faces.align import row_matrix, transform_points
+    from gestalt_xai.runs import LAYOUT
 
-    try:
-        al = load_alignments(run)
-    except InputError:  # no alignment table (maps imported with their crops): template atlas only
+    if not (run.path / LAYOUT.alignments).exists():  # maps imported with their crops: template atlas only
         return {}
+    al = run.alignments(aligned_only=True)
     photo_landmarks = photo_landmarks or {}
     out = {}
     for row in al.to_dict("records"):

@@ -85,7 +85,7 @@ def _draw_all(run: Any, cfg: Any, t: FigureInputs) -> None:
         t.control
     spray_rows, spray_results, spray_members = t.spray, t.spray_results, t.spray_members
     pairs, rows, names, confounded = t.pairs, t.rows, t.names, t.confounded
-    from gestalt_xai.runs import progress
+    from gestalt_xai.progress import progress
 
     fig_dir = run.dir("aggregate") / "figures"
     norm = cfg.normalisations[0]

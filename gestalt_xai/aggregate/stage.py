@@ -31,7 +31,6 @@ read is an error row (and a warning naming the file); the run goes on without th
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -55,7 +54,9 @@ from gestalt_xai.attribution.base import UNSIGNED_METHODS
 from gestalt_xai.config import StageConfig
 from gestalt_xai.errors import InputError
 from gestalt_xai.faces.regions import template_atlas
-from gestalt_xai.runs import ErrorRow, Run, progress, write_parquet
+from gestalt_xai.progress import progress
+from gestalt_xai.runs import LAYOUT, ErrorRow, Run, write_parquet
+from gestalt_xai.stages import StageResult, stage
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,6 @@ class AggregateConfig(StageConfig):
     figure_smoothing: float = Field(1.5, ge=0, description="Gaussian sigma (px) applied to input-space (pixel-level) "
                                                            "maps in figures only; 0 = off")
     seed: int = 0
-    quiet: bool = Field(False, description="kept for the CLI; the stage logs its summary lines and returns them "
-                                           "(summary_lines)")
 
     @field_validator("normalisations")
     @classmethod
@@ -120,9 +119,9 @@ class AggregateConfig(StageConfig):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def load_composites(run: Any) -> pd.DataFrame:
+def load_composites(run: Run) -> pd.DataFrame:
     """``run/aggregate/composites.parquet``."""
-    path = Path(getattr(run, "path", run)) / "aggregate" / "composites.parquet"
+    path = run.path / LAYOUT.aggregate / "composites.parquet"
     if not path.exists():
         raise InputError(f"{path} not found: run `gestalt-xai aggregate --run …` first")
     return pd.read_parquet(path)
@@ -132,7 +131,7 @@ def _annotated_maps(run: Run, index: pd.DataFrame, images: pd.DataFrame, cfg: Ag
                     errors: list[ErrorRow]) -> pd.DataFrame:
     """The store's index joined with the cohort and filtered by the options; maps of unknown images → errors."""
     rows, missing = annotate_index(index, images)
-    errors += [ErrorRow("aggregate", r["image_id"], "input", "map of an image that is not in the cohort table; skipped",
+    errors += [ErrorRow(r["image_id"], "input", "map of an image that is not in the cohort table; skipped",
                         key={k: r[k] for k in ("model_id", "target", "method", "layer")})
                for r in missing.to_dict("records")]
     if cfg.methods is not None:
@@ -169,100 +168,96 @@ def _stream_method(store: Any, rows: pd.DataFrame, cfg: AggregateConfig, strata:
 
 
 # ------------------------------------------------------------------------------------------------ the stage
-def aggregate_stage(run: Any, cfg: AggregateConfig | None = None) -> dict[str, Any]:
-    """Run the aggregate stage on ``run`` (a :class:`~gestalt_xai.runs.Run` or folder); returns a summary.
+@stage("aggregate", options=AggregateConfig, order=80,
+       summary="syndrome-level composites, composite faces, similarity maps, region scores, SpRAy",
+       reads=(LAYOUT.maps, LAYOUT.cohort, LAYOUT.alignments), writes=(LAYOUT.aggregate,),
+       aliases={"normalisations": "--normalisation"},
+       example="gestalt-xai aggregate --run runs/demo --methods hirescam,occlusion --normalisation max-abs",
+       tiny_options={"min_subjects": 2, "normalisations": ["max-abs"], "figure_formats": ["png"],
+                     "pair_figures": 1, "patient_figures": 1})
+def aggregate_stage(run: Run, cfg: AggregateConfig) -> StageResult:
+    """Run the aggregate stage on ``run``; see the module docstring for what it writes.
 
-    The summary (also in the manifest) holds counts, ``min_subjects`` and, for synthetic cohorts, per method the
-    share of syndromes whose highest-enrichment region is a planted feature's region, and the SpRAy cue check
-    (:mod:`gestalt_xai.assess.planted`). ``summary_lines`` (returned, not in the manifest) says the same in words;
-    the stage logs them.
+    The result's ``extra["results"]`` (also in the manifest) holds counts, ``min_subjects`` and, for synthetic
+    cohorts, per method the share of syndromes whose highest-enrichment region is a planted feature's region, and
+    the SpRAy cue check (:mod:`gestalt_xai.assess.planted`); its summary lines say the same in words.
     """
     from gestalt_xai.aggregate.report import FigureInputs, draw_all
-    from gestalt_xai.data.cohort import load_run_cohort
-    from gestalt_xai.store import MapStore
 
-    cfg = cfg or AggregateConfig()
-    run = run if isinstance(run, Run) else Run(run)
-    out = run.dir("aggregate")
+    out = run.dir(LAYOUT.aggregate)
     errors: list[ErrorRow] = []
     summary: dict[str, Any] = {"min_subjects": cfg.min_subjects}
-    with run.stage("aggregate", cfg, seed=cfg.seed) as record:
-        if not (run.path / "maps").exists():
-            raise InputError(f"{run.path / 'maps'} not found: run `gestalt-xai explain --run {run.path}` first")
-        store = MapStore(run.path / "maps")
-        index = store.index()
-        if not len(index):
-            raise InputError(f"the map store {run.path / 'maps'} is empty: run `gestalt-xai explain` first")
-        cohort = load_run_cohort(run)
-        images = cohort.images.copy()
-        rows = _annotated_maps(run, index, images, cfg, errors)
+    if not (run.path / LAYOUT.maps).exists():
+        raise InputError(f"{run.path / LAYOUT.maps} not found: run `gestalt-xai explain --run {run.path}` first")
+    store = run.map_store()
+    index = store.index()
+    if not len(index):
+        raise InputError(f"the map store {run.path / 'maps'} is empty: run `gestalt-xai explain` first")
+    cohort = run.cohort()
+    images = run.image_table()
+    rows = _annotated_maps(run, index, images, cfg, errors)
 
-        # ---- what the synthetic cohort's truth says (nothing for a real cohort)
-        truth, truth_errors = planted.read_truth(run)
-        errors += truth_errors
-        planted_at = planted.planted_regions(truth)
-        control = planted.control_syndrome(truth, set(images["syndrome_id"].astype(str)), cfg.control_id)
-        cue, cue_errors = planted.confounder_cue(run, truth)
-        errors += cue_errors
+    # ---- what the synthetic cohort's truth says (nothing for a real cohort)
+    truth, truth_errors = planted.read_truth(run)
+    errors += truth_errors
+    planted_at = planted.planted_regions(truth)
+    control = planted.control_syndrome(truth, set(images["syndrome_id"].astype(str)), cfg.control_id)
+    cue, cue_errors = planted.confounder_cue(run, truth)
+    errors += cue_errors
 
-        strata_table = strata_of(images, cfg.age_bands)
-        strata = subject_strata(strata_table, [k for k in cfg.strata if k in strata_table.columns])
-        landmarks = template_landmarks(run, planted.truth_landmarks(truth)) if cfg.landmark_regions else {}
+    strata_table = strata_of(images, cfg.age_bands)
+    strata = subject_strata(strata_table, [k for k in cfg.strata if k in strata_table.columns])
+    landmarks = template_landmarks(run, planted.truth_landmarks(truth)) if cfg.landmark_regions else {}
 
-        # ---- one streaming pass per method: composites, region scores, SpRAy features; then SpRAy
-        composites, region_frames = [], []
-        spray_rows, spray_members, spray_results = [], [], {}
-        for method in progress(sorted(rows["method"].unique()), "aggregate: methods"):
-            part = rows[rows["method"] == method]
-            comp_part, regions_part, features = _stream_method(store, part, cfg, strata, landmarks)
-            composites.append(comp_part)
-            region_frames.append(regions_part)
-            a, m, r = spray_syndromes(store, part, features, normalisation=cfg.normalisations[0],
-                                      n_neighbors=cfg.spray_neighbors, max_clusters=cfg.spray_max_clusters,
-                                      min_subjects=cfg.spray_min_subjects, seed=cfg.seed, block_maps=cfg.block_maps,
-                                      marked=cue.marked)
-            planted.check_cue(a, r, cue)
-            spray_rows += a
-            spray_members += m
-            spray_results.update(r)
-        comp = composite_table(composites)
-        write_parquet(comp, out / "composites.parquet")
-        per_map = pd.concat(region_frames, ignore_index=True)
-        per_subject, per_syn = region_tables(per_map)
-        write_parquet(per_map, out / "region_maps.parquet")
-        write_parquet(per_subject, out / "region_subjects.parquet")
-        write_parquet(per_syn, out / "region_syndromes.parquet")
-        write_parquet(spray_table(spray_rows), out / "spray.parquet")
-        write_parquet(pd.DataFrame(spray_members), out / "spray_members.parquet")
+    # ---- one streaming pass per method: composites, region scores, SpRAy features; then SpRAy
+    composites, region_frames = [], []
+    spray_rows, spray_members, spray_results = [], [], {}
+    for method in progress(sorted(rows["method"].unique()), "aggregate: methods"):
+        part = rows[rows["method"] == method]
+        comp_part, regions_part, features = _stream_method(store, part, cfg, strata, landmarks)
+        composites.append(comp_part)
+        region_frames.append(regions_part)
+        a, m, r = spray_syndromes(store, part, features, normalisation=cfg.normalisations[0],
+                                  n_neighbors=cfg.spray_neighbors, max_clusters=cfg.spray_max_clusters,
+                                  min_subjects=cfg.spray_min_subjects, seed=cfg.seed, block_maps=cfg.block_maps,
+                                  marked=cue.marked)
+        planted.check_cue(a, r, cue)
+        spray_rows += a
+        spray_members += m
+        spray_results.update(r)
+    comp = composite_table(composites)
+    write_parquet(comp, out / "composites.parquet")
+    per_map = pd.concat(region_frames, ignore_index=True)
+    per_subject, per_syn = region_tables(per_map)
+    write_parquet(per_map, out / "region_maps.parquet")
+    write_parquet(per_subject, out / "region_subjects.parquet")
+    write_parquet(per_syn, out / "region_syndromes.parquet")
+    write_parquet(spray_table(spray_rows), out / "spray.parquet")
+    write_parquet(pd.DataFrame(spray_members), out / "spray_members.parquet")
 
-        # ---- checks against the truth
-        hits = planted.planted_hits(per_syn, planted_at, control)
-        if len(hits):
-            write_parquet(hits, out / "planted_hits.parquet")
-        summary["planted_hits"], hit_lines = planted.report_hits(hits)
-        summary["spray"], spray_lines = planted.report_spray(spray_rows, cue.syndrome)
+    # ---- checks against the truth
+    hits = planted.planted_hits(per_syn, planted_at, control)
+    if len(hits):
+        write_parquet(hits, out / "planted_hits.parquet")
+    summary["planted_hits"], hit_lines = planted.report_hits(hits)
+    summary["spray"], spray_lines = planted.report_spray(spray_rows, cue.syndrome)
 
-        # ---- composite faces (privacy guard), pairs and figures
-        faces, face_table = composite_faces(run, images, strata, cfg.min_subjects, out / "faces", errors)
-        write_parquet(face_table, out / "faces.parquet")
-        pairs = pair_table(index, images)
-        write_parquet(pairs, out / "pairs.parquet")
-        if cfg.figures:
-            draw_all(run, cfg, FigureInputs(
-                store=store, rows=rows, composites=comp, region_syndromes=per_syn, faces=faces, spray=spray_rows,
-                spray_results=spray_results, spray_members=spray_members, pairs=pairs,
-                names=_syndrome_names(cohort.syndromes), planted=planted_at, control=control, confounded=cue.syndrome))
+    # ---- composite faces (privacy guard), pairs and figures
+    faces, face_table = composite_faces(run, images, strata, cfg.min_subjects, out / "faces", errors)
+    write_parquet(face_table, out / "faces.parquet")
+    pairs = pair_table(index, images)
+    write_parquet(pairs, out / "pairs.parquet")
+    if cfg.figures:
+        draw_all(run, cfg, FigureInputs(
+            store=store, rows=rows, composites=comp, region_syndromes=per_syn, faces=faces, spray=spray_rows,
+            spray_results=spray_results, spray_members=spray_members, pairs=pairs,
+            names=_syndrome_names(cohort.syndromes), planted=planted_at, control=control, confounded=cue.syndrome))
 
-        run.write_errors("aggregate", errors)
-        record.n_items = int(len(rows))
-        record.n_errors = len(errors)
-        summary.update(n_maps=int(len(rows)), n_composites=int(len(comp)), n_subjects=int(rows["subject_id"].nunique()),
-                       control_id=control, confounded_syndrome=cue.syndrome)
-        record.extra.update({"summary": dict(summary)})
-    summary["summary_lines"] = hit_lines + spray_lines
-    for line in summary["summary_lines"]:
-        log.info("%s", line)
-    return summary
+    run.write_errors(errors)
+    summary.update(n_maps=int(len(rows)), n_composites=int(len(comp)), n_subjects=int(rows["subject_id"].nunique()),
+                   control_id=control, confounded_syndrome=cue.syndrome)
+    return StageResult(items=int(len(rows)), extra={"results": summary}, outputs={"aggregate": out},
+                       summary=hit_lines + spray_lines)
 
 
 def _syndrome_names(syndromes: pd.DataFrame) -> dict[str, str]:

@@ -76,8 +76,8 @@ def _unreadable(root: Any) -> Any | None:
     return None
 
 
-def read_truth(run: Run, stage: str = "aggregate") -> tuple[TruthTables | None, list[ErrorRow]]:
-    """The synthetic cohort's truth of ``run``, and error rows of ``stage`` when it cannot be read.
+def read_truth(run: Run) -> tuple[TruthTables | None, list[ErrorRow]]:
+    """The synthetic cohort's truth of ``run``, and error rows when it cannot be read.
 
     ``(None, [])`` for a real cohort (no ``cohort/truth/`` folder). A truth folder that exists but has a missing or
     unreadable file gives ``(None, [row])``: ``row.item_id`` is that file (relative to the run) and a warning names
@@ -93,7 +93,7 @@ def read_truth(run: Run, stage: str = "aggregate") -> tuple[TruthTables | None, 
         item = bad.relative_to(run.path).as_posix()
         message = f"synthetic-cohort truth unreadable, checks against it skipped ({type(exc).__name__}: {exc})"
         log.warning("%s: %s", item, message)
-        return None, [ErrorRow(stage, item, "input", message)]
+        return None, [ErrorRow(item, "input", message)]
 
 
 def truth_landmarks(truth: TruthTables | None) -> dict[str, Any]:
@@ -143,14 +143,14 @@ def confounded_syndrome(truth: TruthTables | None) -> str | None:
 def cue_mask(run: Run, truth: TruthTables, syndrome: str) -> tuple[np.ndarray | None, set[str]]:
     """Template-space mask of the confounder cue (mean over the syndrome's marked photos, ≥ 0.25) and the
     subjects with at least one marked photo."""
-    from gestalt_xai.faces.align import load_alignments, row_matrix, warp_photo_to_crop
+    from gestalt_xai.faces.align import row_matrix, warp_photo_to_crop
 
     imgs = truth.images
     marked = imgs[(imgs["syndrome_id"].astype(str) == syndrome) & imgs["confounder"].astype(bool)]
     subjects = set(marked["subject_id"].astype(str))
     if not len(marked):
         return None, subjects
-    al = load_alignments(run).set_index("image_id")
+    al = run.alignments(aligned_only=True).set_index("image_id")
     total, n = np.zeros((112, 112), np.float64), 0
     for image_id in marked["image_id"].astype(str):
         if image_id not in al.index:
@@ -178,9 +178,8 @@ class ConfounderCue:
         return {} if self.syndrome is None else {self.syndrome: set(self.subjects)}
 
 
-def confounder_cue(run: Run, truth: TruthTables | None, stage: str = "aggregate"
-                   ) -> tuple[ConfounderCue, list[ErrorRow]]:
-    """The cohort's confounder cue (:func:`cue_mask` of :func:`confounded_syndrome`) and error rows of ``stage``.
+def confounder_cue(run: Run, truth: TruthTables | None) -> tuple[ConfounderCue, list[ErrorRow]]:
+    """The cohort's confounder cue (:func:`cue_mask` of :func:`confounded_syndrome`) and error rows.
 
     A mask that cannot be built (a missing alignment table, an unreadable mask image) is reported as an error row
     and a warning; the cue keeps its syndrome, so the SpRAy analyses still flag it, without a mask to check against.
@@ -193,7 +192,7 @@ def confounder_cue(run: Run, truth: TruthTables | None, stage: str = "aggregate"
     except (*_READ_ERRORS, KeyError) as exc:
         message = f"confounder mask of {syndrome} unavailable, SpRAy cue check skipped ({type(exc).__name__}: {exc})"
         log.warning("%s", message)
-        return ConfounderCue(syndrome), [ErrorRow(stage, "cohort/truth/masks", "input", message)]
+        return ConfounderCue(syndrome), [ErrorRow("cohort/truth/masks", "input", message)]
     return ConfounderCue(syndrome, mask, frozenset(subjects)), []
 
 

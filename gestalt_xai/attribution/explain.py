@@ -395,7 +395,8 @@ def explain_stage(run: Any, cfg: ExplainConfig | None = None) -> MapStore:
     from gestalt_xai.data.aligned import load_crops
     from gestalt_xai.matching import load_embeddings
     from gestalt_xai.models.gestaltmatcher import preprocess
-    from gestalt_xai.runs import ErrorRow, Run, progress, torch_threads
+    from gestalt_xai.runs import ErrorRow, Run, torch_threads
+    from gestalt_xai.progress import progress
 
     cfg = cfg or ExplainConfig()
     run = run if isinstance(run, Run) else Run(run)

@@ -49,7 +49,8 @@ from torch import nn
 from gestalt_xai.config import StageConfig
 from gestalt_xai.data.aligned import AlignedFaces, Augmentation, aligned_path
 from gestalt_xai.errors import ConfigError, InputError
-from gestalt_xai.runs import progress_bar, torch_threads
+from gestalt_xai.runs import torch_threads
+from gestalt_xai.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
