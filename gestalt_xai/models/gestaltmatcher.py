@@ -282,8 +282,8 @@ def encode(
 ) -> Encoding:
     """Run ``model`` (in eval mode, under ``torch.inference_mode``) on RGB uint8 crops for each TTA slot.
 
-    ``batch_size`` is in images per forward; on a 2-core CPU 8–16 is faster per image than 64 (``benchmarks/embedding.py``).
-    The model's train/eval mode is restored afterwards.
+    ``batch_size`` is in images per forward; on a 2-core CPU 8–16 is faster per image than 64
+    (``benchmarks/embedding.py``). The model's train/eval mode is restored afterwards.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
