@@ -3,7 +3,7 @@
 The GM-Arc layouts are produced with the real tools, not hand-built key lists: our iResNet is exported with
 ``torch.onnx.export(dynamo=False)`` in eval mode (BN folded into the convs as insightface's export did), converted
 with the real ``onnx2torch`` and wrapped the way GM-Arc's ``MyArcFace`` splits ``base`` / ``features`` /
-``classifier``.
+``classifier`` (:class:`gestalt_xai.models.checkpoints.gmarc_pt.GMArcWrapper`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ from gestalt_xai.models.checkpoints import (
     read_lookup_table,
     save_model,
 )
+from gestalt_xai.models.checkpoints.gmarc_pt import GMArcWrapper
+from gestalt_xai.models.checkpoints.onnx_graph import export_onnx
 from gestalt_xai.models.gestaltmatcher import GestaltMatcher
-from gestalt_xai.models.iresnet import IResNet, build_iresnet
+from gestalt_xai.models.iresnet import build_iresnet
 
 onnx = pytest.importorskip("onnx")
 onnx2torch = pytest.importorskip("onnx2torch")
@@ -68,51 +70,6 @@ def assert_rel_close(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray,
     assert err <= rtol * scale, f"max abs diff {err:.3g} > {rtol:g} × max |ref| {scale:.3g}"
 
 
-def export_onnx(backbone: IResNet, path: Path, clear_names: bool = True) -> Path:
-    """Legacy (TorchScript) export in eval mode, as insightface's torch2onnx; node names cleared as in their files."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(backbone.eval(), torch.zeros(1, 3, 112, 112), buf, dynamo=False)
-    proto = onnx.load_from_string(buf.getvalue())
-    if clear_names:
-        for node in proto.graph.node:
-            node.name = ""
-    onnx.save(proto, str(path))
-    return path
-
-
-class GMArcLikeWrapper(nn.Module):
-    """Same structure as GM-Arc's ``MyArcFace``: onnx2torch ``base`` cut after the flatten, ``features`` = the
-    Gemm + the last BatchNorm taken out of ``base``, ``classifier = Sequential(Dropout, Linear(512, C))``."""
-
-    def __init__(self, onnx_path: Path, num_classes: int, first_suffix: str = "") -> None:
-        super().__init__()
-        self.base = onnx2torch.convert(str(onnx_path))
-        bns = sorted(
-            (n for n, _ in self.base.named_children() if n.startswith("BatchNormalization")),
-            key=lambda n: int(n.rsplit("_", 1)[1]) if "_" in n else 0,
-        )
-        gemm_name, bn_name = "Gemm", bns[-1]
-        self.features = nn.Sequential()
-        self.features.add_module(f"Gemm{first_suffix}", self.base.get_submodule(gemm_name))
-        self.features.add_module(bn_name, self.base.get_submodule(bn_name))
-        graph = self.base.graph
-        flatten = next(n for n in graph.nodes if n.op == "call_module" and n.target.startswith("Flatten"))
-        output = next(n for n in graph.nodes if n.op == "output")
-        output.args = (flatten,)
-        graph.eliminate_dead_code()
-        graph.lint()
-        self.base.recompile()
-        self.base.delete_submodule(gemm_name)
-        self.base.delete_submodule(bn_name)
-        self.classifier = nn.Sequential(nn.Dropout(), nn.Linear(512, num_classes))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        representations = self.features(self.base(x))
-        return self.classifier(representations), representations
-
-
 def onnx2torch_141_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """onnx2torch 1.4.1 (GM-Arc's pin) names every module ``{Op}_{k}`` from k = 0; 1.5 leaves the first ``{Op}``.
 
@@ -130,7 +87,7 @@ def r50(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     backbone = calibrate(build_iresnet("r50", width=R50_WIDTH))
     onnx_path = export_onnx(backbone, tmp / "glint360k_r50.onnx")
     torch.manual_seed(1)
-    wrapper = GMArcLikeWrapper(onnx_path, num_classes=7).eval()
+    wrapper = GMArcWrapper(onnx_path, nn.Sequential(nn.Dropout(), nn.Linear(512, 7))).eval()
     x = torch.randn(2, 3, 112, 112)
     with torch.inference_mode():
         ref = backbone(x)
@@ -156,7 +113,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     calibrate(model.backbone)
     model.eval()
     onnx_path = export_onnx(model.backbone, tmp / "r18.onnx")
-    wrapper = GMArcLikeWrapper(onnx_path, num_classes=5).eval()
+    wrapper = GMArcWrapper(onnx_path, nn.Sequential(nn.Dropout(), nn.Linear(512, 5))).eval()
     x = torch.randn(2, 3, 112, 112)
     return {"model": model, "onnx": onnx_path, "wrapper": wrapper, "x": x, "tmp": tmp}
 
@@ -237,7 +194,7 @@ def test_whole_module_pickle_restricted_load(small: dict, tmp_path: Path) -> Non
     model = load_model(path, trust_pickle=True)
     assert not (tmp_path / "pwned").exists(), "the restricted unpickler executed code from the file"
     placeholders = model.config["source"]["pickle_placeholders"]
-    assert any("GMArcLikeWrapper" in p for p in placeholders) and "pathlib.Path" in placeholders
+    assert any(p.endswith(".GMArcWrapper") for p in placeholders) and "pathlib.Path" in placeholders
     assert model.config["source"]["format"] == "gm-arc-pickle"
     with torch.inference_mode():
         ref_logits, ref = wrapper(small["x"])

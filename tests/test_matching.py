@@ -11,6 +11,7 @@ from sklearn.metrics import pairwise_distances
 
 from gestalt_xai.errors import InputError
 from gestalt_xai.matching import (
+    CentroidBank,
     EmbeddingTable,
     MatchConfig,
     compare_embeddings,
@@ -185,6 +186,54 @@ def test_syndrome_centroids_by_hand():
     c2 = syndrome_centroids(emb, images, ["a", "b", "c", "d"], exclude_subject="s2")
     np.testing.assert_allclose(c2.get("X", "m"), [0.5, 0.5], atol=1e-6)
     assert c2.vectors.shape == (1, 2, 2) and ("X", "m", False, False) in c2.as_dict()
+
+
+def _centroids_before_the_merge(emb: pd.DataFrame, images: pd.DataFrame, gallery, exclude_subject, slot):
+    """The centroid formula of ``syndrome_centroids`` before CentroidBank and it shared one implementation: drop the
+    excluded subject's images, L2-normalise, mean per (syndrome, subject) with pandas, then mean per syndrome."""
+    gal = images[images["image_id"].isin(set(gallery))]
+    gal = gal[gal["subject_id"] != exclude_subject].sort_values("image_id", kind="stable")
+    part = emb[(emb["model_id"] == slot[0]) & (emb["flip"] == slot[1]) & (emb["gray"] == slot[2])]
+    x = np.stack(part.set_index("image_id").loc[gal["image_id"], "embedding"].to_numpy()).astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    per_subject = pd.DataFrame(x).groupby([gal["syndrome_id"].to_numpy(), gal["subject_id"].to_numpy()]).mean()
+    per_syndrome = per_subject.groupby(level=0).mean()
+    return {str(s): per_syndrome.loc[s].to_numpy() for s in per_syndrome.index}
+
+
+def test_centroids_equal_the_formula_before_the_merge():
+    """syndrome_centroids and CentroidBank.reference (leave-own-subject-out) give the old formula's centroids to
+    1e-6, on random embeddings with 1–4 subjects per syndrome and 1–3 images per subject, in every slot."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for syn in "ABCD":
+        for j in range(int(rng.integers(1, 5))):
+            for k in range(int(rng.integers(1, 4))):
+                rows.append({"image_id": f"{syn}{j}{k}", "subject_id": f"s{syn}{j}", "syndrome_id": syn})
+    images = pd.DataFrame(rows)
+    slots = [("m0", False, False), ("m0", True, True), ("m1", False, False)]
+    emb = pd.DataFrame(
+        [
+            {"image_id": i, "model_id": m, "flip": f, "gray": g, "embedding": rng.normal(size=16).astype(np.float32)}
+            for i in images["image_id"]
+            for m, f, g in slots
+        ]
+    )
+    gallery = images["image_id"].tolist()
+    bank = CentroidBank(emb, images, gallery)
+    subjects = [None, *sorted(images["subject_id"].unique())]
+    worst = 0.0
+    for subject in subjects:
+        new = syndrome_centroids(emb, images, gallery, exclude_subject=subject)
+        for slot in slots:
+            old = _centroids_before_the_merge(emb, images, gallery, subject, slot)
+            assert sorted(old) == new.syndromes
+            for syn, ref in old.items():
+                for ours in (new.get(syn, *slot), bank.reference(slot[0], slot[1:], syn, exclude_subject=subject)):
+                    worst = max(worst, float(np.abs(ours - ref).max()))
+            lone = {s for s in "ABCD" if s not in old}  # the excluded subject was the syndrome's only one
+            assert all(bank.reference(slot[0], slot[1:], s, exclude_subject=subject) is None for s in lone)
+    assert worst <= 1e-6, worst
 
 
 def _gmarc_frame(emb_df: pd.DataFrame) -> pd.DataFrame:

@@ -189,10 +189,10 @@ def test_subsets_caps_and_checks(tmp_path):
     with pytest.raises(ConfigError, match="no training images"):
         select_training_data(cohort, run, tiny_config(syndromes=["S9"]))
     # balanced sampling draws every class about equally even when the data are not
-    from gestalt_xai.models.train import _balanced_sampler
+    from gestalt_xai.models.train_data import balanced_sampler
 
     targets = np.array([0] * 90 + [1] * 10)
-    drawn = np.bincount(targets[list(_balanced_sampler(targets, torch.Generator().manual_seed(0)))], minlength=2)
+    drawn = np.bincount(targets[list(balanced_sampler(targets, torch.Generator().manual_seed(0)))], minlength=2)
     assert 30 < drawn[1] < 70
     with pytest.raises(Exception, match="unknown|Input should be|extra"):
         TrainConfig(epoch=3)

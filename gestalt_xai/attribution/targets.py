@@ -29,8 +29,8 @@ Target *specs* (what the explain stage is asked for) are parsed by :func:`parse_
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from gestalt_xai.errors import ConfigError, InputError
+from gestalt_xai.matching.centroids import CentroidBank
 
 __all__ = [
     "Target",
@@ -197,99 +198,6 @@ class PairTarget(CosineTarget):
     """Cosine similarity to another image's embedding (same model and TTA slot)."""
 
     kind = "pair"
-
-
-# ------------------------------------------------------------------------------------------------- centroids
-def _normalise_rows(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float64)
-    return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-
-
-@dataclass
-class _SyndromeSums:
-    total: np.ndarray  # Σ over subjects of the subject mean of normalised embeddings, (D,)
-    per_subject: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-class CentroidBank:
-    """Syndrome centroids per ``(model_id, flip, gray)`` slot with leave-own-subject-out.
-
-    ``centroid(syndrome) = mean_subjects( mean_images_of_subject( f / ‖f‖ ) )`` over the gallery images of that
-    syndrome, computed from the embeddings of one model and one TTA slot. :meth:`reference` drops the query's subject
-    in O(D) from precomputed per-subject sums.
-
-    Parameters
-    ----------
-    embeddings : the ``embeddings.parquet`` table (``image_id, model_id, flip, gray, embedding``).
-    cohort : per-image ``image_id, subject_id, syndrome_id``.
-    gallery_ids : image ids that form the gallery (``None`` = every image in ``cohort``).
-
-    >>> emb = pd.DataFrame({"image_id": ["a", "b", "c"], "model_id": "m", "flip": False, "gray": False,
-    ...                     "embedding": [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]})
-    >>> coh = pd.DataFrame({"image_id": ["a", "b", "c"], "subject_id": ["s1", "s2", "s3"], "syndrome_id": "X"})
-    >>> bank = CentroidBank(emb, coh)
-    >>> np.round(bank.reference("m", (False, False), "X", exclude_subject="s3"), 3).tolist()
-    [0.5, 0.5]
-    """
-
-    def __init__(
-        self, embeddings: pd.DataFrame, cohort: pd.DataFrame, gallery_ids: Iterable[str] | None = None
-    ) -> None:
-        need = {"image_id", "subject_id", "syndrome_id"}
-        if missing := need - set(cohort.columns):
-            raise InputError(f"cohort table lacks columns {sorted(missing)}")
-        coh = cohort[["image_id", "subject_id", "syndrome_id"]].astype(str).drop_duplicates("image_id")
-        if gallery_ids is not None:
-            coh = coh[coh["image_id"].isin({str(i) for i in gallery_ids})]
-        table = embeddings.assign(image_id=embeddings["image_id"].astype(str)).merge(coh, on="image_id")
-        self._sums: dict[tuple[str, Slot, str], _SyndromeSums] = {}
-        self._n_subjects: dict[tuple[str, Slot, str], int] = {}
-        for (model_id, flip, gray), grp in table.groupby(["model_id", "flip", "gray"], sort=True):
-            slot = (bool(flip), bool(gray))
-            vecs = _normalise_rows(np.stack(grp["embedding"].to_numpy()))
-            g = grp.reset_index(drop=True)
-            for syndrome, sg in g.groupby("syndrome_id", sort=True):
-                subj_means = {
-                    str(subj): vecs[ss.index.to_numpy()].mean(0) for subj, ss in sg.groupby("subject_id", sort=True)
-                }
-                key = (str(model_id), slot, str(syndrome))
-                self._sums[key] = _SyndromeSums(total=np.sum(list(subj_means.values()), axis=0),
-                                                per_subject=subj_means)
-                self._n_subjects[key] = len(subj_means)
-        self.syndromes: list[str] = sorted({k[2] for k in self._sums})
-        self.model_ids: list[str] = sorted({k[0] for k in self._sums})
-
-    def n_subjects(self, model_id: str, slot: Slot, syndrome_id: str) -> int:
-        return self._n_subjects.get((model_id, slot, str(syndrome_id)), 0)
-
-    def reference(
-        self, model_id: str, slot: Slot, syndrome_id: str, exclude_subject: str | None = None
-    ) -> np.ndarray | None:
-        """The centroid (float64, not normalised), or ``None`` if no gallery subject is left."""
-        key = (model_id, (bool(slot[0]), bool(slot[1])), str(syndrome_id))
-        sums = self._sums.get(key)
-        if sums is None:
-            return None
-        n = self._n_subjects[key]
-        total = sums.total
-        if exclude_subject is not None and str(exclude_subject) in sums.per_subject:
-            total = total - sums.per_subject[str(exclude_subject)]
-            n -= 1
-        if n <= 0:
-            return None
-        return total / n
-
-    def similarities(
-        self, model_id: str, slot: Slot, embedding: np.ndarray, exclude_subject: str | None = None
-    ) -> dict[str, float]:
-        """Cosine similarity of one embedding to every syndrome's centroid (own subject excluded)."""
-        f = _normalise_rows(np.asarray(embedding)[None])[0]
-        out = {}
-        for syn in self.syndromes:
-            r = self.reference(model_id, slot, syn, exclude_subject)
-            if r is not None:
-                out[syn] = float(f @ _normalise_rows(r[None])[0])
-        return out
 
 
 # ------------------------------------------------------------------------------------------------- specs

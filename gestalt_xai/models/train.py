@@ -1,6 +1,7 @@
 """Training and fine-tuning a GestaltMatcher model (GM-Arc's recipe, with its class-weight pairing fixed).
 
-GestaltMatcher-Arc (``train_gm_arc.py``; REFERENCE §2) trains ``backbone → 512-d embedding → classifier`` with
+GestaltMatcher-Arc (Hustinx et al., WACV 2023; ``train_gm_arc.py``) trains ``backbone → 512-d embedding →
+classifier`` with
 
 * weighted cross-entropy, ``w_c = 0.5 · min_c' n_c' / n_c + 0.5`` (``n_c`` = training *images* of class
   ``c``), so the rarest class weighs 1 and a very frequent one about 0.5;
@@ -10,6 +11,9 @@ GestaltMatcher-Arc (``train_gm_arc.py``; REFERENCE §2) trains ``backbone → 51
 * ``ReduceLROnPlateau(mode="max", factor=0.5, patience=5, min_lr=1e-5, threshold=5e-4)`` stepped on the
   validation mean-per-class top-5 accuracy after every epoch;
 * augmentation (shrink-zoom, flip, colour jitter, gray; :mod:`gestalt_xai.data.aligned`).
+
+Training data, class weights and the sampler are in :mod:`gestalt_xai.models.train_data`; the validation metrics
+and the history figure in :mod:`gestalt_xai.models.train_eval`.
 
 **The class-weight bug.** GM-Arc computes the weights from ``labels.value_counts()`` — classes in *frequency*
 order — while class indices follow the *sorted* labels (its lookup table), and pairs weight ``i`` with class
@@ -35,7 +39,6 @@ import io
 import json
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,10 +50,13 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from gestalt_xai.config import StageConfig
-from gestalt_xai.data.aligned import AlignedFaces, Augmentation, aligned_path
-from gestalt_xai.errors import ConfigError, InputError
-from gestalt_xai.runs import torch_threads
+from gestalt_xai.data.aligned import AlignedFaces, Augmentation
+from gestalt_xai.errors import ConfigError
+from gestalt_xai.models.train_data import TrainData, balanced_sampler, class_weights, select_training_data
+from gestalt_xai.models.train_eval import evaluate_classifier, plot_history
 from gestalt_xai.progress import progress_bar
+from gestalt_xai.runs import LAYOUT, Run, torch_threads
+from gestalt_xai.stages import StageResult, stage
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +166,6 @@ class TrainConfig(StageConfig):
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     num_workers: int = Field(0, ge=0)
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
-    quiet: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -198,107 +203,6 @@ def demo_train_config(**overrides: Any) -> TrainConfig:
     backbone, and no shrink-zoom (the planted phenotypes are small). ``overrides`` replace preset values.
     """
     return TrainConfig(preset="demo", **overrides)
-
-
-# ------------------------------------------------------------------------------------------------------- data
-class TrainData:
-    """The training and validation tables of one training run (``image_id, subject_id, syndrome_id``)."""
-
-    def __init__(self, train: pd.DataFrame, val: pd.DataFrame, classes: list[str], n_missing_crops: int = 0):
-        self.train = train
-        self.val = val
-        self.classes = classes
-        self.n_missing_crops = n_missing_crops
-
-
-def _apply_caps(train: pd.DataFrame, cfg: TrainConfig) -> pd.DataFrame:
-    if cfg.max_per_class is None and not cfg.class_caps:
-        return train
-    rng = np.random.default_rng(cfg.seed)
-    parts = []
-    for syn, part in train.groupby("syndrome_id", sort=True):
-        cap = (cfg.class_caps or {}).get(str(syn), cfg.max_per_class)
-        if cap is None:
-            parts.append(part)
-            continue
-        if cfg.cap_unit == "subject":
-            subjects = np.array(sorted(part["subject_id"].unique()), dtype=object)
-            keep = set(subjects[rng.permutation(len(subjects))[:cap]])
-            parts.append(part[part["subject_id"].isin(keep)])
-        else:
-            idx = np.sort(rng.permutation(len(part))[:cap])
-            parts.append(part.iloc[idx])
-    return pd.concat(parts).sort_values("image_id", kind="stable").reset_index(drop=True)
-
-
-def select_training_data(cohort: Any, run: Any, cfg: TrainConfig) -> TrainData:
-    """Train = the cohort's ``train`` set, val = its ``val`` set, after class subset and caps; classes sorted.
-
-    Images without an aligned crop are left out (the align stage already recorded why).
-    """
-    images = cohort.images[["image_id", "subject_id", "syndrome_id"]].astype(str)
-    have = images["image_id"].map(lambda i: aligned_path(run, i).is_file())
-    n_missing = int((~have).sum())
-    images = images[have]
-    train = images[images["image_id"].isin(set(cohort.image_ids("train")))]
-    val = images[images["image_id"].isin(set(cohort.image_ids("val")))]
-    if cfg.syndromes is not None:
-        unknown = sorted(set(cfg.syndromes) - set(train["syndrome_id"]))
-        if unknown:
-            raise ConfigError(f"syndromes {unknown[:5]} have no training images in this cohort")
-        train = train[train["syndrome_id"].isin(set(cfg.syndromes))]
-    train = _apply_caps(train.sort_values("image_id", kind="stable"), cfg)
-    if train.empty:
-        raise InputError("no training images: the cohort's train set is empty (or none of its crops exist)")
-    classes = sorted(train["syndrome_id"].unique())
-    if len(classes) < 2:
-        raise InputError(f"training needs at least 2 classes, the train set has {classes}")
-    val = val[val["syndrome_id"].isin(set(classes))].sort_values("image_id", kind="stable")
-    return TrainData(train.reset_index(drop=True), val.reset_index(drop=True), classes, n_missing)
-
-
-def class_weights(
-    train_labels: Sequence[str], classes: Sequence[str], gmarc_weight_order: bool = False
-) -> torch.Tensor:
-    """GM-Arc's cross-entropy weights ``w_c = 0.5 · min_count / count_c + 0.5`` in class-index order.
-
-    Parameters
-    ----------
-    train_labels: class (syndrome id) of every training image.
-    classes: class index order (sorted syndrome ids).
-    gmarc_weight_order: reproduce GM-Arc's pairing — weights computed in ``value_counts()`` (frequency) order
-    and
-        given to class indices 0, 1, … of the sorted classes, i.e. usually to the wrong classes.
-
-    Examples
-    --------
-    >>> class_weights(["a", "b", "b", "b", "b"], ["a", "b"])
-    tensor([1.0000, 0.6250])
-    >>> class_weights(["a", "b", "b", "b", "b"], ["a", "b"], gmarc_weight_order=True)
-    tensor([0.6250, 1.0000])
-    """
-    counts = pd.Series([str(s) for s in train_labels]).value_counts()  # GM-Arc: frequency order
-    classes = [str(c) for c in classes]
-    absent = [c for c in classes if c not in counts.index]
-    if absent:
-        raise InputError(f"classes {absent[:5]} have no training images; cannot weight them")
-    counts = counts[counts.index.isin(classes)]
-    if gmarc_weight_order:
-        if len(counts) != len(classes):
-            raise InputError("gmarc_weight_order needs exactly the training classes")
-        w = 0.5 * counts.min() / counts.to_numpy(dtype=np.float64) + 0.5
-    else:
-        c = counts.reindex(classes).to_numpy(dtype=np.float64)
-        w = 0.5 * c.min() / c + 0.5
-    return torch.tensor(w, dtype=torch.float32)
-
-
-def _balanced_sampler(targets: np.ndarray, generator: torch.Generator) -> torch.utils.data.Sampler[int]:
-    counts = np.bincount(targets)
-    weights = torch.as_tensor(1.0 / counts[targets], dtype=torch.double)
-    return torch.utils.data.WeightedRandomSampler(
-        weights, num_samples=len(targets), replacement=True, generator=generator
-    )
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -388,53 +292,10 @@ def _build_model(cfg: TrainConfig, classes: list[str]) -> nn.Module:
     return model
 
 
-# ------------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate_classifier(
-    model: nn.Module,
-    crops: np.ndarray,
-    targets: np.ndarray,
-    weights: torch.Tensor | None,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-) -> dict[str, float]:
-    """Validation metrics of the classifier on un-augmented crops (no TTA).
-
-    Returns ``val_loss`` (weighted CE, as GM-Arc), ``val_top1``/``val_top5`` (per image) and
-    ``val_mean_top1``/``val_mean_top5`` (mean over the classes present of the per-class accuracy, GM-Arc's
-    scheduler metric). Top-5 is top-min(5, C).
-    """
-    if len(targets) == 0:
-        return {k: float("nan") for k in ("val_loss", "val_top1", "val_top5", "val_mean_top1", "val_mean_top5")}
-    was = model.training
-    model.eval()
-    logits = []
-    for s in range(0, len(crops), batch_size):
-        x = model.preprocess(crops[s : s + batch_size], device=device)
-        lg, _ = model(x)
-        logits.append(lg.float().cpu())
-    model.train(was)
-    lg = torch.cat(logits)
-    y = torch.as_tensor(targets, dtype=torch.long)
-    loss = F.cross_entropy(lg, y, weight=weights).item()
-    k = min(5, lg.shape[1])
-    top = lg.topk(k, dim=1).indices
-    hit1 = (top[:, 0] == y).numpy().astype(float)
-    hit5 = (top == y[:, None]).any(dim=1).numpy().astype(float)
-    per = pd.DataFrame({"y": targets, "h1": hit1, "h5": hit5}).groupby("y").mean()
-    return {
-        "val_loss": float(loss),
-        "val_top1": float(hit1.mean()),
-        "val_top5": float(hit5.mean()),
-        "val_mean_top1": float(per["h1"].mean()),
-        "val_mean_top5": float(per["h5"].mean()),
-    }
-
-
 # --------------------------------------------------------------------------------------------------- training
 def _config_hash(cfg: TrainConfig, data: TrainData) -> str:
     payload = {
-        "cfg": cfg.model_dump(mode="json", exclude={"quiet", "num_workers", "threads", "device"}),
+        "cfg": cfg.model_dump(mode="json", exclude={"num_workers", "threads", "device"}),
         "train": data.train["image_id"].tolist(),
         "val": data.val["image_id"].tolist(),
     }
@@ -502,7 +363,7 @@ def _train_model(run: Any, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module
     w_dev = weights.to(device) if weights is not None else None
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    sampler = _balanced_sampler(train_ds.targets, gen) if cfg.sampler == "balanced" else None
+    sampler = balanced_sampler(train_ds.targets, gen) if cfg.sampler == "balanced" else None
     drop_last = len(train_ds) > cfg.batch_size  # BatchNorm cannot train on a last batch of one image
     loader = torch.utils.data.DataLoader(
         train_ds,
@@ -539,7 +400,7 @@ def _train_model(run: Any, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module
     if start_epoch == 1:
         torch.manual_seed(cfg.seed)  # dropout draws
     steps_per_epoch = len(loader)
-    with progress_bar("train", steps_per_epoch * cfg.epochs, silent=cfg.quiet) as bar:
+    with progress_bar("train", steps_per_epoch * cfg.epochs) as bar:
         bar.advance(steps_per_epoch * (start_epoch - 1))
         for epoch in range(start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
@@ -602,103 +463,73 @@ def _train_model(run: Any, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module
     return model.cpu(), pd.DataFrame(history)
 
 
-def _plot_history(history: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from gestalt_xai.runs import atomic_write_bytes
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
-    ax1.plot(history["epoch"], history["train_loss"], label="train", marker="o", ms=3)
-    ax1.plot(history["epoch"], history["val_loss"], label="validation", marker="o", ms=3)
-    ax1.set(xlabel="epoch", ylabel="weighted cross-entropy", title="loss", yscale="log")
-    ax1.legend()
-    for col, label in (
-        ("train_top1", "train top-1"),
-        ("val_top1", "val top-1"),
-        ("val_mean_top1", "val mean-per-class top-1"),
-        ("val_mean_top5", "val mean-per-class top-5"),
-    ):
-        ax2.plot(history["epoch"], history[col], label=label, marker="o", ms=3)
-    ax2.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02), title="accuracy")
-    ax2.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def train_stage(run: Any, cfg: TrainConfig | None = None) -> Path:
+@stage("train", options=TrainConfig, order=40, summary="train or fine-tune a GestaltMatcher-style model",
+       reads=(LAYOUT.cohort, LAYOUT.alignments), writes=(LAYOUT.models,),
+       example="gestalt-xai train --run runs/demo --preset demo",
+       tiny_options={"preset": "demo", "epochs": 2, "threads": 2})
+def train_stage(run: Run, cfg: TrainConfig) -> StageResult:
     """Train on the run's cohort (``train`` set; validation on ``val``); save in ``run/models/``.
 
-    Returns the path of ``<model_id>.safetensors``. A finished model with the same configuration and data is
+    The result's outputs name ``<model_id>.safetensors``. A finished model with the same configuration and data is
     kept (not retrained); an interrupted training resumes at its next epoch.
     """
-    from gestalt_xai.data.cohort import load_run_cohort
     from gestalt_xai.models.checkpoints import save_model
     from gestalt_xai.runs import sha256_file, write_parquet
 
-    cfg = cfg or TrainConfig()
     model_id = cfg.resolved_model_id()
-    with run.stage("train", cfg, seed=cfg.seed) as st:
-        cohort = load_run_cohort(run)
-        data = select_training_data(cohort, run, cfg)
-        chash = _config_hash(cfg, data)
-        models_dir = run.dir("models")
-        out = models_dir / f"{model_id}.safetensors"
-        meta = models_dir / f"{model_id}.json"
-        st.n_items = len(data.train)
-        st.extra.update(
-            {
-                "model_id": model_id,
-                "n_train": len(data.train),
-                "n_val": len(data.val),
-                "n_classes": len(data.classes),
-                "n_missing_crops": data.n_missing_crops,
-            }
-        )
-        if out.exists() and meta.exists():
-            info = json.loads(meta.read_text(encoding="utf-8"))
-            if info.get("training", {}).get("config_hash") == chash:
-                log.info("%s already trained with this configuration; kept", out)
-                st.extra["skipped"] = True
-                return out
-        model, history = train_model(run, data, cfg)
-        training = {
-            "config_hash": chash,
-            "config": cfg.model_dump(mode="json"),
-            "n_train": len(data.train),
-            "n_val": len(data.val),
-            "epochs": int(cfg.epochs),
+    cohort = run.cohort()
+    data = select_training_data(cohort, run, cfg)
+    chash = _config_hash(cfg, data)
+    models_dir = run.dir(LAYOUT.models)
+    out = models_dir / f"{model_id}.safetensors"
+    meta = models_dir / f"{model_id}.json"
+    result = StageResult(items=len(data.train), outputs={"model": out, "description": meta},
+                         extra={"model_id": model_id, "n_train": len(data.train), "n_val": len(data.val),
+                                "n_classes": len(data.classes), "n_missing_crops": data.n_missing_crops})
+    if out.exists() and meta.exists():
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        if info.get("training", {}).get("config_hash") == chash:
+            result.extra["skipped"] = True
+            result.summary.append(f"{run.relative(out)} already trained with this configuration; kept")
+            return result
+    model, history = train_model(run, data, cfg)
+    # epoch timings belong to the manifest: the model's files stay byte-identical across identical runs
+    result.extra["epoch_seconds"] = [float(s) for s in history.pop("seconds")] if "seconds" in history else []
+    training = {
+        "config_hash": chash,
+        "config": cfg.model_dump(mode="json"),
+        "n_train": len(data.train),
+        "n_val": len(data.val),
+        "epochs": int(cfg.epochs),
+        "seed": cfg.seed,
+        "final": json.loads(history.iloc[[-1]].to_json(orient="records"))[0] if len(history) else {},
+    }
+    save_model(model, out, extra={"training": training})
+    write_parquet(history, models_dir / f"{model_id}_history.parquet")
+    plot_history(history, models_dir / f"{model_id}_curve.png", f"{model_id} ({cfg.arch}, width {cfg.width:g})")
+    run.record_model(
+        model_id,
+        sha256_file(out),
+        {
+            "path": str(out.relative_to(run.path)),
+            "source": "trained",
+            "arch": cfg.arch,
+            "width": cfg.width,
+            "n_classes": len(data.classes),
+            "epochs": cfg.epochs,
             "seed": cfg.seed,
-            "final": json.loads(history.iloc[[-1]].to_json(orient="records"))[0] if len(history) else {},
-        }
-        save_model(model, out, extra={"training": training})
-        write_parquet(history, models_dir / f"{model_id}_history.parquet")
-        _plot_history(history, models_dir / f"{model_id}_curve.png", f"{model_id} ({cfg.arch}, width {cfg.width:g})")
-        run.record_model(
-            model_id,
-            sha256_file(out),
-            {
-                "path": str(out.relative_to(run.path)),
-                "source": "trained",
-                "arch": cfg.arch,
-                "width": cfg.width,
-                "n_classes": len(data.classes),
-                "epochs": cfg.epochs,
-                "seed": cfg.seed,
-            },
-        )
-        state = models_dir / f".{model_id}.state.pt"
-        if state.exists():
-            state.unlink()
-        if len(history):
-            st.extra["final"] = {k: float(v) for k, v in history.iloc[-1].items() if isinstance(v, float | int)}
-    return out
+        },
+    )
+    state = models_dir / f".{model_id}.state.pt"
+    if state.exists():
+        state.unlink()
+    if len(history):
+        result.extra["final"] = {k: float(v) for k, v in history.iloc[-1].items() if isinstance(v, float | int)}
+        final = {k: round(v, 3) for k, v in result.extra["final"].items()}
+        result.summary.append(f"trained {model_id} for {cfg.epochs} epochs on {len(data.train)} images; last "
+                              f"epoch {final}")
+    result.outputs["history"] = models_dir / f"{model_id}_history.parquet"
+    return result
 
 
 def train_small_model(run: Any, **overrides: Any) -> Path:
@@ -706,5 +537,4 @@ def train_small_model(run: Any, **overrides: Any) -> Path:
 
     ``overrides`` change :func:`demo_train_config` fields (e.g. ``epochs=4`` for a faster fixture).
     """
-    overrides.setdefault("quiet", True)
-    return train_stage(run, demo_train_config(**overrides))
+    return train_stage(run, demo_train_config(**overrides)).outputs["model"]

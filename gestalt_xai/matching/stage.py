@@ -1,0 +1,192 @@
+"""The ``gestalt-xai match`` stage: every GM-Arc protocol on the run's embeddings, written to ``run/matching/``.
+
+:func:`summary_table` is GM-Arc's table (one row per protocol: gallery/test sizes, macro top-k % ± sd over splits);
+:func:`print_summary` shows it in GM-Arc's layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from gestalt_xai.config import StageConfig
+from gestalt_xai.matching.distances import EmbeddingTable, load_embeddings
+from gestalt_xai.matching.gmarc import compare_embeddings, read_gmarc_encodings
+from gestalt_xai.matching.protocols import (
+    Protocol,
+    ProtocolSplit,
+    check_subject_disjoint,
+    cohort_protocols,
+    evaluate_protocol,
+    image_meta,
+)
+from gestalt_xai.matching.ranking import DEFAULT_KS, Ties
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MatchConfig", "match_stage", "print_summary", "summary_table"]
+
+
+def summary_table(
+    per_split: pd.DataFrame, protocols: Sequence[Protocol], ks: Sequence[int] = DEFAULT_KS
+) -> pd.DataFrame:
+    """One row per protocol (GM-Arc): mean gallery/test size, mean (± sd over splits) macro top-k %."""
+    rows = []
+    for p in protocols:
+        part = per_split[per_split["protocol"] == p.name]
+        if part.empty:
+            continue
+        row: dict[str, Any] = {
+            "protocol": p.name,
+            "test_set": p.test_set,
+            "gallery_set": p.gallery_set,
+            "n_splits": len(part),
+            "n_gallery": float(part["n_gallery"].mean()),
+            "n_test": float(part["n_test"].mean()),
+            "n_test_absent": float(part["n_test_absent"].mean()),
+        }
+        for k in ks:
+            vals = part[f"top{k}"].astype(float) * 100.0
+            row[f"top{k}"] = float(vals.mean())
+            row[f"top{k}_sd"] = float(vals.std(ddof=0)) if len(vals) > 1 else 0.0
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def print_summary(
+    summary: pd.DataFrame, ks: Sequence[int] = DEFAULT_KS, title: str = "Matching (macro top-k, %)"
+) -> None:
+    """Print the summary in GM-Arc's layout (Test set | Gallery | Test | Top-1 | Top-5 | Top-10 | Top-30)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("Test set", "Gallery set", "Gallery", "Test"):
+        t.add_column(col, justify="left" if "set" in col else "right")
+    for k in ks:
+        t.add_column(f"Top-{k}", justify="right")
+    for _, r in summary.iterrows():
+        cells = [str(r["test_set"]), str(r["gallery_set"]), f"{r['n_gallery']:.0f}", f"{r['n_test']:.0f}"]
+        cells += [("—" if np.isnan(r[f"top{k}"]) else f"{r[f'top{k}']:.2f}") for k in ks]
+        t.add_row(*cells)
+    console = Console(stderr=False)
+    if not console.is_terminal:
+        console = Console(stderr=False, width=120)  # logs and captured output: no wrapping at 80 columns
+    console.print(t)
+
+
+class MatchConfig(StageConfig):
+    """Options of ``gestalt-xai match``."""
+
+    models: list[str] | None = Field(None, description="model ids to ensemble (default: every model embedded)")
+    tta: bool = Field(True, description="average over the flip/gray TTA slots present (GM-Arc: on)")
+    ks: list[int] = Field(default_factory=lambda: list(DEFAULT_KS), description="top-k cut-offs")
+    ties: Ties = Field("id", description="tie rule for equal distances: id | pessimistic | optimistic")
+    protocols: list[Literal["frequent", "rare", "frequent_unified", "rare_unified"]] = Field(
+        default_factory=lambda: ["frequent", "rare", "frequent_unified", "rare_unified"]
+    )
+    gallery_encodings: Path | None = Field(
+        None, description="GM-Arc gallery encodings (.pkl or .csv) to use as the gallery's embeddings"
+    )
+    gallery_model_map: dict[str, str] | None = Field(
+        None,
+        description="GM-Arc model name → our model id (e.g. {m0: s1_r50}); needed to use their encodings",
+    )
+    trust_pickle: bool = Field(False, description="allow reading a pickled encodings file (executes code)")
+    quiet: bool = False
+
+
+def _restrict(p: Protocol, keep: set[str]) -> Protocol:
+    return Protocol(
+        p.name,
+        p.test_set,
+        p.gallery_set,
+        [
+            ProtocolSplit(
+                s.split,
+                [i for i in s.test_image_ids if i in keep],
+                [i for i in s.gallery_image_ids if i in keep],
+            )
+            for s in p.splits
+        ],
+    )
+
+
+def match_stage(run: Any, cfg: MatchConfig | None = None) -> pd.DataFrame:
+    """Match test images against galleries under the GM-Arc protocols; write ``run/matching/``.
+
+    Writes ``matching/ranks.parquet`` (one row per protocol, split and test image),
+    ``matching/splits.parquet``
+    (macro top-k per split), ``matching/summary.parquet`` (GM-Arc's table) and, with ``gallery_encodings``,
+    ``matching/gmarc_agreement.parquet``; prints the summary. Returns the summary table.
+    """
+    from gestalt_xai.runs import write_parquet
+
+    cfg = cfg or MatchConfig()
+    with run.stage("match", cfg) as st:
+        emb = load_embeddings(run)
+        table = EmbeddingTable.from_frame(emb)
+        slots = table.select(cfg.models, cfg.tta)
+        from gestalt_xai.data.cohort import load_run_cohort
+
+        cohort = load_run_cohort(run)
+        images = image_meta(cohort.images)
+        out_dir = run.dir("matching")
+
+        gallery_table = None
+        if cfg.gallery_encodings is not None:
+            theirs = read_gmarc_encodings(cfg.gallery_encodings, trust_pickle=cfg.trust_pickle)
+            write_parquet(compare_embeddings(emb, theirs), out_dir / "gmarc_agreement.parquet")
+            if cfg.gallery_model_map:
+                theirs = theirs[theirs["model_id"].isin(cfg.gallery_model_map)].copy()
+                theirs["model_id"] = theirs["model_id"].map(cfg.gallery_model_map)
+                gallery_table = EmbeddingTable.from_frame(
+                    pd.concat([theirs, emb[~emb["image_id"].isin(set(theirs["image_id"]))]], ignore_index=True)
+                )
+            else:
+                log.warning("gallery_encodings given without gallery_model_map: only the agreement table is written")
+
+        # only images embedded in every selected slot take part; the others are recorded as errors
+        usable = (gallery_table or table).has(list(images["image_id"]), slots) & table.has(
+            list(images["image_id"]), slots
+        )
+        dropped = images.loc[~usable, "image_id"].tolist()
+        images = images[usable]
+
+        all_protocols = cohort_protocols(cohort)
+        keep = set(images["image_id"])
+        chosen = [_restrict(all_protocols[n], keep) for n in cfg.protocols]
+        for p in chosen:
+            for sp in p.splits:
+                check_subject_disjoint(images, sp.test_image_ids, sp.gallery_image_ids, f"{p.name} split {sp.split}")
+        rank_frames, split_frames = [], []
+        for p in chosen:
+            r, s = evaluate_protocol(table, images, p, slots, cfg.ks, cfg.ties, gallery_table)
+            rank_frames.append(r)
+            split_frames.append(s)
+        ranks = pd.concat(rank_frames, ignore_index=True)
+        per_split = pd.concat(split_frames, ignore_index=True)
+        summary = summary_table(per_split, chosen, cfg.ks)
+        summary.insert(3, "models", ",".join(sorted({s[0] for s in slots})))
+        summary.insert(4, "n_slots", len(slots))
+        write_parquet(ranks, out_dir / "ranks.parquet")
+        write_parquet(per_split, out_dir / "splits.parquet")
+        write_parquet(summary, out_dir / "summary.parquet")
+        if dropped:
+            # alignment and embedding failures are already in errors.parquet (align/embed stages)
+            log.warning(
+                "match: %d cohort image(s) have no embedding in every selected slot and are left out",
+                len(dropped),
+            )
+        st.n_items = int(len(ranks))
+        st.extra["n_without_embedding"] = len(dropped)
+        st.extra["slots"] = [list(s) for s in slots]
+        if not cfg.quiet:
+            print_summary(summary, cfg.ks)
+    return summary
