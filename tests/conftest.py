@@ -76,5 +76,5 @@ def trained_run(synthetic_run):
     from gestalt_xai.models.train import train_small_model
 
     train_small_model(synthetic_run, epochs=6, threads=2)
-    embed_stage(synthetic_run, EmbedConfig(tta=False, threads=2, quiet=True))
+    embed_stage(synthetic_run, EmbedConfig(tta=False, threads=2))
     return synthetic_run

@@ -40,7 +40,7 @@ def _run_with_models(root, n_images=10):
 
 def test_embed_stage_schema_slots_and_logits(tmp_path):
     run, ids = _run_with_models(tmp_path / "run")
-    out = embed_stage(run, EmbedConfig(quiet=True, threads=1))
+    out = embed_stage(run, EmbedConfig(threads=1)).outputs["embeddings"]
     table = pq.read_table(out)
     assert table.schema.equals(EMBEDDING_SCHEMA)
     df = table.to_pandas()
@@ -63,9 +63,9 @@ def test_embed_stage_schema_slots_and_logits(tmp_path):
 
 
 def test_embed_stage_resumes_and_reproduces_bytes(tmp_path, monkeypatch):
-    cfg = EmbedConfig(quiet=True, chunk_size=3, tta=False, threads=1)
+    cfg = EmbedConfig(chunk_size=3, tta=False, threads=1)
     clean_run, _ = _run_with_models(tmp_path / "clean")
-    clean = embed_stage(clean_run, cfg).read_bytes()
+    clean = embed_stage(clean_run, cfg).outputs["embeddings"].read_bytes()
 
     run, _ = _run_with_models(tmp_path / "interrupted")
     real = embed_mod._encode_chunk
@@ -87,7 +87,7 @@ def test_embed_stage_resumes_and_reproduces_bytes(tmp_path, monkeypatch):
         embed_stage(run, cfg)
     assert len(run.ledger("embed").done()) == 2
     calls.clear()
-    out = embed_stage(run, cfg)
+    out = embed_stage(run, cfg).outputs["embeddings"]
     assert len(calls) == 8 - 2  # 2 models x 4 chunks of ≤ 3 images, 2 units were already done
     assert out.read_bytes() == clean
     calls.clear()
@@ -101,6 +101,6 @@ def test_embed_stage_refuses_missing_models(tmp_path):
 
     run = Run(tmp_path / "empty")
     with pytest.raises(InputError, match="no models"):
-        embed_stage(run, EmbedConfig(quiet=True))
+        embed_stage(run, EmbedConfig())
     with pytest.raises(InputError, match="not found"):
-        embed_stage(run, EmbedConfig(quiet=True, models=[str(tmp_path / "nope.onnx")]))
+        embed_stage(run, EmbedConfig(models=[str(tmp_path / "nope.onnx")]))

@@ -295,26 +295,26 @@ def test_match_stage_writes_tables(tmp_path, capsys):
     )
     write_embeddings(embedding_table({c: emb_df[c].tolist() for c in emb_df.columns}), run.path / "embeddings.parquet")
     assert len(load_embeddings(run)) == len(emb_df)
-    summary = match_stage(run, MatchConfig(models=["m0"]))
+    result = match_stage(run, MatchConfig(models=["m0"]))
+    assert any("frequent+rare" in line for line in result.summary) and "Top-1" in result.summary[1]
+    summary = pd.read_parquet(result.outputs["summary"])
     assert list(summary["protocol"]) == ["frequent", "rare", "frequent_unified", "rare_unified"]
     assert summary["n_slots"].iloc[0] == 2
-    out = capsys.readouterr().out
-    assert "Top-1" in out and "frequent+rare" in out
     ranks = pd.read_parquet(run.path / "matching" / "ranks.parquet")
     assert {"protocol", "split", "image_id", "rank", "top_syndromes"} <= set(ranks.columns)
     first = (run.path / "matching" / "summary.parquet").read_bytes()
-    match_stage(run, MatchConfig(models=["m0"], quiet=True))
+    match_stage(run, MatchConfig(models=["m0"]))
     assert (run.path / "matching" / "summary.parquet").read_bytes() == first
 
     # GM-Arc's gallery encodings (here: a copy of m0's) as the gallery of model m0 give the same ranks
     gm = tmp_path / "gallery.pkl"
     _gmarc_frame(emb_df).to_pickle(gm)
     with pytest.raises(InputError, match="pickle"):
-        match_stage(run, MatchConfig(models=["m0"], quiet=True, gallery_encodings=gm))
+        match_stage(run, MatchConfig(models=["m0"], gallery_encodings=gm))
     theirs = match_stage(
         run,
-        MatchConfig(models=["m0"], quiet=True, gallery_encodings=gm, gallery_model_map={"m0": "m0"}, trust_pickle=True),
+        MatchConfig(models=["m0"], gallery_encodings=gm, gallery_model_map={"m0": "m0"}, trust_pickle=True),
     )
-    pd.testing.assert_frame_equal(theirs, summary)
+    pd.testing.assert_frame_equal(pd.read_parquet(theirs.outputs["summary"]), summary)
     agree = pd.read_parquet(run.path / "matching" / "gmarc_agreement.parquet")
     assert agree.loc[agree["our_model"] == "m0", "cosine_min"].min() > 0.999999

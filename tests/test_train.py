@@ -70,7 +70,6 @@ def tiny_config(**kw) -> TrainConfig:
         lr_classifier=2e-3,
         classifier_dropout=0.0,
         threads=1,
-        quiet=True,
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -118,7 +117,7 @@ def test_training_learns_is_deterministic_and_skips_rerun(tmp_path):
     from safetensors.torch import load_file
 
     run_a = make_tiny_run(tmp_path / "a")
-    path = train_stage(run_a, tiny_config())
+    path = train_stage(run_a, tiny_config()).outputs["model"]
     hist = pd.read_parquet(run_a.path / "models" / "tiny_history.parquet")
     assert len(hist) == 3 and hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0]
     assert (run_a.path / "models" / "tiny_curve.png").stat().st_size > 1000
@@ -131,14 +130,14 @@ def test_training_learns_is_deterministic_and_skips_rerun(tmp_path):
 
     # same seed, fresh run folder → identical weights; rerun in place → not retrained
     run_b = make_tiny_run(tmp_path / "b")
-    path_b = train_stage(run_b, tiny_config())
+    path_b = train_stage(run_b, tiny_config()).outputs["model"]
     a, b = load_file(path), load_file(path_b)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     mtime = path.stat().st_mtime_ns
     train_stage(run_a, tiny_config())
     assert path.stat().st_mtime_ns == mtime and run_a.manifest["stages"]["train"]["skipped"] is True
     # another seed gives other weights
-    path_c = train_stage(run_b, tiny_config(seed=1, model_id="tiny_s1"))
+    path_c = train_stage(run_b, tiny_config(seed=1, model_id="tiny_s1")).outputs["model"]
     c = load_file(path_c)
     assert not torch.equal(a["classifier.1.weight"], c["classifier.1.weight"])
 
@@ -204,7 +203,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     from gestalt_xai.models import train as train_mod
 
     cfg = tiny_config(epochs=3, model_id="resume")
-    clean = load_file(train_stage(make_tiny_run(tmp_path / "clean", n_subjects=(4, 4, 4)), cfg))
+    clean = load_file(train_stage(make_tiny_run(tmp_path / "clean", n_subjects=(4, 4, 4)), cfg).outputs["model"])
 
     run = make_tiny_run(tmp_path / "killed", n_subjects=(4, 4, 4))
     real = train_mod.evaluate_classifier
@@ -224,7 +223,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
         train_stage(run, cfg)
     assert (run.path / "models" / ".resume.state.pt").exists()
     monkeypatch.setattr(train_mod, "evaluate_classifier", real)
-    resumed = load_file(train_stage(run, cfg))
+    resumed = load_file(train_stage(run, cfg).outputs["model"])
     assert all(torch.equal(clean[k], resumed[k]) for k in clean)
     hist = pd.read_parquet(run.path / "models" / "resume_history.parquet")
     assert hist["epoch"].tolist() == [1, 2, 3]

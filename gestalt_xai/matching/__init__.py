@@ -19,7 +19,7 @@ Modules, from arrays to a run:
 * :mod:`~.gmarc` — :func:`read_gmarc_encodings`, :func:`compare_embeddings`: GM-Arc gallery encodings (a pickle:
   opt-in only).
 * :mod:`~.stage` — :class:`MatchConfig` + :func:`match_stage`, the ``gestalt-xai match`` stage (writes
-  ``run/matching/``); :func:`summary_table`, :func:`print_summary`.
+  ``run/matching/``); :func:`summary_table`, :func:`summary_lines`.
 
 **A test syndrome absent from the gallery** (it has no gallery image) has no rank (``NaN`` / null in tables).
 It counts as a miss at every k and stays in the macro average, since the gallery could not have found it; such
@@ -55,7 +55,7 @@ from gestalt_xai.matching.ranking import (
     syndrome_ranks,
     topk_accuracy,
 )
-from gestalt_xai.matching.stage import MatchConfig, match_stage, print_summary, summary_table
+from gestalt_xai.matching.stage import MatchConfig, match_stage, summary_lines, summary_table
 
 __all__ = [
     "DEFAULT_KS",
@@ -76,7 +76,7 @@ __all__ = [
     "frequent_protocol",
     "load_embeddings",
     "match_stage",
-    "print_summary",
+    "summary_lines",
     "rank_table",
     "ranked_syndromes",
     "rare_protocol",

@@ -1,7 +1,7 @@
 """The ``gestalt-xai match`` stage: every GM-Arc protocol on the run's embeddings, written to ``run/matching/``.
 
 :func:`summary_table` is GM-Arc's table (one row per protocol: gallery/test sizes, macro top-k % ± sd over splits);
-:func:`print_summary` shows it in GM-Arc's layout.
+:func:`summary_lines` writes it in GM-Arc's layout.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pandas as pd
 from pydantic import Field
 
 from gestalt_xai.config import StageConfig
-from gestalt_xai.matching.distances import EmbeddingTable, load_embeddings
+from gestalt_xai.matching.distances import EmbeddingTable
 from gestalt_xai.matching.gmarc import compare_embeddings, read_gmarc_encodings
 from gestalt_xai.matching.protocols import (
     Protocol,
@@ -27,10 +27,12 @@ from gestalt_xai.matching.protocols import (
     image_meta,
 )
 from gestalt_xai.matching.ranking import DEFAULT_KS, Ties
+from gestalt_xai.runs import LAYOUT, Run
+from gestalt_xai.stages import StageResult, stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MatchConfig", "match_stage", "print_summary", "summary_table"]
+__all__ = ["MatchConfig", "match_stage", "summary_lines", "summary_table"]
 
 
 def summary_table(
@@ -59,26 +61,24 @@ def summary_table(
     return pd.DataFrame(rows)
 
 
-def print_summary(
-    summary: pd.DataFrame, ks: Sequence[int] = DEFAULT_KS, title: str = "Matching (macro top-k, %)"
-) -> None:
-    """Print the summary in GM-Arc's layout (Test set | Gallery | Test | Top-1 | Top-5 | Top-10 | Top-30)."""
-    from rich.console import Console
-    from rich.table import Table
+def summary_lines(summary: pd.DataFrame, ks: Sequence[int] = DEFAULT_KS) -> list[str]:
+    """The summary in GM-Arc's layout (Test set | Gallery set | Gallery | Test | Top-1 …), as Markdown table lines.
 
-    t = Table(title=title)
-    for col in ("Test set", "Gallery set", "Gallery", "Test"):
-        t.add_column(col, justify="left" if "set" in col else "right")
-    for k in ks:
-        t.add_column(f"Top-{k}", justify="right")
+    >>> t = pd.DataFrame([{"test_set": "frequent", "gallery_set": "frequent", "n_gallery": 9.0, "n_test": 3.0,
+    ...                    "top1": 66.67, "top5": 100.0}])
+    >>> print("\\n".join(summary_lines(t, ks=(1, 5))))
+    Matching, macro top-k in %:
+    | Test set | Gallery set | Gallery | Test | Top-1 | Top-5 |
+    |---|---|---|---|---|---|
+    | frequent | frequent | 9 | 3 | 66.67 | 100.00 |
+    """
+    header = ["Test set", "Gallery set", "Gallery", "Test", *[f"Top-{k}" for k in ks]]
+    lines = ["Matching, macro top-k in %:", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in summary.iterrows():
         cells = [str(r["test_set"]), str(r["gallery_set"]), f"{r['n_gallery']:.0f}", f"{r['n_test']:.0f}"]
         cells += [("—" if np.isnan(r[f"top{k}"]) else f"{r[f'top{k}']:.2f}") for k in ks]
-        t.add_row(*cells)
-    console = Console(stderr=False)
-    if not console.is_terminal:
-        console = Console(stderr=False, width=120)  # logs and captured output: no wrapping at 80 columns
-    console.print(t)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 class MatchConfig(StageConfig):
@@ -99,7 +99,6 @@ class MatchConfig(StageConfig):
         description="GM-Arc model name → our model id (e.g. {m0: s1_r50}); needed to use their encodings",
     )
     trust_pickle: bool = Field(False, description="allow reading a pickled encodings file (executes code)")
-    quiet: bool = False
 
 
 def _restrict(p: Protocol, keep: set[str]) -> Protocol:
@@ -118,75 +117,72 @@ def _restrict(p: Protocol, keep: set[str]) -> Protocol:
     )
 
 
-def match_stage(run: Any, cfg: MatchConfig | None = None) -> pd.DataFrame:
+@stage("match", options=MatchConfig, order=60,
+       summary="rank syndromes in the Clinical Face Phenotype Space (GMDB protocols, top-k)",
+       reads=(LAYOUT.embeddings, LAYOUT.cohort), writes=(LAYOUT.matching,), aliases={"models": "--model"},
+       example="gestalt-xai match --run runs/demo")
+def match_stage(run: Run, cfg: MatchConfig) -> StageResult:
     """Match test images against galleries under the GM-Arc protocols; write ``run/matching/``.
 
-    Writes ``matching/ranks.parquet`` (one row per protocol, split and test image),
-    ``matching/splits.parquet``
+    Writes ``matching/ranks.parquet`` (one row per protocol, split and test image), ``matching/splits.parquet``
     (macro top-k per split), ``matching/summary.parquet`` (GM-Arc's table) and, with ``gallery_encodings``,
-    ``matching/gmarc_agreement.parquet``; prints the summary. Returns the summary table.
+    ``matching/gmarc_agreement.parquet``; the summary lines show GM-Arc's table.
     """
     from gestalt_xai.runs import write_parquet
 
-    cfg = cfg or MatchConfig()
-    with run.stage("match", cfg) as st:
-        emb = load_embeddings(run)
-        table = EmbeddingTable.from_frame(emb)
-        slots = table.select(cfg.models, cfg.tta)
-        from gestalt_xai.data.cohort import load_run_cohort
+    emb = run.embeddings()
+    table = EmbeddingTable.from_frame(emb)
+    slots = table.select(cfg.models, cfg.tta)
+    cohort = run.cohort()
+    images = image_meta(cohort.images)
+    out_dir = run.dir(LAYOUT.matching)
 
-        cohort = load_run_cohort(run)
-        images = image_meta(cohort.images)
-        out_dir = run.dir("matching")
-
-        gallery_table = None
-        if cfg.gallery_encodings is not None:
-            theirs = read_gmarc_encodings(cfg.gallery_encodings, trust_pickle=cfg.trust_pickle)
-            write_parquet(compare_embeddings(emb, theirs), out_dir / "gmarc_agreement.parquet")
-            if cfg.gallery_model_map:
-                theirs = theirs[theirs["model_id"].isin(cfg.gallery_model_map)].copy()
-                theirs["model_id"] = theirs["model_id"].map(cfg.gallery_model_map)
-                gallery_table = EmbeddingTable.from_frame(
-                    pd.concat([theirs, emb[~emb["image_id"].isin(set(theirs["image_id"]))]], ignore_index=True)
-                )
-            else:
-                log.warning("gallery_encodings given without gallery_model_map: only the agreement table is written")
-
-        # only images embedded in every selected slot take part; the others are recorded as errors
-        usable = (gallery_table or table).has(list(images["image_id"]), slots) & table.has(
-            list(images["image_id"]), slots
-        )
-        dropped = images.loc[~usable, "image_id"].tolist()
-        images = images[usable]
-
-        all_protocols = cohort_protocols(cohort)
-        keep = set(images["image_id"])
-        chosen = [_restrict(all_protocols[n], keep) for n in cfg.protocols]
-        for p in chosen:
-            for sp in p.splits:
-                check_subject_disjoint(images, sp.test_image_ids, sp.gallery_image_ids, f"{p.name} split {sp.split}")
-        rank_frames, split_frames = [], []
-        for p in chosen:
-            r, s = evaluate_protocol(table, images, p, slots, cfg.ks, cfg.ties, gallery_table)
-            rank_frames.append(r)
-            split_frames.append(s)
-        ranks = pd.concat(rank_frames, ignore_index=True)
-        per_split = pd.concat(split_frames, ignore_index=True)
-        summary = summary_table(per_split, chosen, cfg.ks)
-        summary.insert(3, "models", ",".join(sorted({s[0] for s in slots})))
-        summary.insert(4, "n_slots", len(slots))
-        write_parquet(ranks, out_dir / "ranks.parquet")
-        write_parquet(per_split, out_dir / "splits.parquet")
-        write_parquet(summary, out_dir / "summary.parquet")
-        if dropped:
-            # alignment and embedding failures are already in errors.parquet (align/embed stages)
-            log.warning(
-                "match: %d cohort image(s) have no embedding in every selected slot and are left out",
-                len(dropped),
+    gallery_table = None
+    if cfg.gallery_encodings is not None:
+        theirs = read_gmarc_encodings(cfg.gallery_encodings, trust_pickle=cfg.trust_pickle)
+        write_parquet(compare_embeddings(emb, theirs), out_dir / "gmarc_agreement.parquet")
+        if cfg.gallery_model_map:
+            theirs = theirs[theirs["model_id"].isin(cfg.gallery_model_map)].copy()
+            theirs["model_id"] = theirs["model_id"].map(cfg.gallery_model_map)
+            gallery_table = EmbeddingTable.from_frame(
+                pd.concat([theirs, emb[~emb["image_id"].isin(set(theirs["image_id"]))]], ignore_index=True)
             )
-        st.n_items = int(len(ranks))
-        st.extra["n_without_embedding"] = len(dropped)
-        st.extra["slots"] = [list(s) for s in slots]
-        if not cfg.quiet:
-            print_summary(summary, cfg.ks)
-    return summary
+        else:
+            log.warning("gallery_encodings given without gallery_model_map: only the agreement table is written")
+
+    # only images embedded in every selected slot take part; the others are recorded as errors
+    usable = (gallery_table or table).has(list(images["image_id"]), slots) & table.has(
+        list(images["image_id"]), slots
+    )
+    dropped = images.loc[~usable, "image_id"].tolist()
+    images = images[usable]
+
+    all_protocols = cohort_protocols(cohort)
+    keep = set(images["image_id"])
+    chosen = [_restrict(all_protocols[n], keep) for n in cfg.protocols]
+    for p in chosen:
+        for sp in p.splits:
+            check_subject_disjoint(images, sp.test_image_ids, sp.gallery_image_ids, f"{p.name} split {sp.split}")
+    rank_frames, split_frames = [], []
+    for p in chosen:
+        r, s = evaluate_protocol(table, images, p, slots, cfg.ks, cfg.ties, gallery_table)
+        rank_frames.append(r)
+        split_frames.append(s)
+    ranks = pd.concat(rank_frames, ignore_index=True)
+    per_split = pd.concat(split_frames, ignore_index=True)
+    summary = summary_table(per_split, chosen, cfg.ks)
+    summary.insert(3, "models", ",".join(sorted({s[0] for s in slots})))
+    summary.insert(4, "n_slots", len(slots))
+    write_parquet(ranks, out_dir / "ranks.parquet")
+    write_parquet(per_split, out_dir / "splits.parquet")
+    write_parquet(summary, out_dir / "summary.parquet")
+    if dropped:
+        # alignment and embedding failures are already in errors.parquet (align/embed stages)
+        log.warning(
+            "match: %d cohort image(s) have no embedding in every selected slot and are left out",
+            len(dropped),
+        )
+    return StageResult(items=int(len(ranks)), extra={"n_without_embedding": len(dropped),
+                                                     "slots": [list(s) for s in slots]},
+                       outputs={"ranks": out_dir / "ranks.parquet", "summary": out_dir / "summary.parquet"},
+                       summary=summary_lines(summary, cfg.ks))
