@@ -360,8 +360,9 @@ class Run:
         return self._active
 
     def ledger(self, config: BaseModel | dict[str, Any] | None = None, ignore: tuple[str, ...] = (),
-               unit: str = "") -> Ledger:
-        """The work-unit ledger of the running stage instance (``.ledger/<instance>[.<unit>].jsonl``).
+               instance: str | None = None) -> Ledger:
+        """The work-unit ledger of the running stage instance (``.ledger/<instance>.jsonl``; ``instance`` names
+        another one, e.g. to inspect a finished run).
 
         With ``config``, finished items count as done only if they were made with the same options (fields named
         in ``ignore``, such as worker counts, do not matter), so a rerun with changed options recomputes them.
@@ -371,7 +372,7 @@ class Run:
             data = config.model_dump(mode="json") if isinstance(config, BaseModel) else dict(config)
             data = {k: v for k, v in data.items() if k not in ignore}
             fp = hashlib.sha256(json.dumps(data, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
-        name = self.active_stage.replace("#", "-") + (f".{unit}" if unit else "")
+        name = (instance or self.active_stage).replace("#", "-")
         return Ledger(self.path / LAYOUT.ledger / f"{name}.jsonl", fingerprint=fp)
 
     # -- tables the stages hand each other (typed, cached while the files are unchanged; treat as read-only) ------

@@ -85,7 +85,7 @@ def test_embed_stage_resumes_and_reproduces_bytes(tmp_path, monkeypatch):
     monkeypatch.setattr(embed_mod, "_encode_chunk", flaky)
     with pytest.raises(Killed):
         embed_stage(run, cfg)
-    assert len(run.ledger("embed").done()) == 2
+    assert len(run.ledger(instance="embed").done()) == 2
     calls.clear()
     out = embed_stage(run, cfg).outputs["embeddings"]
     assert len(calls) == 8 - 2  # 2 models x 4 chunks of ≤ 3 images, 2 units were already done
