@@ -3,10 +3,13 @@ model-randomisation sanity check on the shared trained model (``trained_run`` fi
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from attribution_helpers import make_tiny_run
 
 from gestalt_xai.attribution import explain as explain_mod
 from gestalt_xai.attribution.explain import ExplainConfig, explain_stage
@@ -19,36 +22,7 @@ FAST = {"methods": ["gradcam", "hirescam", "fullgrad", "saliency", "input_x_grad
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """3 syndromes × 2 subjects × 2 images; one subject per syndrome in test; one r18/0.125 model; embeddings."""
-    from gestalt_xai.data.cohort import Cohort, save_run_cohort
-    from gestalt_xai.data.images import save_png
-    from gestalt_xai.models.checkpoints import save_model
-    from gestalt_xai.models.embed import EmbedConfig, embed_stage
-    from gestalt_xai.models.gestaltmatcher import build_gestaltmatcher
-    from gestalt_xai.runs import Run, write_parquet
-
-    root = tmp_path_factory.mktemp("explain") / "run"
-    run = Run(root)
-    rng = np.random.default_rng(0)
-    rows, splits = [], []
-    for syn in ("A", "B", "C"):
-        for subj in (0, 1):
-            for img in (0, 1):
-                image_id = f"{syn}{subj}{img}"
-                rows.append({"image_id": image_id, "subject_id": f"s{syn}{subj}", "syndrome_id": syn,
-                             "path": str(root / "aligned" / f"{image_id}.png")})
-                splits.append({"image_id": image_id, "set": "test" if subj == 0 else "train", "split": 0})
-                save_png(run.path / "aligned" / f"{image_id}.png",
-                         rng.integers(0, 256, size=(112, 112, 3), dtype=np.uint8))
-    images = pd.DataFrame(rows)
-    write_parquet(pd.DataFrame({"image_id": images["image_id"], "ok": True}),
-                  run.path / "aligned" / "alignment.parquet")
-    save_run_cohort(run, Cohort(images=images, syndromes=pd.DataFrame({"syndrome_id": ["A", "B", "C"]}),
-                                splits=pd.DataFrame(splits), lookup=["A", "B", "C"]))
-    torch.manual_seed(0)
-    save_model(build_gestaltmatcher("r18", width=0.125, num_classes=3, syndrome_ids=["A", "B", "C"]).eval(),
-               run.path / "models" / "clf.safetensors")
-    embed_stage(run, EmbedConfig(quiet=True, threads=1, tta=True))
-    return run
+    return make_tiny_run(tmp_path_factory.mktemp("explain") / "run")
 
 
 def test_explain_centroid_label_maps_provenance_and_figures(tiny_run, tmp_path):
@@ -132,6 +106,11 @@ def test_non_finite_map_is_an_error_row(tiny_run, tmp_path, monkeypatch):
     errors = run.errors()
     errors = errors[errors["stage"] == "explain"]
     assert len(errors) == 6 and set(errors["error_kind"]) == {"non_finite_map"}
+    # the item is the image; the key names the map that was refused
+    assert sorted(errors["item_id"]) == sorted(f"{s}0{i}" for s in "ABC" for i in (0, 1))
+    keys = [json.loads(k) for k in errors["key"]]
+    assert all(k == {"model_id": "clf", "target": f"centroid:{img[0]}", "method": "saliency", "layer": ""}
+               for k, img in zip(keys, errors["item_id"], strict=True))
 
 
 def test_explain_logit_topk_pairs_and_tta_ensemble(tiny_run, tmp_path):
@@ -172,8 +151,14 @@ def test_unknown_method_and_bad_specs_fail_before_work(tiny_run):
 
     with pytest.raises(ConfigError, match="colour"):
         validate_config(ExplainConfig, {"methods": ["gradcam"], "colour": "red"})  # unknown keys are errors
+    # so are the target options
     with pytest.raises(ConfigError, match="topk"):
-        explain_stage(tiny_run, ExplainConfig(methods=["gradcam"], syndromes="topk:0", quiet=True))
+        validate_config(ExplainConfig, {"methods": ["gradcam"], "syndromes": "topk:0"})
+    with pytest.raises(ConfigError, match="target 'pair' needs pairs"):
+        validate_config(ExplainConfig, {"methods": ["gradcam"], "target": "pair"})
+    with pytest.raises(ConfigError, match="unknown target kind 'centriod'"):
+        validate_config(ExplainConfig, {"methods": ["gradcam"], "target": "centriod"})
+    assert len(MapStore(tiny_run.path / "maps")) == 0
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -83,7 +83,7 @@ class IntegratedGradientsMethod(AttributionMethod):
     names = ("integrated_gradients",)
 
     class Params(BaselineParams):
-        steps: int = Field(32, ge=1, description="integration steps", examples=[16])
+        steps: int = Field(32, ge=1, description="integration steps", examples=[8])
         internal_batch_size: int | None = Field(32, ge=1, description="images per forward inside Captum "
                                                 "(None: all steps at once)", examples=[8])
         method: Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"] = (
@@ -117,9 +117,9 @@ class SmoothGradMethod(AttributionMethod):
     names = ("smoothgrad", "smoothgrad_ig")
 
     class Params(BaselineParams):
-        samples: int = Field(16, ge=1, description="noisy copies per image", examples=[8])
+        samples: int = Field(16, ge=1, description="noisy copies per image", examples=[4])
         stdev: float = Field(0.3, gt=0, description="noise standard deviation in normalised units", examples=[0.15])
-        ig_steps: int = Field(16, ge=1, description="IG steps per noisy copy (smoothgrad_ig)", examples=[8])
+        ig_steps: int = Field(16, ge=1, description="IG steps per noisy copy (smoothgrad_ig)", examples=[4])
         seed: int = Field(0, description="seed of the noise (torch's global generator)", examples=[1])
 
     def attribute(self, score_model: nn.Module, x: torch.Tensor, methods: Sequence[str],
