@@ -40,7 +40,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -63,6 +63,9 @@ from gestalt_xai.attribution.targets import (
 )
 from gestalt_xai.errors import ConfigError, InputError
 from gestalt_xai.runs import ErrorRow
+
+if TYPE_CHECKING:
+    from gestalt_xai.matching import EmbeddingTable
 
 __all__ = ["TargetKind", "WorkItem", "PlanContext", "plan_items", "register_target_kind", "get_target_kind",
            "available_target_kinds", "target_group", "TARGET_KINDS", "CentroidKind", "LogitKind", "PairKind"]
@@ -96,7 +99,7 @@ class PlanContext:
     group: Sequence[tuple[str, nn.Module]]
     slots: Sequence[TTASlot]
     meta: pd.DataFrame  # cohort images indexed by image_id: subject_id, syndrome_id
-    table: Any  # gestalt_xai.matching.EmbeddingTable
+    table: EmbeddingTable  # embeddings per (model_id, flip, gray)
     gallery: list[str]  # gallery images with an embedding in every (member, slot) of the group
     syndromes: SyndromeSpec
     errors: list[ErrorRow] = field(default_factory=list)
