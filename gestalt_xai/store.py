@@ -7,7 +7,9 @@ Layout of ``run/maps/``::
     errors/<writer>-000001.parquet  maps refused in that flush (NaN/inf), with the reason
     index.parquet                   consolidated index (:meth:`MapStore.compact`); fragments are folded into it
 
-One map per key ``(image_id, model_id, target, method, layer)`` (``layer`` is ``""`` for input-space methods).
+One map per key ``(image_id, model_id, target, method, layer)`` (``layer`` is ``""`` for input-space methods);
+``target`` is a :class:`~gestalt_xai.attribution.targets.TargetKey` written as its string ``kind:ref``
+(``centroid:S01``), and the ``target_kind`` column is that key's kind.
 
 * **Append-only and resumable.** A flush writes the chunk first and its index fragment second, each through a
   temporary file and an atomic rename; a map exists only once its index row does. A run killed at any point leaves
@@ -16,7 +18,8 @@ One map per key ``(image_id, model_id, target, method, layer)`` (``layer`` is ``
 * **Never a non-finite map.** A map with NaN/inf is refused and recorded as an error row (:meth:`MapStore.errors`);
   it is retried on the next run.
 * **Provenance** per row: ``model_hash``, ``target_kind``, ``target_value`` (the explained score), ``target_detail``
-  and ``method_params`` (JSON), plus ``map_min``, ``map_max``, ``map_sum`` of the raw map.
+  and ``method_params`` (JSON: every declared parameter of the method, defaults included, and what the method
+  records about its run), plus ``map_min``, ``map_max``, ``map_sum`` of the raw map.
 * **Streaming reads.** :meth:`MapStore.iter_maps` filters the index and memory-maps one chunk at a time, so memory
   stays flat in cohort size.
 * **Deterministic.** Chunk names are sequence numbers, rows carry no timestamps: the same work in the same order
@@ -31,6 +34,8 @@ True
 False
 >>> len(store.index()), len(store.errors())
 (1, 1)
+>>> store.index(target=TargetKey("centroid", "S1"))["target_kind"].tolist()
+['centroid']
 >>> float(store.load(MapKey("img1", "m", "centroid:S1", "hirescam", "backbone.layer4")).sum())
 12544.0
 """
@@ -50,10 +55,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from gestalt_xai.attribution.targets import TargetKey
 from gestalt_xai.errors import InputError
 from gestalt_xai.runs import atomic_write_bytes, write_parquet
 
-__all__ = ["MapKey", "MapStore", "MapWriter", "KEY_COLUMNS", "INDEX_COLUMNS", "MAP_SHAPE"]
+__all__ = ["MapKey", "MapStore", "MapWriter", "TargetKey", "KEY_COLUMNS", "INDEX_COLUMNS", "MAP_SHAPE"]
 
 MAP_SHAPE = (112, 112)
 KEY_COLUMNS = ["image_id", "model_id", "target", "method", "layer"]
@@ -65,13 +71,22 @@ _PART = re.compile(r"^(?P<writer>[A-Za-z0-9_]+)-(?P<n>\d{6})\.(?:npy|parquet)$")
 
 
 class MapKey(NamedTuple):
-    """Identity of one stored map."""
+    """Identity of one stored map (``target``: the string of a :class:`TargetKey`)."""
 
     image_id: str
     model_id: str
     target: str
     method: str
     layer: str = ""
+
+    @property
+    def target_key(self) -> TargetKey:
+        return TargetKey.parse(self.target)
+
+
+def _map_key(key: MapKey | Sequence[Any]) -> MapKey:
+    """A key with every field a string (a :class:`TargetKey` is written ``kind:ref``)."""
+    return MapKey(*(str(v) for v in key))
 
 
 @dataclass
@@ -120,6 +135,10 @@ class MapStore:
         for col, val in filters.items():
             if col not in df.columns:
                 raise ValueError(f"unknown index column {col!r}; columns: {list(df.columns)}")
+            if isinstance(val, TargetKey):
+                val = str(val)
+            elif not (isinstance(val, str | int | float | bool) or val is None):
+                val = [str(v) if isinstance(v, TargetKey) else v for v in val]
             if isinstance(val, str | int | float | bool) or val is None:
                 df = df[df[col] == val]
             else:
@@ -132,7 +151,7 @@ class MapStore:
         return {MapKey(*row) for row in idx[KEY_COLUMNS].itertuples(index=False, name=None)}
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, tuple) and MapKey(*key) in self.keys()
+        return isinstance(key, tuple) and _map_key(key) in self.keys()
 
     def __len__(self) -> int:
         return len(self.index())
@@ -166,7 +185,7 @@ class MapStore:
 
     def load(self, key: MapKey | Sequence[str]) -> np.ndarray:
         """One map by key; :class:`~gestalt_xai.errors.InputError` if it is not stored."""
-        k = MapKey(*key)
+        k = _map_key(key)
         sel = self.index(**dict(zip(KEY_COLUMNS, astuple_key(k), strict=True)))
         if not len(sel):
             raise InputError(f"map {k} is not in the store {self.root}")
@@ -242,16 +261,20 @@ class MapWriter(AbstractContextManager["MapWriter"]):
 
     def done(self, key: MapKey | Sequence[str]) -> bool:
         """Whether ``key`` is stored already (or waiting in this writer's buffer)."""
-        return MapKey(*key) in self._known
+        return _map_key(key) in self._known
 
-    def add(self, key: MapKey | Sequence[str], data: np.ndarray | Any, *, model_hash: str = "",
-            target_kind: str = "", target_value: float = float("nan"), target_detail: Any = "",
+    def add(self, key: MapKey | Sequence[Any], data: np.ndarray | Any, *, model_hash: str = "",
+            target_kind: str | None = None, target_value: float = float("nan"), target_detail: Any = "",
             method_params: Any = "") -> bool:
         """Queue one map; returns ``False`` (and records an error row) when it is not finite, ``True`` otherwise.
 
-        ``data`` must be 112×112 (a torch tensor or array); it is stored as float32, unmodified.
+        ``data`` must be 112×112 (a torch tensor or array); it is stored as float32, unmodified. The key's target must
+        be ``kind:ref`` (a :class:`TargetKey` or its string); ``target_kind``, if given, must be that kind.
         """
-        k = MapKey(*(str(v) for v in key))
+        k = _map_key(key)
+        kind = k.target_key.kind
+        if target_kind is not None and target_kind != kind:
+            raise ValueError(f"map {k}: target_kind {target_kind!r} is not the kind of its target {k.target!r}")
         if hasattr(data, "detach"):
             data = data.detach().cpu().numpy()
         arr = np.asarray(data, dtype=np.float32)
@@ -266,7 +289,7 @@ class MapWriter(AbstractContextManager["MapWriter"]):
                                             f"{_json(method_params)})"})
             self.n_refused += 1
             return False
-        prov = {"model_hash": model_hash, "target_kind": target_kind, "target_value": float(target_value),
+        prov = {"model_hash": model_hash, "target_kind": kind, "target_value": float(target_value),
                 "target_detail": _json(target_detail), "method_params": _json(method_params)}
         self._pending.append(_Pending(k, arr, prov))
         self._known.add(k)

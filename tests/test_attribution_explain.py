@@ -3,52 +3,26 @@ model-randomisation sanity check on the shared trained model (``trained_run`` fi
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from attribution_helpers import explain_maps, make_tiny_run
 
 from gestalt_xai.attribution import explain as explain_mod
-from gestalt_xai.attribution.explain import ExplainConfig, explain_stage
+from gestalt_xai.attribution.explain import ExplainConfig
 from gestalt_xai.store import MapStore
 
 FAST = {"methods": ["gradcam", "hirescam", "fullgrad", "saliency", "input_x_gradient", "occlusion"],
-        "occlusion_patch": 28, "occlusion_stride": 28, "batch_size": 2, "overlay": 1, "quiet": True}
+        "occlusion_patch": 28, "occlusion_stride": 28, "batch_size": 2, "overlay": 1}
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """3 syndromes × 2 subjects × 2 images; one subject per syndrome in test; one r18/0.125 model; embeddings."""
-    from gestalt_xai.data.cohort import Cohort, save_run_cohort
-    from gestalt_xai.data.images import save_png
-    from gestalt_xai.models.checkpoints import save_model
-    from gestalt_xai.models.embed import EmbedConfig, embed_stage
-    from gestalt_xai.models.gestaltmatcher import build_gestaltmatcher
-    from gestalt_xai.runs import Run, write_parquet
-
-    root = tmp_path_factory.mktemp("explain") / "run"
-    run = Run(root)
-    rng = np.random.default_rng(0)
-    rows, splits = [], []
-    for syn in ("A", "B", "C"):
-        for subj in (0, 1):
-            for img in (0, 1):
-                image_id = f"{syn}{subj}{img}"
-                rows.append({"image_id": image_id, "subject_id": f"s{syn}{subj}", "syndrome_id": syn,
-                             "path": str(root / "aligned" / f"{image_id}.png")})
-                splits.append({"image_id": image_id, "set": "test" if subj == 0 else "train", "split": 0})
-                save_png(run.path / "aligned" / f"{image_id}.png",
-                         rng.integers(0, 256, size=(112, 112, 3), dtype=np.uint8))
-    images = pd.DataFrame(rows)
-    write_parquet(pd.DataFrame({"image_id": images["image_id"], "ok": True}),
-                  run.path / "aligned" / "alignment.parquet")
-    save_run_cohort(run, Cohort(images=images, syndromes=pd.DataFrame({"syndrome_id": ["A", "B", "C"]}),
-                                splits=pd.DataFrame(splits), lookup=["A", "B", "C"]))
-    torch.manual_seed(0)
-    save_model(build_gestaltmatcher("r18", width=0.125, num_classes=3, syndrome_ids=["A", "B", "C"]).eval(),
-               run.path / "models" / "clf.safetensors")
-    embed_stage(run, EmbedConfig(quiet=True, threads=1, tta=True))
-    return run
+    return make_tiny_run(tmp_path_factory.mktemp("explain") / "run")
 
 
 def test_explain_centroid_label_maps_provenance_and_figures(tiny_run, tmp_path):
@@ -60,7 +34,7 @@ def test_explain_centroid_label_maps_provenance_and_figures(tiny_run, tmp_path):
 
     shutil.copytree(tiny_run.path, run.path, dirs_exist_ok=True)
     run = Run(run.path)
-    store = explain_stage(run, ExplainConfig(layers=["backbone.layer4", "backbone.layer3"], **FAST))
+    store = explain_maps(run, ExplainConfig(layers=["backbone.layer4", "backbone.layer3"], **FAST))
     idx = store.index()
     # 6 test images × (gradcam, hirescam at 2 layers + fullgrad, saliency, input×gradient, occlusion)
     assert len(idx) == 6 * (2 * 2 + 4)
@@ -99,7 +73,7 @@ def test_explain_resumes_after_kill_without_recomputing(tiny_run, tmp_path, monk
 
     monkeypatch.setattr(explain_mod, "_explain_batch", killed_after_first)
     with pytest.raises(KeyboardInterrupt):
-        explain_stage(run, cfg)
+        explain_maps(run, cfg)
     assert len(MapStore(run.path / "maps")) == 2 * 2  # the first batch (2 images × 2 methods) was kept
     done_first = set(calls[0])
 
@@ -110,11 +84,11 @@ def test_explain_resumes_after_kill_without_recomputing(tiny_run, tmp_path, monk
         return real(*args, **kwargs)
 
     monkeypatch.setattr(explain_mod, "_explain_batch", counting)
-    store = explain_stage(Run(run.path), cfg)
+    store = explain_maps(Run(run.path), cfg)
     assert not done_first & set(seen) and len(seen) == 4
     assert len(store) == 6 * 2
     seen.clear()
-    explain_stage(Run(run.path), cfg)  # nothing left to do
+    explain_maps(Run(run.path), cfg)  # nothing left to do
     assert seen == []
 
 
@@ -127,11 +101,16 @@ def test_non_finite_map_is_an_error_row(tiny_run, tmp_path, monkeypatch):
     shutil.copytree(tiny_run.path, tmp_path / "run")
     run = Run(tmp_path / "run")
     monkeypatch.setattr(GradientPass, "saliency", lambda self: torch.full((self.x.shape[0], 112, 112), float("nan")))
-    store = explain_stage(run, ExplainConfig(**{**FAST, "methods": ["hirescam", "saliency"], "overlay": 0}))
+    store = explain_maps(run, ExplainConfig(**{**FAST, "methods": ["hirescam", "saliency"], "overlay": 0}))
     assert set(store.index()["method"]) == {"hirescam"}
     errors = run.errors()
     errors = errors[errors["stage"] == "explain"]
     assert len(errors) == 6 and set(errors["error_kind"]) == {"non_finite_map"}
+    # the item is the image; the key names the map that was refused
+    assert sorted(errors["item_id"]) == sorted(f"{s}0{i}" for s in "ABC" for i in (0, 1))
+    keys = [json.loads(k) for k in errors["key"]]
+    assert all(k == {"model_id": "clf", "target": f"centroid:{img[0]}", "method": "saliency", "layer": ""}
+               for k, img in zip(keys, errors["item_id"], strict=True))
 
 
 def test_explain_logit_topk_pairs_and_tta_ensemble(tiny_run, tmp_path):
@@ -142,14 +121,14 @@ def test_explain_logit_topk_pairs_and_tta_ensemble(tiny_run, tmp_path):
     shutil.copytree(tiny_run.path, tmp_path / "run")
     run = Run(tmp_path / "run")
     base = {**FAST, "methods": ["hirescam"], "overlay": 0, "images": ["A00", "B00"]}
-    store = explain_stage(run, ExplainConfig(**base, target="logit", syndromes="topk:2", tta=True, ensemble=True))
+    store = explain_maps(run, ExplainConfig(**base, target="logit", syndromes="topk:2", tta=True, ensemble=True))
     idx = store.index()
     assert len(idx) == 4 and set(idx["model_id"]) == {"ensemble"}
     assert all(t.startswith("logit:") for t in idx["target"])
     assert idx["target_detail"].str.contains('"rank": 1').sum() == 2
     assert idx["target_detail"].str.contains('"n_terms": 4').all()
     assert not idx["target_detail"].str.contains(r"\[1, 2\]").any()  # per-row class index, not the batch's
-    store = explain_stage(run, ExplainConfig(**base, target="pair", syndromes="A", pairs="nearest:1"))
+    store = explain_maps(run, ExplainConfig(**base, target="pair", syndromes="A", pairs="nearest:1"))
     pairs = store.index(target_kind="pair")
     # each patient against its nearest gallery image of A, and that image against the patient
     assert len(pairs) == 4 and {"A00", "B00"} <= set(pairs["image_id"])
@@ -172,8 +151,14 @@ def test_unknown_method_and_bad_specs_fail_before_work(tiny_run):
 
     with pytest.raises(ConfigError, match="colour"):
         validate_config(ExplainConfig, {"methods": ["gradcam"], "colour": "red"})  # unknown keys are errors
+    # so are the target options
     with pytest.raises(ConfigError, match="topk"):
-        explain_stage(tiny_run, ExplainConfig(methods=["gradcam"], syndromes="topk:0", quiet=True))
+        validate_config(ExplainConfig, {"methods": ["gradcam"], "syndromes": "topk:0"})
+    with pytest.raises(ConfigError, match="target 'pair' needs pairs"):
+        validate_config(ExplainConfig, {"methods": ["gradcam"], "target": "pair"})
+    with pytest.raises(ConfigError, match="unknown target kind 'centriod'"):
+        validate_config(ExplainConfig, {"methods": ["gradcam"], "target": "centriod"})
+    assert len(MapStore(tiny_run.path / "maps")) == 0
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -273,7 +258,7 @@ def test_explain_and_reference_agreement_on_trained_model(request, tmp_path):
     from gestalt_xai.matching import load_embeddings
 
     some = sorted(load_embeddings(run)["image_id"].astype(str).unique())[:3]
-    store = explain_stage(run, ExplainConfig(**{**FAST, "images": some, "overlay": 1}))
+    store = explain_maps(run, ExplainConfig(**{**FAST, "images": some, "overlay": 1}))
     idx = store.index()
     assert len(idx) == 3 * 6 and np.isfinite(idx["target_value"]).all()
     assert len(list((run.path / "maps" / "figures").glob("*.png"))) == 1
@@ -300,12 +285,12 @@ def test_logit_target_with_foreign_class_list_fails_before_work(tiny_run, tmp_pa
     run = Run(tmp_path / "run")
     base = {**FAST, "methods": ["hirescam"], "overlay": 0, "images": ["A00"]}
     with pytest.raises(ConfigError, match=r"model 'clf'.*not classes of the model"):
-        explain_stage(run, ExplainConfig(**base, target="logit", syndromes="A,Z"))
+        explain_maps(run, ExplainConfig(**base, target="logit", syndromes="A,Z"))
     cohort = load_run_cohort(run)
     cohort.lookup = ["A", "B", "C", "D"]  # the cohort trains a class the checkpoint never saw
     save_run_cohort(run, cohort)
     with pytest.raises(ConfigError, match="not classes of the model"):
-        explain_stage(run, ExplainConfig(**base, target="logit", syndromes="label"))
+        explain_maps(run, ExplainConfig(**base, target="logit", syndromes="label"))
     assert len(MapStore(run.path / "maps").index()) == 0
     # centroid targets need no classifier classes: the same run works
-    assert len(explain_stage(run, ExplainConfig(**base, target="centroid"))) > 0
+    assert len(explain_maps(run, ExplainConfig(**base, target="centroid"))) > 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gestalt_xai.store import MapKey, MapStore
+from gestalt_xai.errors import InputError
+from gestalt_xai.store import MapKey, MapStore, TargetKey
 
 
 def _map(seed: int) -> np.ndarray:
@@ -42,39 +43,40 @@ def test_refuses_non_finite_maps_and_resumes(tmp_path):
     inf = _map(1)
     inf[0, 0] = np.inf
     with store.writer() as w:
-        assert w.add(MapKey("a", "m", "t", "gradcam", "l"), _map(2))
-        assert not w.add(MapKey("b", "m", "t", "gradcam", "l"), bad)
-        assert not w.add(MapKey("c", "m", "t", "gradcam", "l"), inf)
+        assert w.add(MapKey("a", "m", "logit:S", "gradcam", "l"), _map(2))
+        assert not w.add(MapKey("b", "m", "logit:S", "gradcam", "l"), bad)
+        assert not w.add(MapKey("c", "m", "logit:S", "gradcam", "l"), inf)
     assert len(store) == 1
     err = store.errors()
     assert sorted(err["image_id"]) == ["b", "c"] and set(err["error_kind"]) == {"non_finite_map"}
     # a new writer (a resumed run) sees what is stored, never overwrites it, and fills the gaps
     reopened = MapStore(tmp_path / "maps")
     with reopened.writer() as w:
-        assert w.done(MapKey("a", "m", "t", "gradcam", "l")) and not w.done(MapKey("b", "m", "t", "gradcam", "l"))
-        w.add(MapKey("a", "m", "t", "gradcam", "l"), _map(99))  # ignored: already stored
-        w.add(MapKey("b", "m", "t", "gradcam", "l"), _map(3))
-    np.testing.assert_array_equal(reopened.load(MapKey("a", "m", "t", "gradcam", "l")), _map(2))
+        assert w.done(MapKey("a", "m", "logit:S", "gradcam", "l"))
+        assert not w.done(MapKey("b", "m", "logit:S", "gradcam", "l"))
+        w.add(MapKey("a", "m", "logit:S", "gradcam", "l"), _map(99))  # ignored: already stored
+        w.add(MapKey("b", "m", "logit:S", "gradcam", "l"), _map(3))
+    np.testing.assert_array_equal(reopened.load(MapKey("a", "m", "logit:S", "gradcam", "l")), _map(2))
     assert len(reopened) == 2 and list(reopened.errors()["image_id"]) == ["c"]  # b succeeded on retry
 
 
 def test_orphan_chunk_from_a_killed_flush_is_ignored_and_compact_is_safe(tmp_path):
     store = MapStore(tmp_path / "maps")
     with store.writer() as w:
-        w.add(MapKey("a", "m", "t", "x", ""), _map(0))
+        w.add(MapKey("a", "m", "logit:S", "x", ""), _map(0))
     # a kill between the chunk write and the index write leaves a chunk without index rows
     np.save(tmp_path / "maps" / "chunks" / "w0-000002.npy", np.zeros((1, 112, 112), np.float32))
     store = MapStore(tmp_path / "maps")
     assert len(store) == 1
     with store.writer() as w:
-        w.add(MapKey("b", "m", "t", "x", ""), _map(1))
+        w.add(MapKey("b", "m", "logit:S", "x", ""), _map(1))
     assert store.index(image_id="b")["chunk"].iloc[0] == "w0-000003"  # never reuses the orphan's name
     store.compact()
     assert (tmp_path / "maps" / "index.parquet").exists() and not list((tmp_path / "maps" / "index").iterdir())
-    np.testing.assert_array_equal(MapStore(tmp_path / "maps").load(("b", "m", "t", "x", "")), _map(1))
+    np.testing.assert_array_equal(MapStore(tmp_path / "maps").load(("b", "m", "logit:S", "x", "")), _map(1))
     with pytest.raises(ValueError, match="shape"):
         with store.writer() as w:
-            w.add(MapKey("c", "m", "t", "x", ""), np.zeros((10, 10)))
+            w.add(MapKey("c", "m", "logit:S", "x", ""), np.zeros((10, 10)))
 
 
 def test_same_work_gives_same_bytes(tmp_path):
@@ -82,7 +84,29 @@ def test_same_work_gives_same_bytes(tmp_path):
         store = MapStore(tmp_path / name)
         with store.writer() as w:
             for i in range(3):
-                w.add(MapKey(f"i{i}", "m", "t", "x", ""), _map(i), target_value=float(i))
+                w.add(MapKey(f"i{i}", "m", "logit:S", "x", ""), _map(i), target_value=float(i))
         store.compact()
     for rel in ("index.parquet", "chunks/w0-000001.npy"):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+
+def test_targets_are_typed_keys(tmp_path):
+    """A target is ``kind:ref``: the stored string is the key's, its kind fills ``target_kind``, and a key finds it."""
+    store = MapStore(tmp_path / "maps")
+    key = TargetKey.parse("pair:img:7")  # a reference may contain ':'
+    assert (key.kind, key.ref, str(key)) == ("pair", "img:7", "pair:img:7")
+    with store.writer() as w:
+        w.add(MapKey("a", "m", key, "x", ""), _map(0))
+        w.add(MapKey("b", "m", "centroid:S1", "x", ""), _map(1), target_kind="centroid")
+        with pytest.raises(ValueError, match="target_kind 'pair' is not the kind"):
+            w.add(MapKey("c", "m", "centroid:S1", "x", ""), _map(2), target_kind="pair")
+        for bad in ("S1", ":S1", "centroid:"):
+            with pytest.raises(InputError, match="kind:ref"):
+                w.add(MapKey("d", "m", bad, "x", ""), _map(3))
+    idx = store.index()
+    assert idx.set_index("image_id")["target"].to_dict() == {"a": "pair:img:7", "b": "centroid:S1"}
+    assert idx.set_index("image_id")["target_kind"].to_dict() == {"a": "pair", "b": "centroid"}
+    assert store.index(target=key)["image_id"].tolist() == ["a"]
+    assert sorted(store.index(target=[key, TargetKey("centroid", "S1")])["image_id"]) == ["a", "b"]
+    np.testing.assert_array_equal(store.load(("a", "m", key, "x", "")), _map(0))
+    assert MapKey("b", "m", "centroid:S1", "x").target_key == TargetKey("centroid", "S1")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gestalt_xai.attribution.targets import TargetKey, split_targets
 from gestalt_xai.errors import InputError
 from gestalt_xai.store import MapKey
 
@@ -30,12 +31,19 @@ __all__ = ["PairMaps", "pair_maps", "pair_table", "patient_syndrome_maps", "Pati
 
 def pair_target(reference_image: str) -> str:
     """The stored target string of a map explained against ``reference_image``: ``pair:<image>``."""
-    return f"pair:{reference_image}"
+    return str(TargetKey("pair", str(reference_image)))
 
 
-def partner_of(target: str) -> str | None:
+def partner_of(target: str | TargetKey) -> str | None:
     """The reference image of a ``pair:<image>`` target (``None`` for other targets)."""
-    return target.split(":", 1)[1] if target.startswith("pair:") else None
+    key = TargetKey.parse(target)
+    return key.ref if key.kind == "pair" else None
+
+
+def _pair_rows(index: pd.DataFrame) -> pd.DataFrame:
+    """Rows of pair targets, with their partner image in ``reference``."""
+    parts = split_targets(index["target"])
+    return index[parts["target_kind"] == "pair"].assign(reference=parts["target_ref"])
 
 
 def _detail(row: dict[str, Any] | pd.Series) -> dict[str, Any]:
@@ -93,12 +101,11 @@ def pair_table(index: pd.DataFrame, images: pd.DataFrame | None = None) -> pd.Da
     Columns ``image_a, image_b`` (``a < b``), ``model_id, method, layer``, ``has_a`` (A explained towards B),
     ``has_b``, ``score_a``, ``score_b`` and, when ``images`` is given, ``syndrome_a, syndrome_b``.
     """
-    pairs = index[index["target"].astype(str).str.startswith("pair:")].copy()
+    pairs = _pair_rows(index)
     cols = ["image_a", "image_b", "model_id", "method", "layer", "has_a", "has_b", "score_a", "score_b"]
     if not len(pairs):
         return pd.DataFrame(columns=cols)
     pairs["image_id"] = pairs["image_id"].astype(str)
-    pairs["reference"] = pairs["target"].astype(str).str.slice(5)
     pairs["image_a"] = np.where(pairs["image_id"] < pairs["reference"], pairs["image_id"], pairs["reference"])
     pairs["image_b"] = np.where(pairs["image_id"] < pairs["reference"], pairs["reference"], pairs["image_id"])
     pairs["is_a"] = pairs["image_id"] == pairs["image_a"]
@@ -132,20 +139,19 @@ def patient_syndrome_maps(store: Any, image_id: str, syndrome_id: str, *, model_
                           layer: str = "", k: int = 3) -> PatientSyndromeMaps:
     """The maps of ``image_id`` towards syndrome ``syndrome_id`` (module docstring); nearest ``k`` gallery images."""
     image_id, syndrome_id = str(image_id), str(syndrome_id)
-    rows = store.index(image_id=image_id, model_id=model_id, target=f"centroid:{syndrome_id}", method=method,
-                       layer=layer)
+    centroid_key = MapKey(image_id, model_id, str(TargetKey("centroid", syndrome_id)), method, layer)
+    rows = store.index(**centroid_key._asdict())
     centroid, score = None, float("nan")
     if len(rows):
-        centroid = store.load(MapKey(image_id, model_id, f"centroid:{syndrome_id}", method, layer))
+        centroid = store.load(centroid_key)
         score = float(rows.iloc[0]["target_value"])
-    pairs = store.index(image_id=image_id, model_id=model_id, method=method, layer=layer)
-    pairs = pairs[pairs["target"].astype(str).str.startswith("pair:")]
+    pairs = _pair_rows(store.index(image_id=image_id, model_id=model_id, method=method, layer=layer))
     found = []
     for row in pairs.to_dict("records"):
         d = _detail(row)
         if str(d.get("syndrome_id", "")) != syndrome_id:
             continue
-        found.append((float(d.get("distance", np.nan)), str(row["target"])[5:]))
+        found.append((float(d.get("distance", np.nan)), str(row["reference"])))
     found.sort(key=lambda t: (np.inf if np.isnan(t[0]) else t[0], t[1]))
     out = PatientSyndromeMaps(image_id, syndrome_id, centroid, score)
     for dist, gallery in found[:k]:

@@ -1,13 +1,41 @@
-"""Explanations of GestaltMatcher-style models: targets, methods (one registry), and the explain stage.
+"""Explanations of GestaltMatcher-style models: targets, methods (one registry each), and the explain stage.
 
->>> from gestalt_xai.attribution import available_methods
+>>> from gestalt_xai.attribution import available_methods, available_target_kinds
 >>> {"gradcam", "hirescam", "fullgrad", "occlusion", "lrp"} <= set(available_methods())
 True
+>>> available_target_kinds()[:3]
+['centroid', 'logit', 'pair']
 """
 
-from gestalt_xai.attribution.base import AttributionMethod, MethodMaps, available_methods, get_method, register_method
+from gestalt_xai.attribution.base import (
+    AttributionMethod,
+    MethodMaps,
+    MethodParams,
+    available_methods,
+    build_methods,
+    get_method,
+    register_method,
+)
 from gestalt_xai.attribution.score_model import ScoreModel
-from gestalt_xai.attribution.targets import CentroidBank, CentroidTarget, LogitTarget, PairTarget, Target
+from gestalt_xai.attribution.target_kinds import (
+    PlanContext,
+    TargetKind,
+    WorkItem,
+    available_target_kinds,
+    get_target_kind,
+    register_target_kind,
+    target_group,
+)
+from gestalt_xai.attribution.targets import (
+    CentroidBank,
+    CentroidTarget,
+    LogitTarget,
+    PairTarget,
+    Target,
+    TargetKey,
+    TTASlot,
+    split_targets,
+)
 
 __all__ = [
     "AttributionMethod",
@@ -15,10 +43,22 @@ __all__ = [
     "CentroidTarget",
     "LogitTarget",
     "MethodMaps",
+    "MethodParams",
     "PairTarget",
+    "PlanContext",
     "ScoreModel",
+    "TTASlot",
     "Target",
+    "TargetKey",
+    "TargetKind",
+    "WorkItem",
     "available_methods",
+    "available_target_kinds",
+    "build_methods",
     "get_method",
+    "get_target_kind",
     "register_method",
+    "register_target_kind",
+    "split_targets",
+    "target_group",
 ]

@@ -1,6 +1,6 @@
 """Integrated Gradients, SmoothGrad and DeepLIFT through Captum; guided backprop and deconvolution with PReLU rules.
 
-Captum does these right for this model except at the PReLU (REFERENCE §3): its ``GuidedBackprop``/``Deconvolution``
+Captum does these right for this model except at the PReLU: its ``GuidedBackprop``/``Deconvolution``
 override only ``nn.ReLU`` and its DeepLIFT knows no PReLU, so on iResNet they silently degrade to the plain gradient
 there. We therefore
 
@@ -27,15 +27,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from gestalt_xai.attribution.base import AttributionMethod, MethodMaps, register_method
+from gestalt_xai.attribution.base import AttributionMethod, MethodMaps, MethodParams, register_method
 from gestalt_xai.errors import ConfigError
 
 __all__ = [
+    "BaselineParams",
     "IntegratedGradientsMethod",
     "SmoothGradMethod",
     "DeepLiftMethod",
@@ -66,15 +68,26 @@ def _baseline(x: torch.Tensor, baseline: str | float) -> torch.Tensor | float:
     raise ConfigError(f"baseline must be 'black', 'mean' or a number, got {baseline!r}")
 
 
+class BaselineParams(MethodParams):
+    """The reference input of path and difference methods (IG, SmoothGrad over IG, DeepLIFT)."""
+
+    baseline: Literal["black", "mean"] | float = Field(
+        "black", description="black (pixel 0, i.e. -1 after normalisation), the image's mean colour, or a value in "
+                             "normalised units", examples=["mean"])
+
+
 @register_method()
 class IntegratedGradientsMethod(AttributionMethod):
     """Integrated Gradients (Sundararajan et al. 2017) via ``captum.attr.IntegratedGradients``, summed over channels."""
 
     names = ("integrated_gradients",)
 
-    def __init__(self, steps: int = 32, baseline: str | float = "black", internal_batch_size: int | None = 32,
-                 method: str = "gausslegendre") -> None:
-        super().__init__(steps=steps, baseline=baseline, internal_batch_size=internal_batch_size, method=method)
+    class Params(BaselineParams):
+        steps: int = Field(32, ge=1, description="integration steps", examples=[8])
+        internal_batch_size: int | None = Field(32, ge=1, description="images per forward inside Captum "
+                                                "(None: all steps at once)", examples=[8])
+        method: Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"] = (
+            Field("gausslegendre", description="Captum's integral approximation", examples=["riemann_trapezoid"]))
 
     def attribute(self, score_model: nn.Module, x: torch.Tensor, methods: Sequence[str],
                   layers: Sequence[str]) -> list[MethodMaps]:
@@ -103,9 +116,11 @@ class SmoothGradMethod(AttributionMethod):
 
     names = ("smoothgrad", "smoothgrad_ig")
 
-    def __init__(self, samples: int = 16, stdev: float = 0.3, ig_steps: int = 16, baseline: str | float = "black",
-                 seed: int = 0) -> None:
-        super().__init__(samples=samples, stdev=stdev, ig_steps=ig_steps, baseline=baseline, seed=seed)
+    class Params(BaselineParams):
+        samples: int = Field(16, ge=1, description="noisy copies per image", examples=[4])
+        stdev: float = Field(0.3, gt=0, description="noise standard deviation in normalised units", examples=[0.15])
+        ig_steps: int = Field(16, ge=1, description="IG steps per noisy copy (smoothgrad_ig)", examples=[4])
+        seed: int = Field(0, description="seed of the noise (torch's global generator)", examples=[1])
 
     def attribute(self, score_model: nn.Module, x: torch.Tensor, methods: Sequence[str],
                   layers: Sequence[str]) -> list[MethodMaps]:
@@ -155,9 +170,7 @@ class DeepLiftMethod(AttributionMethod):
 
     names = ("deeplift",)
     supports_tta = False
-
-    def __init__(self, baseline: str | float = "black") -> None:
-        super().__init__(baseline=baseline)
+    Params = BaselineParams
 
     def attribute(self, score_model: nn.Module, x: torch.Tensor, methods: Sequence[str],
                   layers: Sequence[str]) -> list[MethodMaps]:

@@ -20,7 +20,7 @@ a few tensor operations on the stored activations ``A`` (``K×h×w``) and gradie
 Grad-CAM and HiResCAM are **signed** (ReLU is a view, :mod:`~gestalt_xai.attribution.postprocess`) and upsampled
 bilinearly (``align_corners=False``, as Captum's ``LayerAttribution.interpolate`` and OpenCV's resize) to 112×112.
 With the linearised target and the model in eval mode everything after ``layer4`` is affine, so the HiResCAM map
-at ``layer4`` (before upsampling) sums to ``s − s(A=0)`` (REFERENCE §3).
+at ``layer4`` (before upsampling) sums to ``s − s(A=0)`` (tests/test_attribution_gradients.py checks it).
 
 FullGrad (Srinivas & Fleuret, NeurIPS 2019) counts **every** bias: convolution and Linear biases (including the
 embedding ``fc`` and the classifier) and the effective bias of every BatchNorm in eval mode,

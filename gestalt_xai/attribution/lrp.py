@@ -34,12 +34,13 @@ to 1). Ensembles and TTA slots average the per-view relevance, as the score aver
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from gestalt_xai.attribution.base import AttributionMethod, MethodMaps, register_method
+from gestalt_xai.attribution.base import AttributionMethod, MethodMaps, MethodParams, register_method
 from gestalt_xai.errors import ConfigError
 
 __all__ = ["IResNetCanonizer", "StackedResidualSum", "LRPMethod", "iresnet_composite", "lrp"]
@@ -175,8 +176,12 @@ class LRPMethod(AttributionMethod):
 
     names = ("lrp",)
 
-    def __init__(self, composite: str = "epsilon_gamma_box", bn_rule: str = "epsilon", epsilon: float = 1e-6) -> None:
-        super().__init__(composite=composite, bn_rule=bn_rule, epsilon=epsilon)
+    class Params(MethodParams):
+        composite: Literal["epsilon_gamma_box", "epsilon_plus_flat", "epsilon_alpha2_beta1_flat"] = Field(
+            "epsilon_gamma_box", description="zennit composite (module docstring)", examples=["epsilon_plus_flat"])
+        bn_rule: Literal["epsilon", "pass"] = Field(
+            "epsilon", description="rule of the BatchNorms that cannot be merged", examples=["pass"])
+        epsilon: float = Field(1e-6, gt=0, description="stabiliser of the epsilon rules", examples=[1e-4])
 
     def attribute(self, score_model: nn.Module, x: torch.Tensor, methods: Sequence[str],
                   layers: Sequence[str]) -> list[MethodMaps]:

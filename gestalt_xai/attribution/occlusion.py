@@ -1,14 +1,14 @@
 """Occlusion (Zeiler & Fergus 2014): score drop when a square patch is replaced by a baseline.
 
-Window convention (identical to ``captum.attr.Occlusion``, REFERENCE §3): along each axis of length ``N`` a
-``P``-pixel window with stride ``S`` takes ``ceil((N − P)/S) + 1`` positions ``0, S, 2S, …``; the last one starts
-past ``N − P`` and is cropped at the border, so every pixel is covered. Each pixel's value is the mean, over the
-windows covering it, of ``score(x) − score(x occluded)`` (positive = occluding it lowers the score). With the
-default 10×10 patch and stride 5 on 112² that is 22×22 = 484 positions.
+Window convention (identical to ``captum.attr.Occlusion``, compared with it in tests/test_attribution_methods.py):
+along each axis of length ``N`` a ``P``-pixel window with stride ``S`` takes ``ceil((N − P)/S) + 1`` positions
+``0, S, 2S, …``; the last one starts past ``N − P`` and is cropped at the border, so every pixel is covered. Each
+pixel's value is the mean, over the windows covering it, of ``score(x) − score(x occluded)`` (positive = occluding
+it lowers the score). With the default 10×10 patch and stride 5 on 112² that is 22×22 = 484 positions.
 
-Baselines are defined in pixel space (REFERENCE §3): ``black`` is pixel value 0, i.e. −1 after GM-Arc's
-``(x/255 − 0.5)/0.5``; ``mean`` is each image's own per-channel mean colour; ``blur`` is a Gaussian-blurred copy of
-the image (``blur_sigma`` pixels). All channels are occluded together.
+Baselines are defined in pixel space: ``black`` is pixel value 0, i.e. −1 after GM-Arc's ``(x/255 − 0.5)/0.5``;
+``mean`` is each image's own per-channel mean colour; ``blur`` is a Gaussian-blurred copy of the image
+(``blur_sigma`` pixels). All channels are occluded together.
 
 Speed. Unlike Captum (one forward per window and batch) we compute the unoccluded score once, score many occluded
 copies per forward (``max_batch`` images), and skip windows that change no pixel of any image in the batch (their
@@ -32,18 +32,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
-from gestalt_xai.attribution.base import AttributionMethod, MethodMaps, register_method
+from gestalt_xai.attribution.base import INPUT_SIZE, AttributionMethod, MethodMaps, MethodParams, register_method
 from gestalt_xai.attribution.occlusion_local import Window, local_window_scores, supports_local
 from gestalt_xai.attribution.score_model import MemberView, ScoreModel, apply_view
 from gestalt_xai.errors import ConfigError
 
-__all__ = ["Occlusion", "occlusion", "occluded_scores", "window_starts", "window_boxes", "occlusion_baseline",
-           "BASELINES"]
+__all__ = ["Occlusion", "OcclusionParams", "occlusion", "occluded_scores", "window_starts", "window_boxes",
+           "occlusion_baseline", "BASELINES"]
 
 BASELINES = ("black", "mean", "blur")
 T = TypeVar("T")
@@ -238,23 +239,40 @@ def inference_copy(model: nn.Module) -> nn.Module:
     return fast.to(memory_format=torch.channels_last)
 
 
+class OcclusionParams(MethodParams):
+    """Parameters of the registered ``occlusion`` method (module docstring)."""
+
+    patch: int = Field(10, ge=1, le=INPUT_SIZE, description="square window side (pixels)", examples=[14])
+    stride: int = Field(5, ge=1, description="window step (pixels); at most the patch", examples=[10])
+    baseline: Literal["black", "mean", "blur"] | float = Field(
+        "black", description="fill: black (pixel 0), the image's mean colour, a blurred copy, or a value in "
+                             "normalised units", examples=["mean"])
+    max_batch: int = Field(16, ge=1, description="occluded images per forward", examples=[32])
+    blur_sigma: float = Field(5.0, gt=0, description="Gaussian sigma (pixels) of the blur baseline", examples=[2.0])
+    fast: bool = Field(True, description="run on BN-folded channels-last inference copies of the members",
+                       examples=[False])
+    local: bool = Field(True, description="recompute only the activations a window changes", examples=[False])
+
+    @model_validator(mode="after")
+    def _grid_covers_every_pixel(self) -> OcclusionParams:
+        try:
+            window_starts(INPUT_SIZE, self.patch, self.stride)
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("occlusion: ")) from None
+        return self
+
+
 @register_method()
 class Occlusion(AttributionMethod):
-    """Registered ``occlusion`` method (parameters: ``patch``, ``stride``, ``baseline``, ``max_batch``,
-    ``blur_sigma``, ``fast`` (BN-folded channels-last inference copies), ``local`` (recompute only what a window
-    changes); module docstring)."""
+    """Registered ``occlusion`` method (parameters: :class:`OcclusionParams`; module docstring)."""
 
     names = ("occlusion",)
     needs_grad = False
+    Params = OcclusionParams
 
-    def __init__(self, patch: int = 10, stride: int = 5, baseline: str | float = "black", max_batch: int = 16,
-                 blur_sigma: float = 5.0, fast: bool = True, local: bool = True) -> None:
-        super().__init__(patch=patch, stride=stride, baseline=baseline, max_batch=max_batch, blur_sigma=blur_sigma,
-                         fast=fast, local=local)
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         self._copies: dict[int, tuple[nn.Module, nn.Module]] = {}
-        window_starts(112, patch, stride)  # validate early
-        if isinstance(baseline, str) and baseline not in BASELINES:
-            raise ConfigError(f"occlusion baseline must be one of {BASELINES} or a number, got {baseline!r}")
 
     def attribute(
         self, score_model: nn.Module, x: torch.Tensor, methods: Sequence[str], layers: Sequence[str]

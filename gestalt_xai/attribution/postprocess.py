@@ -1,6 +1,6 @@
 """Named views of raw maps, applied when drawing or aggregating — never baked into storage.
 
-Stored maps are raw and signed (ARCHITECTURE "Maps"). A *view* is a pure function ``(…, H, W) → (…, H, W)`` on
+Stored maps are raw and signed (:mod:`gestalt_xai.store`). A *view* is a pure function ``(…, H, W) → (…, H, W)`` on
 NumPy arrays or torch tensors, applied per map (statistics over the last two axes):
 
 =================  ===========================================================================

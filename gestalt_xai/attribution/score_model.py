@@ -4,8 +4,8 @@
 returns the explained scores ``(B,)``: for every member model and every TTA slot it applies the slot's view *inside*
 the forward (horizontal flip, 3-channel gray, the member's channel order), runs the member, applies that
 (member, slot)'s :class:`~gestalt_xai.attribution.targets.Target`, and averages. Gradients therefore flow back to the
-original input, and every method (ours or Captum's) explains the mean of the members' targets (ARCHITECTURE
-"Targets": ensembles explain the mean of their members' targets).
+original input, and every method (ours or Captum's) explains the mean of the members' targets: an ensemble is
+explained as the mean of its members' targets, as GM-Arc's matching averages their distances.
 
 Views are differentiable re-implementations of :func:`gestalt_xai.models.gestaltmatcher.preprocess`'s:
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gestalt_xai.attribution.targets import Slot, Target
+from gestalt_xai.attribution.targets import Target, TTASlot
 from gestalt_xai.errors import ConfigError
 
 __all__ = ["ScoreModel", "MemberView", "apply_view", "LUMA_RGB"]
@@ -77,8 +77,8 @@ class ScoreModel(nn.Module):
     def __init__(
         self,
         members: Sequence[tuple[str, nn.Module]],
-        targets: Target | Mapping[tuple[str, Slot], Target],
-        slots: Sequence[Slot] = ((False, False),),
+        targets: Target | Mapping[tuple[str, TTASlot], Target],
+        slots: Sequence[TTASlot] = ((False, False),),
     ) -> None:
         super().__init__()
         if not members:

@@ -1,13 +1,14 @@
-"""Targets: the scalar an explanation explains, one value per image.
+"""Targets: the scalar an explanation explains, one value per image, and the key it is stored under.
 
 A target is a small callable ``target(logits, embedding) -> (B,)`` (Captum's "forward function returns one scalar
-per input" contract, pytorch-grad-cam's "target is a callable" idea). Three kinds (ARCHITECTURE "Targets"):
+per input" contract, pytorch-grad-cam's "target is a callable" idea). The built-in kinds (registered in
+:mod:`~gestalt_xai.attribution.target_kinds`, which says how the explain stage builds each):
 
 * :class:`LogitTarget` — a class logit ``z_c``; needs a classifier head.
 * :class:`CentroidTarget` — similarity of the embedding ``f`` to a syndrome centroid ``r``.
 * :class:`PairTarget` — similarity of ``f`` to another image's embedding ``r``.
 
-Similarity targets default to the **linearised cosine** (REFERENCE §3)
+Similarity targets default to the **linearised cosine**
 
 .. math::
 
@@ -16,7 +17,10 @@ Similarity targets default to the **linearised cosine** (REFERENCE §3)
 
 which has the value of the cosine but the gradient :math:`\\hat r/\\lVert f\\rVert`. The exact cosine's gradient
 :math:`(\\hat r - s \\hat f)/\\lVert f\\rVert` is orthogonal to ``f``, so decompositions (HiResCAM, FullGrad, LRP)
-of it sum to ~0. ``exact=True`` gives the exact cosine; ``describe()`` records which one was used.
+of it sum to ~0 (tests/test_attribution_gradients.py checks value and gradient). ``exact=True`` gives the exact
+cosine; ``describe()`` records which one was used.
+
+Every map is stored under a :class:`TargetKey` ``kind:ref`` (``centroid:S01``, ``logit:S01``, ``pair:img7``).
 
 Centroids (:class:`CentroidBank`) are the mean of L2-normalised gallery embeddings, averaged per subject first
 (every subject weighs the same however many photos it has), computed per model and TTA slot, and **exclude the
@@ -29,10 +33,10 @@ Target *specs* (what the explain stage is asked for) are parsed by :func:`parse_
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -43,6 +47,9 @@ from gestalt_xai.errors import ConfigError, InputError
 from gestalt_xai.matching.centroids import CentroidBank
 
 __all__ = [
+    "TargetKey",
+    "TTASlot",
+    "split_targets",
     "Target",
     "LogitTarget",
     "CosineTarget",
@@ -53,11 +60,63 @@ __all__ = [
     "PairSpec",
     "parse_syndrome_spec",
     "parse_pair_spec",
-    "target_key",
     "linearised_cosine",
 ]
 
-Slot = tuple[bool, bool]  # (flip, gray)
+#: a TTA view of one image: ``(flip, gray)``
+TTASlot: TypeAlias = tuple[bool, bool]
+Slot = TTASlot  # the name used by the centroid code below
+
+
+# ------------------------------------------------------------------------------------------------- keys
+@dataclass(frozen=True)
+class TargetKey:
+    """What a map explains: a target ``kind`` and its reference, stored as the string ``kind:ref``.
+
+    ``ref`` is a syndrome id (``centroid``, ``logit``) or an image id (``pair``); it may contain ``:``, the kind
+    may not.
+
+    >>> key = TargetKey.parse("centroid:S01")
+    >>> key.kind, key.ref, str(key)
+    ('centroid', 'S01', 'centroid:S01')
+    >>> TargetKey.parse("pair:a:b").ref
+    'a:b'
+    """
+
+    kind: str
+    ref: str
+
+    def __post_init__(self) -> None:
+        if not self.kind or ":" in self.kind or not self.ref:
+            raise InputError(f"a target is 'kind:ref' with a non-empty kind without ':' and a non-empty reference, "
+                             f"got kind {self.kind!r} and ref {self.ref!r}")
+
+    @classmethod
+    def parse(cls, text: str | TargetKey) -> TargetKey:
+        """The key of a stored target string (a key is returned as it is)."""
+        if isinstance(text, TargetKey):
+            return text
+        kind, sep, ref = str(text).partition(":")
+        if not sep:
+            raise InputError(f"target {text!r} is not of the form 'kind:ref' (e.g. 'centroid:S01')")
+        return cls(kind, ref)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.ref}"
+
+
+def split_targets(targets: Iterable[str] | pd.Series) -> pd.DataFrame:
+    """Target strings (e.g. the map index's ``target`` column) as columns ``target_kind, target_ref``, vectorised.
+
+    >>> split_targets(["centroid:S01", "pair:a:b"]).values.tolist()
+    [['centroid', 'S01'], ['pair', 'a:b']]
+    """
+    values = pd.Series(targets, dtype=object).astype(str)
+    parts = values.str.partition(":").reindex(columns=[0, 1, 2])  # an empty input gives no columns
+    if bad := values[(parts[1] != ":") | (parts[0] == "") | (parts[2] == "")].tolist():
+        raise InputError(f"targets not of the form 'kind:ref': {bad[:5]}")
+    return pd.DataFrame({"target_kind": parts[0].astype(object), "target_ref": parts[2].astype(object)},
+                        index=values.index)
 
 
 # ------------------------------------------------------------------------------------------------- callables
@@ -283,8 +342,3 @@ def read_pairs_table(path: Path) -> pd.DataFrame:
     both = pd.concat([df, df.rename(columns={"image_id": "partner_id", "partner_id": "image_id"})])
     both = both[both["image_id"] != both["partner_id"]]
     return both.drop_duplicates().sort_values(["image_id", "partner_id"]).reset_index(drop=True)
-
-
-def target_key(kind: str, ident: str) -> str:
-    """The target string stored with a map: ``centroid:<syndrome>``, ``logit:<syndrome>``, ``pair:<image>``."""
-    return f"{kind}:{ident}"
