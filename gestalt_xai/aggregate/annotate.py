@@ -1,7 +1,8 @@
 """Join the map-store index with the cohort: who each map belongs to and what its target means for that patient.
 
 Each map row gains ``subject_id``, ``syndrome_id`` (the patient's diagnosis), ``target_kind``, ``target_ref`` and a
-``target_group`` that is the same for every patient of a syndrome:
+``target_group`` that is the same for every patient of a syndrome (each target kind's rule,
+:func:`gestalt_xai.attribution.target_kinds.target_group`):
 
 =========================  ===================================================================================
 ``centroid:own``           ``centroid:<S>`` where ``S`` is the patient's own syndrome (the usual composite)
@@ -14,30 +15,18 @@ Each map row gains ``subject_id``, ``syndrome_id`` (the patient's diagnosis), ``
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
-__all__ = ["annotate_index", "GROUP_COLS", "OWN_TARGET_GROUPS", "target_group"]
+from gestalt_xai.attribution.target_kinds import target_group
+from gestalt_xai.attribution.targets import split_targets
+
+__all__ = ["annotate_index", "GROUP_COLS", "OWN_TARGET_GROUPS"]
 
 #: the columns (besides syndrome, stratum and normalisation) that identify a composite, a region score or a SpRAy run
 GROUP_COLS = ["model_id", "method", "layer", "target_group"]
 
 #: target groups that explain a patient towards its own diagnosis (composites, regions, SpRAy default to these)
 OWN_TARGET_GROUPS = ("centroid:own", "logit:own", "pair:same-syndrome")
-
-
-def target_group(target: str, syndrome: str, partner_syndrome: str | None = None) -> str:
-    """The ``target_group`` of one map (module docstring).
-
-    >>> target_group("centroid:S01", "S01"), target_group("centroid:S02", "S01"), target_group("pair:i9", "S01", "S01")
-    ('centroid:own', 'centroid:S02', 'pair:same-syndrome')
-    """
-    kind, _, ref = str(target).partition(":")
-    if kind == "pair":
-        if partner_syndrome is None:
-            return "pair:unknown"
-        return "pair:same-syndrome" if partner_syndrome == syndrome else "pair:other-syndrome"
-    return f"{kind}:own" if ref == syndrome else str(target)
 
 
 def annotate_index(index: pd.DataFrame, images: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -52,15 +41,10 @@ def annotate_index(index: pd.DataFrame, images: pd.DataFrame) -> tuple[pd.DataFr
     idx = idx[known].reset_index(drop=True)
     idx["subject_id"] = idx["image_id"].map(meta["subject_id"])
     idx["syndrome_id"] = idx["image_id"].map(meta["syndrome_id"])
-    parts = idx["target"].astype(str).str.partition(":")
-    idx["target_kind"] = parts[0]
-    idx["target_ref"] = parts[2]
-    partner_syn = idx["target_ref"].map(meta["syndrome_id"])
-    idx["target_group"] = [
-        target_group(t, s, None if (k == "pair" and (p is None or (isinstance(p, float) and np.isnan(p)))) else p)
-        for t, s, k, p in zip(idx["target"].astype(str), idx["syndrome_id"], idx["target_kind"], partner_syn,
-                              strict=True)
-    ]
+    idx = idx.join(split_targets(idx["target"]))
+    syndrome_of = meta["syndrome_id"].to_dict()  # pair partners' diagnoses
+    idx["target_group"] = [target_group(t, s, syndrome_of) for t, s in zip(idx["target"], idx["syndrome_id"],
+                                                                           strict=True)]
     for col in ("model_id", "method", "layer"):
         idx[col] = idx[col].astype(str)
     return idx, missing

@@ -71,8 +71,8 @@ class AggregateConfig(StageConfig):
 
     methods: list[str] | None = Field(None, description="methods to aggregate (default: every method in the store)")
     models: list[str] | None = Field(None, description="model ids (default: all in the store)")
-    targets: list[Literal["centroid", "logit", "pair"]] | None = Field(
-        None, description="target kinds to aggregate (default: all)")
+    targets: list[str] | None = Field(None, description="target kinds to aggregate (default: all; "
+                                                         "gestalt_xai.attribution.available_target_kinds())")
     normalisations: list[str] = Field(
         default_factory=lambda: ["max-abs", "none", "zscore", "positive"],
         description="per-map normalisations for composites (none, max-abs, zscore, positive, or a postprocess "
@@ -101,6 +101,15 @@ class AggregateConfig(StageConfig):
     figure_smoothing: float = Field(1.5, ge=0, description="Gaussian sigma (px) applied to input-space (pixel-level) "
                                                            "maps in figures only; 0 = off")
     seed: int = 0
+
+    @field_validator("targets")
+    @classmethod
+    def _known_kinds(cls, v: list[str] | None) -> list[str] | None:
+        from gestalt_xai.attribution.target_kinds import available_target_kinds
+
+        if v is not None and (unknown := sorted(set(v) - set(available_target_kinds()))):
+            raise ValueError(f"unknown target kinds {unknown}; registered: {available_target_kinds()}")
+        return v
 
     @field_validator("normalisations")
     @classmethod
