@@ -41,7 +41,8 @@ def annotate_index(index: pd.DataFrame, images: pd.DataFrame) -> tuple[pd.DataFr
     idx = idx[known].reset_index(drop=True)
     idx["subject_id"] = idx["image_id"].map(meta["subject_id"])
     idx["syndrome_id"] = idx["image_id"].map(meta["syndrome_id"])
-    idx = idx.join(split_targets(idx["target"]))
+    parts = split_targets(idx["target"])
+    idx["target_kind"], idx["target_ref"] = parts["target_kind"], parts["target_ref"]
     syndrome_of = meta["syndrome_id"].to_dict()  # pair partners' diagnoses
     idx["target_group"] = [target_group(t, s, syndrome_of) for t, s in zip(idx["target"], idx["syndrome_id"],
                                                                            strict=True)]
