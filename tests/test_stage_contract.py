@@ -58,6 +58,7 @@ def test_stage_keeps_the_contract(twin_runs, name: str) -> None:
     for rel in spec.writes:
         assert (first.path / rel).exists(), f"{name} declares it writes {rel}, which is missing"
         a, b = _files(first.path, rel), _files(second.path, rel)
+        assert a, f"{name}: nothing written under {rel}"
         assert a.keys() == b.keys(), f"{name}: {sorted(a.keys() ^ b.keys())[:5]} differ between two runs"
         different = [k for k in a if a[k] != b[k]]
         assert not different, f"{name}: {different[:5]} differ between two identical runs in different folders"

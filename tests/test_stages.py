@@ -122,3 +122,23 @@ def test_stage_registry_is_the_only_list() -> None:
         @stage("align", options=ThrowawayConfig, summary="a second align")
         def align_stage(run, cfg):  # noqa: ANN001
             return StageResult()
+
+
+def test_pipeline_repeating_explain_keeps_each_instance_error_row(tmp_path: Path) -> None:
+    """The demo lists explain three times: a failing item in each instance stays in errors.parquet."""
+    from attribution_helpers import make_tiny_run
+
+    run = make_tiny_run(tmp_path / "run")
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("name: twice\nstages:\n"
+                        "  - explain: {methods: [saliency], images: [A00], syndromes: 'A,Z', overlay: 0}\n"
+                        "  - explain: {methods: [gradcam], images: [B00], syndromes: 'Z,B', overlay: 0}\n")
+    run = run_study(pipeline, run.path)
+    errors = run.errors().query("stage.str.startswith('explain')").sort_values("stage")
+    assert errors[["stage", "item_id"]].values.tolist() == [["explain", "A00"], ["explain#2", "B00"]]
+    assert [json.loads(k) for k in errors["key"]] == [{"model_id": "clf", "target": "centroid:Z"}] * 2
+    assert "no gallery subject of syndrome 'Z'" in errors["message"].iloc[0]
+    # the good items of both instances were explained
+    index = run.map_store().index()
+    assert sorted(zip(index["image_id"], index["target"], index["method"])) == [
+        ("A00", "centroid:A", "saliency"), ("B00", "centroid:B", "gradcam")]

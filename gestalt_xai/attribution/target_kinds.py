@@ -162,7 +162,7 @@ class PlanContext:
     def error(self, image_id: str, target: TargetKey | None, message: str, kind: str = "target") -> None:
         """Record a work item that cannot be planned (an ``errors.parquet`` row of the explain stage)."""
         key = {"model_id": self.group_id} | ({"target": str(target)} if target is not None else {})
-        self.errors.append(ErrorRow("explain", image_id, kind, message, key))
+        self.errors.append(ErrorRow(image_id, kind, message, key))
 
 
 class TargetKind(ABC):
