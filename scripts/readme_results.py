@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from gestalt_xai.config import PipelineConfig
+from gestalt_xai.study import plan_study
+
 
 def _replace(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
@@ -30,12 +33,9 @@ def demo_section(run: Path) -> str:
     manifest = json.loads((run / "manifest.json").read_text())
     lines = ["| stage | items | errors | seconds |", "|---|---|---|---|"]
     total = 0.0
-    # pipeline order (the manifest's JSON keys are sorted); repeated stages are name, name#2, …
-    order, seen = [], {}
-    for item in manifest.get("study", {}).get("config", {}).get("stages", []):
-        for stage in item:
-            seen[stage] = seen.get(stage, 0) + 1
-            order.append(stage if seen[stage] == 1 else f"{stage}#{seen[stage]}")
+    # pipeline order (the manifest's JSON keys are sorted): the study runner's own instance ids
+    order = [step.id for step in plan_study(PipelineConfig.model_validate(manifest["study"]["config"]))] \
+        if "study" in manifest else []
     names = [n for n in order if n in manifest["stages"]] + sorted(set(manifest["stages"]) - set(order))
     for name in names:
         st = manifest["stages"][name]
@@ -65,7 +65,7 @@ def demo_section(run: Path) -> str:
         n_classes = images.loc[images.index.intersection(test), "syndrome_id"].nunique()
         chance = f"1/{n_classes} = {100 / n_classes:.1f} %"
         out += ["", f"Macro top-k in %. Chance top-1 on the frequent test set: {chance}."]
-    agg = manifest["stages"].get("aggregate", {}).get("summary", {})
+    agg = manifest["stages"].get("aggregate", {}).get("results", {})
     if agg.get("planted_hits"):
         out += ["", "Syndromes whose highest-enrichment region is one of their planted features' regions (aggregate "
                 "stage; chance = top region drawn uniformly from the 14 face regions):", "",

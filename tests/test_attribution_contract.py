@@ -199,11 +199,11 @@ def test_target_keys_format_and_parse_back(kind):
 
 def test_topk_uses_the_match_stage_ranking(tiny_run, tmp_path):
     """``syndromes: topk:K`` ranks as gestalt_xai.matching does (its syndrome_ranks, computed here independently)."""
-    from gestalt_xai.matching import EmbeddingTable, load_embeddings, slotwise_distances, syndrome_ranks
+    from gestalt_xai.matching import EmbeddingTable, slotwise_distances, syndrome_ranks
 
     run = _copy(tiny_run, tmp_path)
     idx = explain_maps(run, ExplainConfig(methods=["saliency"], syndromes="topk:3", **FAST)).index()
-    table = EmbeddingTable.from_frame(load_embeddings(run))
+    table = EmbeddingTable.from_frame(run.embeddings())
     gallery = [f"{s}1{i}" for s in "ABC" for i in (0, 1)]  # the train images (other subjects)
     for image_id in FAST["images"]:
         d = slotwise_distances([table.matrix(("clf", False, False), [image_id])],

@@ -26,7 +26,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_explain_centroid_label_maps_provenance_and_figures(tiny_run, tmp_path):
-    from gestalt_xai.matching import load_embeddings, syndrome_centroids
+    from gestalt_xai.matching import syndrome_centroids
     from gestalt_xai.runs import Run
 
     run = Run(tmp_path / "run")
@@ -42,7 +42,7 @@ def test_explain_centroid_label_maps_provenance_and_figures(tiny_run, tmp_path):
     assert set(idx["target"]) == {"centroid:A", "centroid:B", "centroid:C"}
     assert (idx["model_hash"].str.len() == 64).all()
     # the explained value is the cosine to the centroid of the gallery (train) without the patient's subject
-    emb = load_embeddings(run)
+    emb = run.embeddings()
     coh = pd.read_parquet(run.path / "cohort" / "images.parquet")
     gallery = coh.loc[coh["image_id"].str[1] == "1", "image_id"].tolist()
     cent = syndrome_centroids(emb, coh, gallery, models=["clf"], tta=False).get("A", "clf")
@@ -168,22 +168,16 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.slow
-def test_sanity_model_randomisation_drops_correlation(request):
+def test_sanity_model_randomisation_drops_correlation(trained_run):
     """Adebayo et al. 2018: maps of a trained model vs the same model with re-initialised weights.
 
     Grad-CAM, HiResCAM, saliency and IG must lose rank correlation; guided backprop is reported only (it is known to
-    survive randomisation). Needs the shared ``trained_run`` fixture (a run with a trained small model, crops,
-    cohort and embeddings); skipped while conftest.py does not provide it."""
-    try:
-        trained_run = request.getfixturevalue("trained_run")
-    except pytest.FixtureLookupError:
-        pytest.skip("the shared trained_run fixture is not defined in tests/conftest.py yet")
+    survive randomisation). Uses the shared ``trained_run`` fixture (a run with a trained small model)."""
     from gestalt_xai.attribution.base import get_method
     from gestalt_xai.attribution.score_model import ScoreModel
     from gestalt_xai.attribution.targets import CentroidBank, CentroidTarget
     from gestalt_xai.data.aligned import load_crops
     from gestalt_xai.data.cohort import load_run_cohort
-    from gestalt_xai.matching import load_embeddings
     from gestalt_xai.models.checkpoints import load_model
     from gestalt_xai.models.gestaltmatcher import build_gestaltmatcher, preprocess
     from gestalt_xai.runs import Run
@@ -193,7 +187,7 @@ def test_sanity_model_randomisation_drops_correlation(request):
     model_id = model_path.name[: -len(".safetensors")]
     model = load_model(model_path).eval()
     cohort = load_run_cohort(run).images.astype({"image_id": str, "subject_id": str, "syndrome_id": str})
-    emb = load_embeddings(run)
+    emb = run.embeddings()
     bank = CentroidBank(emb, cohort)
     ids = sorted(set(emb["image_id"]) & set(cohort["image_id"]))[:6]
     meta = cohort.set_index("image_id")
@@ -221,9 +215,9 @@ def test_sanity_model_randomisation_drops_correlation(request):
 def test_centroid_bank_equals_matching_centroids_with_subject_excluded(tiny_run):
     """CentroidBank (O(D) leave-own-subject-out) agrees with gestalt_xai.matching.syndrome_centroids."""
     from gestalt_xai.attribution.targets import CentroidBank
-    from gestalt_xai.matching import load_embeddings, syndrome_centroids
+    from gestalt_xai.matching import syndrome_centroids
 
-    emb = load_embeddings(tiny_run)
+    emb = tiny_run.embeddings()
     coh = pd.read_parquet(tiny_run.path / "cohort" / "images.parquet")
     gallery = coh["image_id"].tolist()  # everything, so exclusion matters
     bank = CentroidBank(emb, coh, gallery)
@@ -237,7 +231,7 @@ def test_centroid_bank_equals_matching_centroids_with_subject_excluded(tiny_run)
 
 
 @pytest.mark.slow
-def test_explain_and_reference_agreement_on_trained_model(request, tmp_path):
+def test_explain_and_reference_agreement_on_trained_model(trained_run, tmp_path):
     """The explain stage on the demo model and cohort; Grad-CAM/HiResCAM agree with Captum on the trained model."""
     import shutil
 
@@ -249,15 +243,9 @@ def test_explain_and_reference_agreement_on_trained_model(request, tmp_path):
     from gestalt_xai.models.checkpoints import load_model
     from gestalt_xai.runs import Run
 
-    try:
-        trained_run = request.getfixturevalue("trained_run")
-    except pytest.FixtureLookupError:
-        pytest.skip("the shared trained_run fixture is not defined in tests/conftest.py yet")
     shutil.copytree(trained_run.path, tmp_path / "run")
     run = Run(tmp_path / "run")
-    from gestalt_xai.matching import load_embeddings
-
-    some = sorted(load_embeddings(run)["image_id"].astype(str).unique())[:3]
+    some = sorted(run.embeddings()["image_id"].astype(str).unique())[:3]
     store = explain_maps(run, ExplainConfig(**{**FAST, "images": some, "overlay": 1}))
     idx = store.index()
     assert len(idx) == 3 * 6 and np.isfinite(idx["target_value"]).all()

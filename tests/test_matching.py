@@ -18,7 +18,6 @@ from gestalt_xai.matching import (
     cosine_distances,
     evaluate_protocol,
     frequent_protocol,
-    load_embeddings,
     match_stage,
     ranked_syndromes,
     rare_protocol,
@@ -294,7 +293,7 @@ def test_match_stage_writes_tables(tmp_path, capsys):
         ),
     )
     write_embeddings(embedding_table({c: emb_df[c].tolist() for c in emb_df.columns}), run.path / "embeddings.parquet")
-    assert len(load_embeddings(run)) == len(emb_df)
+    assert len(run.embeddings()) == len(emb_df)
     result = match_stage(run, MatchConfig(models=["m0"]))
     assert any("frequent+rare" in line for line in result.summary) and "Top-1" in result.summary[1]
     summary = pd.read_parquet(result.outputs["summary"])

@@ -140,5 +140,5 @@ def test_pipeline_repeating_explain_keeps_each_instance_error_row(tmp_path: Path
     assert "no gallery subject of syndrome 'Z'" in errors["message"].iloc[0]
     # the good items of both instances were explained
     index = run.map_store().index()
-    assert sorted(zip(index["image_id"], index["target"], index["method"])) == [
+    assert sorted(zip(index["image_id"], index["target"], index["method"], strict=True)) == [
         ("A00", "centroid:A", "saliency"), ("B00", "centroid:B", "gradcam")]

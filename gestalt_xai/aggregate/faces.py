@@ -152,7 +152,7 @@ def aligned_images(run: Run, images: pd.DataFrame) -> pd.DataFrame:
     return images[images["image_id"].astype(str).isin(run.aligned_ids())]
 
 
-def accumulate_faces(run: Any, images: pd.DataFrame, strata: Mapping[str, list[str]],
+def accumulate_faces(run: Run, images: pd.DataFrame, strata: Mapping[str, list[str]],
                      errors: list[ErrorRow] | None = None
                      ) -> dict[tuple[str, str], FaceAccumulator]:
     """Composite-face accumulators keyed ``(group, stratum)``: every syndrome and ``ALL``, ``"all"`` and strata.
@@ -185,7 +185,7 @@ def accumulate_faces(run: Any, images: pd.DataFrame, strata: Mapping[str, list[s
     return acc
 
 
-def composite_faces(run: Any, images: pd.DataFrame, strata: Mapping[str, list[str]], min_subjects: int,
+def composite_faces(run: Run, images: pd.DataFrame, strata: Mapping[str, list[str]], min_subjects: int,
                     out_dir: Path, errors: list[ErrorRow] | None = None
                     ) -> tuple[dict[tuple[str, str], FaceAccumulator], pd.DataFrame]:
     """The composite faces of the aligned images, and the table of ``aggregate/faces.parquet``.

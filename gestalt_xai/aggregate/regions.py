@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,9 @@ import pandas as pd
 from gestalt_xai.aggregate.annotate import GROUP_COLS
 from gestalt_xai.aggregate.faces import ALL
 from gestalt_xai.faces.regions import REGION_GROUP, REGIONS, landmark_atlas, region_table, template_atlas
+
+if TYPE_CHECKING:
+    from gestalt_xai.runs import Run
 
 __all__ = [
     "region_shares",
@@ -148,7 +151,7 @@ def group_of(region: str) -> str | None:
     return REGION_GROUP.get(region)
 
 
-def template_landmarks(run: Any, photo_landmarks: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+def template_landmarks(run: Run, photo_landmarks: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Per aligned image, its 68 landmarks in template space, for the landmark atlas.
 
     The landmarks (photo pixels) are ``aligned/alignment.parquet``'s ``landmarks68``, else ``photo_landmarks[image]``

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,9 @@ from gestalt_xai.viz import (
     spray_figure,
 )
 from gestalt_xai.viz import file_stem as _safe
+
+if TYPE_CHECKING:
+    from gestalt_xai.runs import Run
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ class FigureInputs:
     confounded: str | None  # syndrome carrying the confounder cue
 
 
-def draw_all(run: Any, cfg: Any, inputs: FigureInputs) -> None:
+def draw_all(run: Run, cfg: Any, inputs: FigureInputs) -> None:
     """All figures (see the module docstring) in ``cfg.figure_formats`` (an :class:`AggregateConfig
     <gestalt_xai.aggregate.stage.AggregateConfig>`)."""
     token = FIGURE_FORMATS.set(tuple(cfg.figure_formats))
@@ -80,7 +83,7 @@ def draw_all(run: Any, cfg: Any, inputs: FigureInputs) -> None:
         FIGURE_FORMATS.reset(token)
 
 
-def _draw_all(run: Any, cfg: Any, t: FigureInputs) -> None:
+def _draw_all(run: Run, cfg: Any, t: FigureInputs) -> None:
     store, comp, per_syn, faces, planted, control = t.store, t.composites, t.region_syndromes, t.faces, t.planted, \
         t.control
     spray_rows, spray_results, spray_members = t.spray, t.spray_results, t.spray_members
@@ -198,7 +201,7 @@ def _draw_all(run: Any, cfg: Any, t: FigureInputs) -> None:
     _draw_similarity(run, cfg, store, fig_dir, pairs, rows)
 
 
-def _draw_spray(run: Any, cfg: Any, fig_dir: Any, spray_rows: list[dict[str, Any]],
+def _draw_spray(run: Run, cfg: Any, fig_dir: Any, spray_rows: list[dict[str, Any]],
                 spray_results: dict[tuple[Any, ...], Any], spray_members: list[dict[str, Any]],
                 faces: dict[tuple[str, str], FaceAccumulator], bg: Any, rows: pd.DataFrame,
                 confounded: str | None) -> None:
@@ -248,7 +251,7 @@ def _draw_spray(run: Any, cfg: Any, fig_dir: Any, spray_rows: list[dict[str, Any
                      title, marker=marker, marker_label="photo carries the cue", cue_mask=a.get("cue_mask"))
 
 
-def _draw_similarity(run: Any, cfg: Any, store: Any, fig_dir: Any, pairs: pd.DataFrame, rows: pd.DataFrame) -> None:
+def _draw_similarity(run: Run, cfg: Any, store: Any, fig_dir: Any, pairs: pd.DataFrame, rows: pd.DataFrame) -> None:
     from gestalt_xai.aggregate.similarity import pair_maps, patient_syndrome_maps
     from gestalt_xai.data.aligned import load_crops
 

@@ -285,7 +285,7 @@ def explain_stage(run: Run, cfg: ExplainConfig) -> StageResult:
                        summary=[f"{n_items} (image, target) items, {len(store)} maps in {run.relative(store.root)}"])
 
 
-def _explain_batch(run: Any, cfg: ExplainConfig, batch: list[WorkItem], kind: TargetKind, group_id: str,
+def _explain_batch(run: Run, cfg: ExplainConfig, batch: list[WorkItem], kind: TargetKind, group_id: str,
                    group: Sequence[tuple[str, torch.nn.Module]], slots: Sequence[TTASlot],
                    methods: list[tuple[AttributionMethod, list[str]]], model_hash: str, writer: Any,
                    errors: list[ErrorRow], load_crops: Any, preprocess: Any) -> None:
@@ -340,7 +340,7 @@ def _explain_batch(run: Any, cfg: ExplainConfig, batch: list[WorkItem], kind: Ta
                            method_params=json.dumps(params, sort_keys=True, default=str))
 
 
-def _draw_overlays(run: Any, cfg: ExplainConfig, store: MapStore, jobs: list[tuple[str, str, str]]) -> None:
+def _draw_overlays(run: Run, cfg: ExplainConfig, store: MapStore, jobs: list[tuple[str, str, str]]) -> None:
     from gestalt_xai.data.aligned import load_crops
     from gestalt_xai.viz import overlay_figure
 
@@ -380,7 +380,7 @@ def _draw_overlays(run: Any, cfg: ExplainConfig, store: MapStore, jobs: list[tup
             _photo_overlay(run, alignment.loc[image_id], face, maps, signed, cfg, title, fig_dir / f"{safe}__photo.png")
 
 
-def _photo_overlay(run: Any, row: Any, face: np.ndarray, maps: dict[str, np.ndarray], signed: dict[str, bool],
+def _photo_overlay(run: Run, row: Any, face: np.ndarray, maps: dict[str, np.ndarray], signed: dict[str, bool],
                    cfg: ExplainConfig, title: str, path: Path) -> None:
     from gestalt_xai.data.images import load_image
     from gestalt_xai.faces.align import row_matrix

@@ -66,6 +66,7 @@ from gestalt_xai.runs import ErrorRow
 
 if TYPE_CHECKING:
     from gestalt_xai.matching import EmbeddingTable
+    from gestalt_xai.runs import Run
 
 __all__ = ["TargetKind", "WorkItem", "PlanContext", "plan_items", "register_target_kind", "get_target_kind",
            "available_target_kinds", "target_group", "TARGET_KINDS", "CentroidKind", "LogitKind", "PairKind"]
@@ -183,7 +184,7 @@ class TargetKind(ABC):
         """Refuse options this kind cannot work with (:class:`ConfigError`); runs when the config is built."""
         return None
 
-    def prepare(self, run: Any, models: Sequence[tuple[str, nn.Module, str]], images: pd.DataFrame,
+    def prepare(self, run: Run, models: Sequence[tuple[str, nn.Module, str]], images: pd.DataFrame,
                 embeddings: pd.DataFrame, gallery_ids: Sequence[str]) -> None:
         """Stage-wide state before any work (``models``: ``(model_id, model, sha256)``); nothing by default."""
         return None
@@ -288,7 +289,7 @@ class CentroidKind(_SimilarityKind):
 
     target_class = CentroidTarget
 
-    def prepare(self, run: Any, models: Sequence[tuple[str, nn.Module, str]], images: pd.DataFrame,
+    def prepare(self, run: Run, models: Sequence[tuple[str, nn.Module, str]], images: pd.DataFrame,
                 embeddings: pd.DataFrame, gallery_ids: Sequence[str]) -> None:
         self.bank = CentroidBank(embeddings, images, gallery_ids)
 
@@ -324,7 +325,7 @@ class LogitKind(TargetKind):
 
     target_class = LogitTarget
 
-    def prepare(self, run: Any, models: Sequence[tuple[str, nn.Module, str]], images: pd.DataFrame,
+    def prepare(self, run: Run, models: Sequence[tuple[str, nn.Module, str]], images: pd.DataFrame,
                 embeddings: pd.DataFrame, gallery_ids: Sequence[str]) -> None:
         """Before any work: a classifier whose class list does not fit the cohort is a configuration error.
 
@@ -380,7 +381,7 @@ class PairKind(_SimilarityKind):
             raise ConfigError("target 'pair' needs pairs: nearest:K or a pairs table (--pairs)")
         parse_pair_spec(cfg.pairs)
 
-    def prepare(self, run: Any, models: Sequence[tuple[str, nn.Module, str]], images: pd.DataFrame,
+    def prepare(self, run: Run, models: Sequence[tuple[str, nn.Module, str]], images: pd.DataFrame,
                 embeddings: pd.DataFrame, gallery_ids: Sequence[str]) -> None:
         self.spec: PairSpec = parse_pair_spec(self.cfg.pairs)
         self.table = read_pairs_table(self.spec.table) if self.spec.table is not None else None

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -38,27 +38,21 @@ from torch.utils.data import Dataset
 from gestalt_xai.errors import InputError
 from gestalt_xai.faces.align import CROP_SIZE
 
+if TYPE_CHECKING:
+    from gestalt_xai.data.cohort import Cohort
+    from gestalt_xai.runs import Run
+
 __all__ = [
     "CROP_SIZE",
     "Augmentation",
     "AlignedFaces",
-    "aligned_dir",
-    "aligned_path",
     "augment_crop",
     "load_crops",
+    "read_crop",
 ]
 
-def aligned_dir(run: Any) -> Path:
-    """``run/aligned`` for a :class:`~gestalt_xai.runs.Run` or a run folder path."""
-    return Path(getattr(run, "path", run)) / "aligned"
-
-
-def aligned_path(run: Any, image_id: str) -> Path:
-    """Path of one aligned crop."""
-    return aligned_dir(run) / f"{image_id}.png"
-
-
-def _read_crop(path: Path) -> np.ndarray:
+def read_crop(path: Path) -> np.ndarray:
+    """One aligned 112×112 crop as RGB uint8; :class:`InputError` naming the file when missing or malformed."""
     if not path.is_file():
         raise InputError(
             f"aligned crop not found: {path}; run `gestalt-xai align` first (failed images are listed "
@@ -74,14 +68,14 @@ def _read_crop(path: Path) -> np.ndarray:
     return arr
 
 
-def load_crops(run: Any, image_ids: Sequence[str]) -> np.ndarray:
+def load_crops(run: Run, image_ids: Sequence[str]) -> np.ndarray:
     """Aligned crops of ``image_ids`` as an ``(N, 112, 112, 3)`` RGB uint8 array, in the given order.
 
     Raises :class:`InputError` naming the first missing or malformed crop.
     """
     out = np.empty((len(image_ids), CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
     for i, image_id in enumerate(image_ids):
-        out[i] = _read_crop(aligned_path(run, str(image_id)))
+        out[i] = read_crop(run.crop_path(str(image_id)))
     return out
 
 
@@ -142,7 +136,7 @@ class AlignedFaces(Dataset):
 
     Parameters
     ----------
-    run: the run (or its folder) whose ``aligned/`` holds the crops.
+    run: the run whose ``aligned/`` holds the crops.
     image_ids: images to serve, in order.
     labels: syndrome id of each image (omit for unlabelled use; the class index is then −1).
     classes: class index order (default: sorted unique ``labels``, GM-Arc's lookup-table order).
@@ -154,9 +148,10 @@ class AlignedFaces(Dataset):
     --------
     >>> import tempfile
     >>> from gestalt_xai.data.images import save_png
-    >>> root = Path(tempfile.mkdtemp())
-    >>> save_png(root / "aligned" / "a.png", np.zeros((112, 112, 3), np.uint8))
-    >>> ds = AlignedFaces(root, ["a"], ["OMIM:1"], augment=True, seed=0)
+    >>> from gestalt_xai.runs import Run
+    >>> run = Run(tempfile.mkdtemp())
+    >>> save_png(run.crop_path("a"), np.zeros((112, 112, 3), np.uint8))
+    >>> ds = AlignedFaces(run, ["a"], ["OMIM:1"], augment=True, seed=0)
     >>> img, y = ds[0]
     >>> tuple(img.shape), img.dtype, y
     ((112, 112, 3), torch.uint8, 0)
@@ -164,7 +159,7 @@ class AlignedFaces(Dataset):
 
     def __init__(
         self,
-        run: Any,
+        run: Run,
         image_ids: Sequence[str],
         labels: Sequence[str] | None = None,
         classes: Sequence[str] | None = None,
@@ -196,8 +191,8 @@ class AlignedFaces(Dataset):
     @classmethod
     def from_cohort(
         cls,
-        run: Any,
-        cohort: Any,
+        run: Run,
+        cohort: Cohort,
         set_name: str = "train",
         classes: Sequence[str] | None = None,
         augment: Augmentation | bool | None = None,
@@ -205,7 +200,7 @@ class AlignedFaces(Dataset):
     ) -> AlignedFaces:
         """The aligned images of one split set of a :class:`~gestalt_xai.data.cohort.Cohort` (``train``, ``val``,
         ``frequent_gallery`` …) that have a crop, labelled with their syndrome ids."""
-        ids = [i for i in cohort.image_ids(set_name) if aligned_path(run, i).is_file()]
+        ids = [i for i in cohort.image_ids(set_name) if run.crop_path(i).is_file()]
         syn = cohort.images.set_index("image_id").loc[ids, "syndrome_id"].astype(str).tolist()
         return cls(run, ids, syn, classes=classes, augment=augment, seed=seed)
 
@@ -218,7 +213,7 @@ class AlignedFaces(Dataset):
 
     def crop(self, i: int) -> np.ndarray:
         """The un-augmented crop of item ``i``."""
-        return self._cache[i] if self._cache is not None else _read_crop(aligned_path(self.run, self.image_ids[i]))
+        return self._cache[i] if self._cache is not None else read_crop(self.run.crop_path(self.image_ids[i]))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = self.crop(i)

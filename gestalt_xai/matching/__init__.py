@@ -9,7 +9,7 @@ first (nearest) occurrence. A disorder's *rank* is its position in that de-dupli
 Modules, from arrays to a run:
 
 * :mod:`~.distances` — :func:`cosine_distances`, :func:`slotwise_distances` (pure NumPy on float64);
-  :class:`EmbeddingTable` (``embeddings.parquet`` as per-slot matrices), :func:`load_embeddings`.
+  :class:`EmbeddingTable` (``embeddings.parquet`` as per-slot matrices; read it with ``Run.embeddings``).
 * :mod:`~.ranking` — :func:`syndrome_distances`, :func:`syndrome_ranks`, :func:`ranked_syndromes`,
   :func:`topk_accuracy`; the tie rules.
 * :mod:`~.centroids` — :class:`CentroidBank`, :func:`syndrome_centroids`: mean L2-normalised gallery embedding per
@@ -32,7 +32,6 @@ from gestalt_xai.matching.distances import (
     EmbeddingTable,
     ModelSlot,
     cosine_distances,
-    load_embeddings,
     slotwise_distances,
 )
 from gestalt_xai.matching.gmarc import compare_embeddings, read_gmarc_encodings
@@ -74,7 +73,6 @@ __all__ = [
     "cosine_distances",
     "evaluate_protocol",
     "frequent_protocol",
-    "load_embeddings",
     "match_stage",
     "summary_lines",
     "rank_table",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ import pandas as pd
 
 from gestalt_xai.errors import InputError
 
-__all__ = ["SLOT_COLUMNS", "EmbeddingTable", "ModelSlot", "cosine_distances", "load_embeddings", "slotwise_distances"]
+__all__ = ["SLOT_COLUMNS", "EmbeddingTable", "ModelSlot", "cosine_distances", "slotwise_distances"]
 
 #: the columns that identify one TTA slot of one model in ``embeddings.parquet``.
 SLOT_COLUMNS: tuple[str, str, str] = ("model_id", "flip", "gray")
@@ -162,15 +161,3 @@ class EmbeddingTable:
             index = self._index[s]
             ok &= np.array([str(i) in index for i in image_ids], dtype=bool)
         return ok
-
-
-def load_embeddings(run: Any) -> pd.DataFrame:
-    """Read ``run/embeddings.parquet`` (columns image_id, model_id, flip, gray, embedding, logits).
-
-    ``run`` is a :class:`gestalt_xai.runs.Run` or a run folder path.
-    """
-    root = Path(getattr(run, "path", run))
-    path = root / "embeddings.parquet"
-    if not path.exists():
-        raise InputError(f"{path} not found: run `gestalt-xai embed --run {root}` first")
-    return pd.read_parquet(path)

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from gestalt_xai.config import StageConfig
-from gestalt_xai.data.aligned import _read_crop, aligned_path
+from gestalt_xai.data.aligned import read_crop
 from gestalt_xai.errors import ConfigError, GestaltXAIError, InputError, error_kind
 from gestalt_xai.runs import LAYOUT, Run
 from gestalt_xai.stages import StageResult, stage
@@ -131,14 +131,14 @@ def write_embeddings(table: pa.Table, path: Path) -> None:
 
 
 def _encode_chunk(
-    model: Any, run: Any, model_id: str, image_ids: list[str], cfg: EmbedConfig, device: Any
+    model: Any, run: Run, model_id: str, image_ids: list[str], cfg: EmbedConfig, device: Any
 ) -> tuple[pa.Table, list[tuple[str, str, str]]]:
     from gestalt_xai.models.gestaltmatcher import encode
 
     crops, ok_ids, errors = [], [], []
     for i in image_ids:
         try:
-            crops.append(_read_crop(aligned_path(run, i)))
+            crops.append(read_crop(run.crop_path(i)))
             ok_ids.append(i)
         except GestaltXAIError as exc:
             errors.append((i, error_kind(exc), str(exc)))

@@ -308,7 +308,7 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train_model(run: Any, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module, pd.DataFrame]:
+def train_model(run: Run, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module, pd.DataFrame]:
     """Train (or resume training) on ``data``; returns the model to save and the per-epoch history.
 
     Epoch state is written to ``run/models/.<model_id>.state.pt`` after each epoch (see the module docstring).
@@ -317,7 +317,7 @@ def train_model(run: Any, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module,
         return _train_model(run, data, cfg)
 
 
-def _train_model(run: Any, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module, pd.DataFrame]:
+def _train_model(run: Run, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module, pd.DataFrame]:
     from gestalt_xai.runs import atomic_write_bytes
 
     device = _resolve_device(cfg.device)
@@ -532,7 +532,7 @@ def train_stage(run: Run, cfg: TrainConfig) -> StageResult:
     return result
 
 
-def train_small_model(run: Any, **overrides: Any) -> Path:
+def train_small_model(run: Run, **overrides: Any) -> Path:
     """Train the demo's small model on ``run`` (its cohort must be aligned); the shared test fixture's body.
 
     ``overrides`` change :func:`demo_train_config` fields (e.g. ``epochs=4`` for a faster fixture).

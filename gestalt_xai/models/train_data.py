@@ -4,17 +4,18 @@ weights (with its class pairing fixed, see :mod:`gestalt_xai.models.train`) and 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from gestalt_xai.data.aligned import aligned_path
 from gestalt_xai.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
+    from gestalt_xai.data.cohort import Cohort
     from gestalt_xai.models.train import TrainConfig
+    from gestalt_xai.runs import Run
 
 __all__ = ["TrainData", "balanced_sampler", "class_weights", "select_training_data"]
 
@@ -50,13 +51,13 @@ def _apply_caps(train: pd.DataFrame, cfg: TrainConfig) -> pd.DataFrame:
     return pd.concat(parts).sort_values("image_id", kind="stable").reset_index(drop=True)
 
 
-def select_training_data(cohort: Any, run: Any, cfg: TrainConfig) -> TrainData:
+def select_training_data(cohort: Cohort, run: Run, cfg: TrainConfig) -> TrainData:
     """Train = the cohort's ``train`` set, val = its ``val`` set, after class subset and caps; classes sorted.
 
     Images without an aligned crop are left out (the align stage already recorded why).
     """
     images = cohort.images[["image_id", "subject_id", "syndrome_id"]].astype(str)
-    have = images["image_id"].map(lambda i: aligned_path(run, i).is_file())
+    have = images["image_id"].map(lambda i: run.crop_path(i).is_file())
     n_missing = int((~have).sum())
     images = images[have]
     train = images[images["image_id"].isin(set(cohort.image_ids("train")))]
