@@ -57,11 +57,12 @@ import pandas as pd
 
 from gestalt_xai.attribution.targets import TargetKey
 from gestalt_xai.errors import InputError
+from gestalt_xai.faces.align import CROP_SIZE
 from gestalt_xai.runs import atomic_write_bytes, write_parquet
 
 __all__ = ["MapKey", "MapStore", "MapWriter", "TargetKey", "KEY_COLUMNS", "INDEX_COLUMNS", "MAP_SHAPE"]
 
-MAP_SHAPE = (112, 112)
+MAP_SHAPE = (CROP_SIZE, CROP_SIZE)
 KEY_COLUMNS = ["image_id", "model_id", "target", "method", "layer"]
 PROVENANCE_COLUMNS = ["model_hash", "target_kind", "target_value", "target_detail", "method_params"]
 STAT_COLUMNS = ["map_min", "map_max", "map_sum"]

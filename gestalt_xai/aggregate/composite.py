@@ -54,10 +54,10 @@ import pandas as pd
 from gestalt_xai.aggregate.annotate import GROUP_COLS
 from gestalt_xai.aggregate.faces import ALL, WHOLE
 from gestalt_xai.attribution.postprocess import apply_view
+from gestalt_xai.faces.align import CROP_SIZE
 
 __all__ = [
     "NORMALISATIONS",
-    "MAP_SIZE",
     "CompositeAccumulator",
     "normalise",
     "is_signed_normalisation",
@@ -70,7 +70,6 @@ __all__ = [
     "composite_array",
 ]
 
-MAP_SIZE = 112
 _EPS = 1e-12
 
 
@@ -116,7 +115,7 @@ class CompositeAccumulator:
     Holds exactly four 112×112 arrays however many subjects are added (streaming, flat memory).
     """
 
-    shape: tuple[int, int] = (MAP_SIZE, MAP_SIZE)
+    shape: tuple[int, int] = (CROP_SIZE, CROP_SIZE)
     n_subjects: int = 0
     n_images: int = 0
     sum: np.ndarray = field(init=False)
@@ -346,4 +345,4 @@ def composite_array(row: pd.Series | dict[str, Any], column: str = "mean") -> np
     v = row[column]
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return None
-    return np.asarray(v, np.float32).reshape(MAP_SIZE, MAP_SIZE)
+    return np.asarray(v, np.float32).reshape(CROP_SIZE, CROP_SIZE)

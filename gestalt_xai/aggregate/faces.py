@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from gestalt_xai.errors import InputError
+from gestalt_xai.faces.align import CROP_SIZE
 from gestalt_xai.progress import progress
 from gestalt_xai.runs import ErrorRow, Run
 
@@ -55,7 +56,7 @@ WHOLE = "all"
 class FaceAccumulator:
     """Sum of subject-mean faces (float64, ``112×112×3``) and the number of subjects."""
 
-    sum: np.ndarray = field(default_factory=lambda: np.zeros((112, 112, 3), np.float64))
+    sum: np.ndarray = field(default_factory=lambda: np.zeros((CROP_SIZE, CROP_SIZE, 3), np.float64))
     n_subjects: int = 0
     n_images: int = 0
 
@@ -215,7 +216,7 @@ def schematic_face() -> np.ndarray:
 
     labels = template_atlas()
     edges = cv2.Canny(labels.astype(np.uint8) * 10, 1, 1) > 0
-    face = np.full((112, 112, 3), 225, np.uint8)
+    face = np.full((CROP_SIZE, CROP_SIZE, 3), 225, np.uint8)
     face[labels != labels.max()] = 200  # the face oval a little darker than the background
     face[edges] = 120
     return face

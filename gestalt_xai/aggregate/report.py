@@ -18,6 +18,7 @@ from gestalt_xai.aggregate.annotate import OWN_TARGET_GROUPS
 from gestalt_xai.aggregate.composite import composite_array, is_signed_normalisation, normalise
 from gestalt_xai.aggregate.faces import ALL, WHOLE, FaceAccumulator, guarded_background
 from gestalt_xai.attribution.base import UNSIGNED_METHODS
+from gestalt_xai.faces.align import CROP_SIZE
 from gestalt_xai.viz import (
     FIGURE_FORMATS,
     composite_grid,
@@ -236,7 +237,7 @@ def _draw_spray(run: Run, cfg: Any, fig_dir: Any, spray_rows: list[dict[str, Any
             caption = f"n={len(subj)}; {src}"
             if c in cue:
                 caption += f"\ncue share {cue[c]['cue_share']:.0%}, marked {cue[c]['marked_fraction']:.0%}"
-            panels.append((face, _smooth(a["cluster_means"].get(c, np.zeros((112, 112))), key[3],
+            panels.append((face, _smooth(a["cluster_means"].get(c, np.zeros((CROP_SIZE, CROP_SIZE))), key[3],
                                          cfg.figure_smoothing), caption))
         marker = None
         if a.get("confounded_syndrome"):

@@ -35,6 +35,7 @@ from gestalt_xai.aggregate.faces import ALL
 from gestalt_xai.aggregate.regions import FACE_REGIONS, top_regions
 from gestalt_xai.data.synthetic.truth import TruthTables, load_masks, load_truth
 from gestalt_xai.errors import GestaltXAIError
+from gestalt_xai.faces.align import CROP_SIZE
 from gestalt_xai.faces.regions import REGION_GROUP
 from gestalt_xai.runs import ErrorRow, Run
 
@@ -151,7 +152,7 @@ def cue_mask(run: Run, truth: TruthTables, syndrome: str) -> tuple[np.ndarray | 
     if not len(marked):
         return None, subjects
     al = run.alignments(aligned_only=True).set_index("image_id")
-    total, n = np.zeros((112, 112), np.float64), 0
+    total, n = np.zeros((CROP_SIZE, CROP_SIZE), np.float64), 0
     for image_id in marked["image_id"].astype(str):
         if image_id not in al.index:
             continue

@@ -35,9 +35,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from gestalt_xai.errors import ConfigError
 
 __all__ = ["AttributionMethod", "MethodMaps", "MethodParams", "Registry", "register_method", "get_method",
-           "available_methods", "build_methods", "INPUT_SIZE", "UNSIGNED_METHODS", "METHODS"]
+           "available_methods", "build_methods", "UNSIGNED_METHODS", "METHODS"]
 
-INPUT_SIZE = 112
 #: methods whose maps are non-negative by construction (drawn with a sequential colour map)
 UNSIGNED_METHODS = frozenset({"saliency", "fullgrad", "smoothgrad"})
 

@@ -46,8 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gestalt_xai.attribution.base import INPUT_SIZE, AttributionMethod, MethodMaps, register_method
+from gestalt_xai.attribution.base import AttributionMethod, MethodMaps, register_method
 from gestalt_xai.errors import ConfigError
+from gestalt_xai.faces.align import CROP_SIZE
 
 __all__ = [
     "DEFAULT_LAYER",
@@ -166,7 +167,7 @@ class ActivationRecorder(AbstractContextManager["ActivationRecorder"]):
         self._remove()
 
 
-def upsample(maps: torch.Tensor, size: int = INPUT_SIZE, align_corners: bool = False) -> torch.Tensor:
+def upsample(maps: torch.Tensor, size: int = CROP_SIZE, align_corners: bool = False) -> torch.Tensor:
     """Bilinear upsampling of ``(B, h, w)`` (or ``(B, C, h, w)``) maps to ``size × size``."""
     squeeze = maps.ndim == 3
     t = maps[:, None] if squeeze else maps

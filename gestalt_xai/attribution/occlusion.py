@@ -38,10 +38,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from gestalt_xai.attribution.base import INPUT_SIZE, AttributionMethod, MethodMaps, MethodParams, register_method
+from gestalt_xai.attribution.base import AttributionMethod, MethodMaps, MethodParams, register_method
 from gestalt_xai.attribution.occlusion_local import Window, local_window_scores, supports_local
 from gestalt_xai.attribution.score_model import MemberView, ScoreModel, apply_view
 from gestalt_xai.errors import ConfigError
+from gestalt_xai.faces.align import CROP_SIZE
 
 __all__ = ["Occlusion", "OcclusionParams", "occlusion", "occluded_scores", "window_starts", "window_boxes",
            "occlusion_baseline", "BASELINES"]
@@ -242,7 +243,7 @@ def inference_copy(model: nn.Module) -> nn.Module:
 class OcclusionParams(MethodParams):
     """Parameters of the registered ``occlusion`` method (module docstring)."""
 
-    patch: int = Field(10, ge=1, le=INPUT_SIZE, description="square window side (pixels)", examples=[14])
+    patch: int = Field(10, ge=1, le=CROP_SIZE, description="square window side (pixels)", examples=[14])
     stride: int = Field(5, ge=1, description="window step (pixels); at most the patch", examples=[10])
     baseline: Literal["black", "mean", "blur"] | float = Field(
         "black", description="fill: black (pixel 0), the image's mean colour, a blurred copy, or a value in "
@@ -256,7 +257,7 @@ class OcclusionParams(MethodParams):
     @model_validator(mode="after")
     def _grid_covers_every_pixel(self) -> OcclusionParams:
         try:
-            window_starts(INPUT_SIZE, self.patch, self.stride)
+            window_starts(CROP_SIZE, self.patch, self.stride)
         except ConfigError as exc:
             raise ValueError(str(exc).removeprefix("occlusion: ")) from None
         return self

@@ -32,7 +32,6 @@ from gestalt_xai.faces.align import CROP_SIZE
 from gestalt_xai.models.iresnet import IResNet, build_iresnet
 
 __all__ = [
-    "INPUT_SIZE",
     "TTA_SLOTS",
     "Encoding",
     "Ensemble",
@@ -46,8 +45,6 @@ __all__ = [
 ]
 
 ChannelOrder = Literal["RGB", "BGR"]
-#: GM-Arc models take the aligned ArcFace crop
-INPUT_SIZE = CROP_SIZE
 #: TTA slots as ``(flip, gray)`` in GM-Arc's order (``lib/encode.py``: ``for flip ...: for gray ...``).
 TTA_SLOTS: tuple[tuple[bool, bool], ...] = ((False, False), (False, True), (True, False), (True, True))
 
@@ -115,7 +112,7 @@ class GestaltMatcher(nn.Module):
             "classifier_dropout": classifier_dropout,
             "syndrome_ids": syndrome_ids,
             "channel_order": channel_order,
-            "input_size": INPUT_SIZE,
+            "input_size": CROP_SIZE,
             "preprocessing": "x/255, (x-0.5)/0.5",
         }
         if config:
@@ -199,9 +196,9 @@ def _as_uint8_nhwc(images: np.ndarray | torch.Tensor) -> torch.Tensor:
         raise InputError(f"expected RGB images of shape (N, H, W, 3) or (H, W, 3), got {tuple(t.shape)}")
     if t.dtype != torch.uint8:
         raise InputError(f"expected uint8 pixels (0–255), got {t.dtype}; pass the aligned crops as read")
-    if t.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
+    if t.shape[1:3] != (CROP_SIZE, CROP_SIZE):
         raise InputError(
-            f"expected aligned {INPUT_SIZE}×{INPUT_SIZE} crops, got {t.shape[1]}×{t.shape[2]}; run the align stage"
+            f"expected aligned {CROP_SIZE}×{CROP_SIZE} crops, got {t.shape[1]}×{t.shape[2]}; run the align stage"
         )
     return t
 

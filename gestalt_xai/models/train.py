@@ -52,6 +52,7 @@ from torch import nn
 from gestalt_xai.config import StageConfig
 from gestalt_xai.data.aligned import AlignedFaces, Augmentation
 from gestalt_xai.errors import ConfigError
+from gestalt_xai.faces.align import CROP_SIZE
 from gestalt_xai.models.train_data import TrainData, balanced_sampler, class_weights, select_training_data
 from gestalt_xai.models.train_eval import evaluate_classifier, plot_history
 from gestalt_xai.progress import progress_bar
@@ -81,8 +82,8 @@ class AugmentOptions(StageConfig):
     """Training augmentation (GM-Arc's values by default; a probability of 0 switches a step off)."""
 
     shrink_zoom_p: float = Field(0.1, ge=0, le=1)
-    shrink_min: int = Field(50, ge=8, le=112)
-    shrink_max: int = Field(100, ge=8, le=112)
+    shrink_min: int = Field(50, ge=8, le=CROP_SIZE)
+    shrink_max: int = Field(100, ge=8, le=CROP_SIZE)
     flip_p: float = Field(0.5, ge=0, le=1)
     jitter_p: float = Field(1.0, ge=0, le=1)
     brightness: float = Field(0.2, ge=0, le=1)
@@ -354,7 +355,7 @@ def _train_model(run: Run, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module
         classes=data.classes,
         augment=None,
     )
-    val_crops = val_ds._cache if val_ds._cache is not None else np.zeros((0, 112, 112, 3), np.uint8)
+    val_crops = val_ds._cache if val_ds._cache is not None else np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)
     weights = (
         class_weights(data.train["syndrome_id"].tolist(), data.classes, cfg.gmarc_weight_order)
         if cfg.loss == "weighted_ce"

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from gestalt_xai.faces.align import CROP_SIZE
 from gestalt_xai.models.checkpoints.fused import BN, FusedParts, build_from_fused
 from gestalt_xai.models.checkpoints.registry import (
     CheckpointFormat,
@@ -23,7 +24,7 @@ from gestalt_xai.models.checkpoints.registry import (
     register_format,
 )
 from gestalt_xai.models.checkpoints.state_dict import wrap_backbone
-from gestalt_xai.models.gestaltmatcher import INPUT_SIZE, GestaltMatcher
+from gestalt_xai.models.gestaltmatcher import GestaltMatcher
 from gestalt_xai.models.iresnet import IResNet
 
 __all__ = ["ONNX", "export_onnx", "parts_from_onnx"]
@@ -167,7 +168,7 @@ def export_onnx(backbone: IResNet, path: Path, clear_names: bool = True) -> Path
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(backbone.eval(), torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE), buf, dynamo=False)
+        torch.onnx.export(backbone.eval(), torch.zeros(1, 3, CROP_SIZE, CROP_SIZE), buf, dynamo=False)
     proto = onnx.load_from_string(buf.getvalue())
     if clear_names:
         for node in proto.graph.node:
