@@ -140,6 +140,8 @@ def _option_parameters(spec: Stage) -> tuple[list[inspect.Parameter], dict[str, 
         shapes[name] = shape
         names = [_flag(name)] + ([spec.aliases[name]] if name in spec.aliases else [])
         help_text = _field_help(field)
+        if name in spec.choices:
+            help_text += f"; registered: {', '.join(spec.choices[name]())}"
         kind, info = shape
         if kind == "bool":
             option = typer.Option("/".join([_flag(name), "--no-" + name.replace("_", "-")]), help=help_text)

@@ -106,6 +106,9 @@ class Stage:
     order: int = 100
     #: options for a tiny run on a small synthetic cohort: the contract test runs every registered stage with them
     tiny_options: Mapping[str, Any] = field(default_factory=dict)
+    #: options whose values name registry entries: field → function listing the names registered now (shown by the
+    #: CLI's help, so a method or target kind registered later appears there with no edit)
+    choices: Mapping[str, Callable[[], list[str]]] = field(default_factory=dict)
 
     def validate(self, cfg: Any = None, where: str | None = None) -> StageConfig:
         """The stage's options from ``None`` (defaults), a mapping, or an options object (validated again)."""
@@ -167,7 +170,8 @@ def unregister_stage(name: str) -> None:
 def stage(name: str, *, options: type[StageConfig], summary: str, reads: tuple[str, ...] = (),
           writes: tuple[str, ...] = (), example: str = "", aliases: Mapping[str, str] | None = None,
           actions: tuple[CliAction, ...] = (), order: int = 100,
-          tiny_options: Mapping[str, Any] | None = None) -> Callable[[F], F]:
+          tiny_options: Mapping[str, Any] | None = None,
+          choices: Mapping[str, Callable[[], list[str]]] | None = None) -> Callable[[F], F]:
     """Declare and register the stage whose entry function this decorates (see the module docstring).
 
     >>> from gestalt_xai.config import StageConfig
@@ -185,7 +189,8 @@ def stage(name: str, *, options: type[StageConfig], summary: str, reads: tuple[s
     def decorate(function: F) -> F:
         spec = register_stage(Stage(name=name, options=options, function=function, summary=summary, reads=reads,
                                     writes=writes, example=example, aliases=dict(aliases or {}), actions=actions,
-                                    order=order, tiny_options=dict(tiny_options or {})))
+                                    order=order, tiny_options=dict(tiny_options or {}),
+                                    choices=dict(choices or {})))
 
         @functools.wraps(function)
         def entry(run: Run | str | Path, cfg: Any = None, *, instance: str | None = None) -> StageResult:

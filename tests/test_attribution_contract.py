@@ -281,6 +281,18 @@ def test_a_registered_method_and_target_kind_run_with_no_other_edit(request, tin
         validate_config(ExplainConfig, {**opts, "target": "centroid"})
     request.getfixturevalue("throwaways")
     cfg = validate_config(ExplainConfig, opts)
+    # the command line lists them and `study check` accepts them, with no other edit
+    from typer.testing import CliRunner
+
+    from gestalt_xai.cli import build_app
+
+    shown = CliRunner().invoke(build_app(), ["explain", "--help"], env={"COLUMNS": "250"}).output
+    assert "gradient_sum" in shown and "embedding_mean" in shown
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("name: t\nstages:\n  - explain: {methods: [gradient_sum], target: embedding_mean,\n"
+                        "                method_params: {gradient_sum: {scale: 3.0}}}\n")
+    checked = CliRunner().invoke(build_app(), ["study", "check", str(pipeline)])
+    assert checked.exit_code == 0 and "explain" in checked.output
     with pytest.raises(ConfigError, match=r"gradient_sum\.scale"):
         validate_config(ExplainConfig, {**opts, "method_params": {"gradient_sum": {"scale": "big"}}})
 

@@ -46,11 +46,18 @@ import pandas as pd
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from gestalt_xai.attribution.base import UNSIGNED_METHODS, AttributionMethod, build_methods
+from gestalt_xai.attribution.base import UNSIGNED_METHODS, AttributionMethod, available_methods, build_methods
 from gestalt_xai.attribution.gradients import DEFAULT_LAYER
 from gestalt_xai.attribution.occlusion import OcclusionParams
 from gestalt_xai.attribution.score_model import ScoreModel
-from gestalt_xai.attribution.target_kinds import PlanContext, TargetKind, WorkItem, get_target_kind, plan_items
+from gestalt_xai.attribution.target_kinds import (
+    PlanContext,
+    TargetKind,
+    WorkItem,
+    available_target_kinds,
+    get_target_kind,
+    plan_items,
+)
 from gestalt_xai.attribution.targets import Target, TTASlot, parse_syndrome_spec
 from gestalt_xai.config import StageConfig
 from gestalt_xai.errors import ConfigError, InputError, error_kind
@@ -224,7 +231,7 @@ def _expected_keys(item: WorkItem, model_id: str, methods: list[tuple[Attributio
 # ------------------------------------------------------------------------------------------------ the stage
 @stage("explain", options=ExplainConfig, order=70, summary="per-patient attribution maps into the map store",
        reads=(LAYOUT.alignments, LAYOUT.models, LAYOUT.embeddings, LAYOUT.cohort), writes=(LAYOUT.maps,),
-       aliases={"layers": "--layer"},
+       aliases={"layers": "--layer"}, choices={"methods": available_methods, "target": available_target_kinds},
        example="gestalt-xai explain --run runs/demo --methods gradcam,hirescam,fullgrad,occlusion --target centroid",
        tiny_options={"methods": ["gradcam", "hirescam", "saliency"], "images": "test", "overlay": 1,
                      "batch_size": 4})
