@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 from gestalt_xai.config import StageConfig, validate_config
 from gestalt_xai.errors import ConfigError
+from gestalt_xai.registry import Registry
 from gestalt_xai.runs import Run
 
 log = logging.getLogger(__name__)
@@ -141,30 +142,37 @@ class Stage:
         return result
 
 
-#: every registered stage by name (see :func:`load_stages`)
-STAGES: dict[str, Stage] = {}
-_ENTRY_POINTS_LOADED = False
+def _load_entry_points() -> None:
+    """Import the stage modules named in the ``gestalt_xai.stages`` entry-point group (registering their stages)."""
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            ep.load()
+        except ImportError as exc:  # a broken plugin must not take the whole CLI down
+            log.warning("stage %s (%s) could not be imported: %s", ep.name, ep.value, exc)
+
+
+#: every registered stage by name; the entry points are imported the first time the stages are listed
+STAGES: Registry[Stage] = Registry("stage", _load_entry_points)
 
 F = TypeVar("F", bound=Callable[..., StageResult])
 
 
+def _same_function(old: Stage, new: Stage) -> bool:
+    # a module imported again (importlib.reload, doctest collection) registers the same stage anew
+    return (old.function.__module__, old.function.__qualname__) == (new.function.__module__, new.function.__qualname__)
+
+
 def register_stage(spec: Stage) -> Stage:
     """Add ``spec`` to :data:`STAGES`; a different stage under a registered name is a :class:`ConfigError`."""
-    known = STAGES.get(spec.name)
-    if known is not None and known.function is not spec.function and (
-            known.function.__module__, known.function.__qualname__) != (spec.function.__module__,
-                                                                        spec.function.__qualname__):
-        raise ConfigError(f"stage {spec.name!r} is registered twice ({known.function.__module__} and "
-                          f"{spec.function.__module__})")
-    if not spec.name.replace("_", "").replace("-", "").isalnum() or "#" in spec.name:
+    if not spec.name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(f"stage name {spec.name!r}: use letters, digits, '_' and '-'")
-    STAGES[spec.name] = spec
+    STAGES.add(spec.name, spec, same=_same_function)
     return spec
 
 
 def unregister_stage(name: str) -> None:
     """Remove a stage registered at run time (tests, plugins)."""
-    STAGES.pop(name, None)
+    STAGES.remove(name)
 
 
 def stage(name: str, *, options: type[StageConfig], summary: str, reads: tuple[str, ...] = (),
@@ -204,20 +212,9 @@ def stage(name: str, *, options: type[StageConfig], summary: str, reads: tuple[s
 
 def load_stages() -> dict[str, Stage]:
     """Every stage, in pipeline order: the package's own (entry points, imported once) and those registered since."""
-    global _ENTRY_POINTS_LOADED
-    if not _ENTRY_POINTS_LOADED:
-        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            try:
-                ep.load()
-            except ImportError as exc:  # a broken plugin must not take the whole CLI down
-                log.warning("stage %s (%s) could not be imported: %s", ep.name, ep.value, exc)
-        _ENTRY_POINTS_LOADED = True
     return dict(sorted(STAGES.items(), key=lambda kv: (kv[1].order, kv[0])))
 
 
 def get_stage(name: str) -> Stage:
     """The registered stage ``name`` (a :class:`ConfigError` lists the known ones)."""
-    stages = load_stages()
-    if name not in stages:
-        raise ConfigError(f"unknown stage {name!r}; known stages: {', '.join(stages)}")
-    return stages[name]
+    return STAGES.get(name)

@@ -27,71 +27,21 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gestalt_xai.errors import ConfigError
+from gestalt_xai.registry import Registry
 
-__all__ = ["AttributionMethod", "MethodMaps", "MethodParams", "Registry", "register_method", "get_method",
+__all__ = ["AttributionMethod", "MethodMaps", "MethodParams", "register_method", "get_method",
            "available_methods", "build_methods", "UNSIGNED_METHODS", "METHODS"]
 
 #: methods whose maps are non-negative by construction (drawn with a sequential colour map)
 UNSIGNED_METHODS = frozenset({"saliency", "fullgrad", "smoothgrad"})
 
 T = TypeVar("T")
-
-
-class Registry(Generic[T]):
-    """Entries by name, added by decorators when their module is imported.
-
-    ``load`` imports the modules of the built-in entries; it runs once, the first time a name is missing or the
-    names are listed, so importing the registry stays cheap.
-
-    >>> kinds = Registry[type]("fruit")
-    >>> kinds.add("apple", int)
-    >>> kinds.get("apple"), kinds.names()
-    (<class 'int'>, ['apple'])
-    >>> kinds.get("pear")
-    Traceback (most recent call last):
-    ...
-    gestalt_xai.errors.ConfigError: unknown fruit 'pear'; available: apple
-    """
-
-    def __init__(self, what: str, load: Callable[[], None] | None = None) -> None:
-        self.what = what
-        self._load = load
-        self._entries: dict[str, T] = {}
-
-    def _load_builtin(self) -> None:
-        load, self._load = self._load, None
-        if load is not None:
-            load()
-
-    def add(self, name: str, entry: T) -> None:
-        """Register ``entry`` as ``name``; a name taken by another entry is an error."""
-        if name in self._entries and self._entries[name] is not entry:
-            raise ValueError(f"{self.what} {name!r} is already registered ({self._entries[name]!r})")
-        self._entries[name] = entry
-
-    def remove(self, name: str) -> None:
-        """Unregister ``name`` (plugins and tests that register entries for a while)."""
-        self._entries.pop(name, None)
-
-    def get(self, name: str) -> T:
-        """The entry registered as ``name``; a :class:`ConfigError` listing the names otherwise."""
-        if name not in self._entries:
-            self._load_builtin()
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise ConfigError(f"unknown {self.what} {name!r}; available: {', '.join(self.names())}") from None
-
-    def names(self) -> list[str]:
-        """Every registered name, sorted."""
-        self._load_builtin()
-        return sorted(self._entries)
 
 
 def _load_builtin_methods() -> None:

@@ -46,7 +46,6 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from gestalt_xai.attribution.base import Registry
 from gestalt_xai.attribution.targets import (
     CentroidBank,
     CentroidTarget,
@@ -62,6 +61,7 @@ from gestalt_xai.attribution.targets import (
     read_pairs_table,
 )
 from gestalt_xai.errors import ConfigError, InputError
+from gestalt_xai.registry import Registry
 from gestalt_xai.runs import ErrorRow
 
 if TYPE_CHECKING:

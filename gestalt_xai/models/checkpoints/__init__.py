@@ -49,7 +49,6 @@ from gestalt_xai.models.checkpoints.load import load_model, model_sha256
 from gestalt_xai.models.checkpoints.own import FORMAT_VERSION, save_model
 from gestalt_xai.models.checkpoints.registry import (
     CHECKPOINT_FORMATS,
-    FORMATS,
     CheckpointFormat,
     FormatId,
     LoadedCheckpoint,
@@ -60,7 +59,6 @@ from gestalt_xai.models.checkpoints.torch_file import RestrictedUnpickler
 
 __all__ = [
     "CHECKPOINT_FORMATS",
-    "FORMATS",
     "FORMAT_VERSION",
     "CheckpointFormat",
     "FormatId",

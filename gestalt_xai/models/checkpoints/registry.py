@@ -15,10 +15,10 @@ from typing import Literal
 
 from gestalt_xai.errors import CheckpointError
 from gestalt_xai.models.gestaltmatcher import ChannelOrder, GestaltMatcher
+from gestalt_xai.registry import Registry
 
 __all__ = [
     "CHECKPOINT_FORMATS",
-    "FORMATS",
     "CheckpointFormat",
     "FormatId",
     "LoadOptions",
@@ -86,20 +86,16 @@ class CheckpointFormat:
 
 
 #: every registered format by name, in detection order
-CHECKPOINT_FORMATS: dict[str, CheckpointFormat] = {}
-#: format id → description (kept in step with :data:`CHECKPOINT_FORMATS`)
-FORMATS: dict[str, str] = {}
+CHECKPOINT_FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format")
 
 
 def register_format(fmt: CheckpointFormat) -> CheckpointFormat:
     """Add ``fmt`` to :data:`CHECKPOINT_FORMATS` (after the formats registered before it); returns it."""
-    if fmt.name in CHECKPOINT_FORMATS:
-        raise ValueError(f"checkpoint format {fmt.name!r} is registered twice")
-    CHECKPOINT_FORMATS[fmt.name] = fmt
-    FORMATS[fmt.name] = fmt.description
+    CHECKPOINT_FORMATS.add(fmt.name, fmt)
     return fmt
 
 
 def checkpoint_error(path: Path | str, fmt: str, problem: str) -> CheckpointError:
     """``CheckpointError("<path>: expected <description of fmt>; <problem>")``."""
-    return CheckpointError(f"{path}: expected {FORMATS.get(fmt, fmt)}; {problem}")
+    described = CHECKPOINT_FORMATS.get(fmt, None)
+    return CheckpointError(f"{path}: expected {described.description if described else fmt}; {problem}")
