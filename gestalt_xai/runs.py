@@ -11,6 +11,7 @@ only the ``timing`` entries of the manifest differ.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -406,7 +407,9 @@ class Run:
 
         self._require(f"{LAYOUT.cohort}/images.parquet", "align")
         files = [self.path / LAYOUT.cohort / f for f in COHORT_FILES]
-        return self._cached("cohort", files, lambda: load_run_cohort(self))
+        cohort = self._cached("cohort", files, lambda: load_run_cohort(self))
+        return dataclasses.replace(cohort, images=cohort.images.copy(), syndromes=cohort.syndromes.copy(),
+                                   splits=cohort.splits.copy(), lookup=list(cohort.lookup or []) or cohort.lookup)
 
     def alignments(self, aligned_only: bool = False) -> pd.DataFrame:
         """``aligned/alignment.parquet``: one row per photo, or with ``aligned_only`` the aligned images' rows.
