@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.table import Table
@@ -108,14 +109,21 @@ def _literal_values(tp: Any) -> list[str] | None:
     return None
 
 
+def _text_item(tp: Any) -> bool:
+    """List items a flag can give as text: strings, paths, and option models that validate from a string (e.g.
+    :class:`~gestalt_xai.models.declaration.ModelSpec`: a checkpoint path)."""
+    return tp in (str, Path) or (isinstance(tp, type) and issubclass(tp, BaseModel))
+
+
 def _cli_shape(tp: Any) -> tuple[str, Any] | None:
     """How an option's annotation maps onto a flag: ``("scalar", type)``, ``("choice", values)``, ``("bool", None)``,
     ``("list", literal values or None)``; ``None`` for options only ``--set``/``--config`` can give."""
-    args = [a for a in (typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,))
+    args = [typing.get_args(a)[0] if typing.get_origin(a) is Annotated else a
+            for a in (typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,))
             if a is not type(None)]
     if str in args:
         return ("scalar", str)
-    lists = [a for a in args if typing.get_origin(a) is list and typing.get_args(a)[0] in (str, Path)]
+    lists = [a for a in args if typing.get_origin(a) is list and _text_item(typing.get_args(a)[0])]
     literals = [v for a in args if (vals := _literal_values(a)) for v in vals]
     if lists and len(lists) + sum(_literal_values(a) is not None for a in args) == len(args):
         return ("list", literals or None)

@@ -96,11 +96,41 @@ def test_embed_stage_resumes_and_reproduces_bytes(tmp_path, monkeypatch):
 
 
 def test_embed_stage_refuses_missing_models(tmp_path):
-    from gestalt_xai.errors import InputError
+    from gestalt_xai.errors import ConfigError, InputError
     from gestalt_xai.runs import Run
+    from gestalt_xai.stages import get_stage
 
     run = Run(tmp_path / "empty")
     with pytest.raises(InputError, match="no models"):
         embed_stage(run, EmbedConfig())
-    with pytest.raises(InputError, match="not found"):
-        embed_stage(run, EmbedConfig(models=[str(tmp_path / "nope.onnx")]))
+    # a missing checkpoint is refused when the options are validated, naming the field, before any work
+    with pytest.raises(ConfigError, match=r"embed\.models\.list\.0\.path: .*no such file: .*nope\.onnx"):
+        get_stage("embed")(run, {"models": [str(tmp_path / "nope.onnx")]})
+    # a path under {run} is checked when the stage resolves it
+    with pytest.raises(ConfigError, match=r"models\[0\]\.path: no such file: .*nope\.onnx"):
+        embed_stage(run, EmbedConfig(models=["{run}/nope.onnx"]))
+    assert not (run.path / "embeddings.parquet").exists()
+
+
+def test_declared_models_carry_their_ids(tmp_path):
+    """A bare path is the model of its file stem, a declaration with ``id`` is that model; ``{run}`` is the run."""
+    from gestalt_xai.errors import ConfigError
+    from gestalt_xai.models.declaration import ModelSpec
+
+    run, ids = _run_with_models(tmp_path / "run", n_images=3)
+    cfg = EmbedConfig(tta=False, threads=1, models=["{run}/models/clf.safetensors",
+                                                    {"path": "{run}/models/backbone_only.safetensors", "id": "bb"}])
+    assert all(isinstance(m, ModelSpec) for m in cfg.models)
+    df = pd.read_parquet(embed_stage(run, cfg).outputs["embeddings"])
+    assert sorted(set(df["model_id"])) == ["bb", "clf"] and len(df) == 2 * len(ids)
+    assert run.manifest["models"]["bb"]["path"] == "models/backbone_only.safetensors"
+    # the same rows as the run's own models under their stored ids
+    same = pd.read_parquet(embed_stage(run, EmbedConfig(tta=False, threads=1)).outputs["embeddings"])
+    a = df[df["model_id"] == "clf"].reset_index(drop=True)
+    b = same[same["model_id"] == "clf"].reset_index(drop=True)
+    np.testing.assert_array_equal(np.stack(a["embedding"]), np.stack(b["embedding"]))
+    with pytest.raises(ConfigError, match=r"model ids \['clf'\] occur twice"):
+        from gestalt_xai.config import validate_config
+
+        weights = str(run.path / "models" / "clf.safetensors")
+        validate_config(EmbedConfig, {"models": [weights, {"path": weights}]})

@@ -1,8 +1,10 @@
 """The explain stage: per-patient maps for every requested method, target and layer → ``run/maps/``.
 
-Reads ``run/aligned/`` (crops), ``run/models/`` (checkpoints), ``run/embeddings.parquet`` (references for centroid and
-pair targets, rankings for ``topk``) and ``run/cohort/`` (subjects, syndromes, splits); writes the map store
-(:mod:`gestalt_xai.store`) and, for chosen patients, overlay figures in ``run/maps/figures/``.
+Reads ``run/aligned/`` (crops), the declared models (``models``: every model in ``run/models/``, or checkpoints of
+any format, :mod:`gestalt_xai.models.declaration` — the same declaration and model ids as the embed stage),
+``run/embeddings.parquet`` (references for centroid and pair targets, rankings for ``topk``) and ``run/cohort/``
+(subjects, syndromes, splits); writes the map store (:mod:`gestalt_xai.store`) and, for chosen patients, overlay
+figures in ``run/maps/figures/``.
 
 Work items are ``(image, target)`` pairs, e.g. ``(img7, centroid:SYN3)``; each gives one map per method × layer.
 Items are batched (``batch_size``), each image in a batch with its own target reference, and every batch goes
@@ -61,6 +63,7 @@ from gestalt_xai.attribution.target_kinds import (
 from gestalt_xai.attribution.targets import Target, TTASlot, parse_syndrome_spec
 from gestalt_xai.config import StageConfig
 from gestalt_xai.errors import ConfigError, InputError, error_kind
+from gestalt_xai.models.declaration import ModelDeclarations, models_field, resolve_models
 from gestalt_xai.runs import LAYOUT, ErrorRow, Run
 from gestalt_xai.stages import StageResult, stage
 from gestalt_xai.store import MapKey, MapStore
@@ -90,7 +93,7 @@ class ExplainConfig(StageConfig):
     images: Literal["test", "all"] | list[str] = Field("test", description="which images to explain")
     gallery: Literal["protocol", "all"] = Field(
         "protocol", description="centroid/pair gallery: train/val/gallery sets of the cohort, or every image")
-    models: list[str] | Literal["run"] = Field("run", description='model ids in run/models, or "run" = all')
+    models: ModelDeclarations = models_field()
     ensemble: bool = Field(False, description="explain the mean over all models (model_id 'ensemble')")
     tta: bool = Field(False, description="average over the 4 TTA slots (flip x gray) as GM-Arc's matching does")
     cosine: Literal["linearised", "exact"] = Field("linearised", description="similarity targets' cosine")
@@ -180,22 +183,13 @@ def _gallery_ids(cfg: ExplainConfig, table: pd.DataFrame) -> list[str]:
 
 
 def _load_models(run: Run, cfg: ExplainConfig) -> list[tuple[str, torch.nn.Module, str]]:
-    from gestalt_xai.models.checkpoints import load_model, model_sha256
-
-    found = run.models()
-    if cfg.models != "run":
-        missing = sorted(set(cfg.models) - {m.model_id for m in found})
-        if missing:
-            raise InputError(f"models {missing} not found in {run.path / LAYOUT.models}")
-        found = [m for m in found if m.model_id in set(cfg.models)]
-    if not found:
-        raise InputError(f"no models in {run.path / LAYOUT.models}: run `gestalt-xai train` first")
+    """``(model_id, model, sha256)`` of every declared model (:mod:`gestalt_xai.models.declaration`), frozen."""
     out = []
-    for m in found:
-        model = load_model(m.path, device=cfg.device).eval()
+    for declared in resolve_models(run, cfg.models):
+        model = declared.load(cfg.device)
         for q in model.parameters():
             q.requires_grad_(False)
-        out.append((m.model_id, model, model_sha256(m.path)))
+        out.append((declared.model_id, model, declared.sha256()))
     return out
 
 
@@ -216,6 +210,16 @@ def _build_targets(batch: Sequence[WorkItem], group: Sequence[tuple[str, torch.n
             if all((mid, slot) in it.refs for it in batch):
                 targets[(mid, slot)] = kind.build_target([it.refs[(mid, slot)] for it in batch])
     return targets
+
+
+def _batches(items: Sequence[WorkItem], size: int) -> list[list[WorkItem]]:
+    """Batches of at most ``size`` items with references in the same (member, slot) terms, so an item's map never
+    depends on its batch (:func:`_build_targets` keeps only the terms every item of a batch has; an ensemble member
+    that lacks one item's logit class must not drop out of the others')."""
+    by_terms: dict[frozenset[tuple[str, TTASlot]], list[WorkItem]] = {}
+    for it in items:
+        by_terms.setdefault(frozenset(it.refs), []).append(it)
+    return [group[i: i + size] for group in by_terms.values() for i in range(0, len(group), size)]
 
 
 def _expected_keys(item: WorkItem, model_id: str, methods: list[tuple[AttributionMethod, list[str]]],
@@ -277,7 +281,7 @@ def explain_stage(run: Run, cfg: ExplainConfig) -> StageResult:
                 log.info("explain %s: %d items, %d already stored", group_id, len(items), len(items) - len(todo))
                 n_items += len(items)
                 figure_jobs += [(group_id, it.image_id, str(it.target)) for it in items]
-                batches = [todo[i: i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+                batches = _batches(todo, cfg.batch_size)
                 for batch in progress(batches, f"explain {group_id}"):
                     _explain_batch(run, cfg, batch, kind, group_id, group, slots, methods, model_hash, writer,
                                    errors, load_crops, preprocess)

@@ -24,7 +24,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +33,8 @@ from pydantic import Field
 
 from gestalt_xai.config import StageConfig
 from gestalt_xai.data.aligned import read_crop
-from gestalt_xai.errors import ConfigError, GestaltXAIError, InputError, error_kind
+from gestalt_xai.errors import GestaltXAIError, InputError, error_kind
+from gestalt_xai.models.declaration import ModelDeclarations, models_field, resolve_models
 from gestalt_xai.runs import LAYOUT, Run
 from gestalt_xai.stages import StageResult, stage
 
@@ -44,7 +45,6 @@ __all__ = [
     "EmbedConfig",
     "embed_stage",
     "embedding_table",
-    "resolve_models",
     "write_embeddings",
 ]
 
@@ -64,49 +64,12 @@ EMBEDDING_SCHEMA = pa.schema(
 class EmbedConfig(StageConfig):
     """Options of ``gestalt-xai embed``."""
 
-    models: list[str] | Literal["run"] = Field(
-        "run", description='checkpoint paths, or "run" = every model in run/models (*.safetensors)'
-    )
-    model_ids: list[str] | None = Field(None, description="names for the checkpoints (default: file stems)")
+    models: ModelDeclarations = models_field()
     tta: bool = Field(True, description="4 TTA slots {orig, hflip} x {colour, gray} (GM-Arc); off: 1 slot")
     batch_size: int = Field(16, ge=1, description="images per forward (8-16 is fastest per image on a 2-core CPU)")
     chunk_size: int = Field(256, ge=1, description="images per resumable work unit")
-    trust_pickle: bool = Field(False, description="allow GM-Arc whole-module .pth pickles (executes code)")
-    channel_order: Literal["RGB", "BGR"] | None = Field(None, description="override the models' channel order")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     threads: int | None = Field(None, ge=1, description="torch CPU threads while embedding (default: torch's)")
-
-
-def _model_id_from_path(path: Path) -> str:
-    name = path.name
-    for suffix in (".safetensors", ".json", ".onnx", ".pth", ".pt"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def resolve_models(run: Run, cfg: EmbedConfig) -> list[tuple[str, Path]]:
-    """``(model_id, checkpoint)`` pairs sorted by id; ``"run"`` = ``run/models/*.safetensors``."""
-    if cfg.models == "run":
-        paths = [m.path for m in run.models()]
-        if not paths:
-            raise InputError(f"no models in {run.path / LAYOUT.models}: run `gestalt-xai train` first or pass "
-                             "--model PATH")
-    else:
-        paths = [Path(p) for p in cfg.models]
-        missing = [str(p) for p in paths if not p.exists()]
-        if missing:
-            raise InputError(f"model checkpoint(s) not found: {missing}")
-    if cfg.model_ids is not None:
-        if len(cfg.model_ids) != len(paths):
-            raise ConfigError(f"{len(cfg.model_ids)} model_ids for {len(paths)} models")
-        ids = list(cfg.model_ids)
-    else:
-        ids = [_model_id_from_path(p) for p in paths]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise ConfigError(f"model ids {dup} occur twice; name the models with model_ids")
-    return sorted(zip(ids, paths, strict=True))
 
 
 def embedding_table(rows: dict[str, list[Any]]) -> pa.Table:
@@ -168,12 +131,11 @@ def embed_stage(run: Run, cfg: EmbedConfig) -> StageResult:
     """
     import torch
 
-    from gestalt_xai.models.checkpoints import load_model, model_sha256
     from gestalt_xai.progress import progress
     from gestalt_xai.runs import ErrorRow, atomic_write_bytes, torch_threads
 
     with torch_threads(cfg.threads):
-        models = resolve_models(run, cfg)
+        models = {m.model_id: m for m in resolve_models(run, cfg.models)}
         image_ids = run.aligned_ids()
         if not image_ids:
             raise InputError(f"no aligned crops in {run.path / LAYOUT.aligned}: run the align stage first")
@@ -186,16 +148,17 @@ def embed_stage(run: Run, cfg: EmbedConfig) -> StageResult:
         done = ledger.done()
         parts_root = run.path / ".embed_parts"
         chunks = [image_ids[i : i + cfg.chunk_size] for i in range(0, len(image_ids), cfg.chunk_size)]
-        units: list[tuple[str, str, Path, list[str]]] = []  # (unit id, model_id, checkpoint, image ids)
+        units: list[tuple[str, str, list[str]]] = []  # (unit id, model_id, image ids)
         shas: dict[str, str] = {}
-        for model_id, path in models:
-            sha = model_sha256(path)
-            shas[model_id] = sha
+        for model_id, declared in models.items():
+            sha = shas[model_id] = declared.sha256()
+            # what changes the numbers: the weights, how they are read and fed, TTA, batching, device
+            how = [declared.spec.format, declared.spec.channel_order]
             for ids in chunks:
                 key = hashlib.sha256(
-                    json.dumps([model_id, sha, cfg.tta, cfg.channel_order, cfg.batch_size, str(device), ids]).encode()
+                    json.dumps([model_id, sha, *how, cfg.tta, cfg.batch_size, str(device), ids]).encode()
                 )
-                units.append((f"{model_id}/{key.hexdigest()[:20]}", model_id, path, ids))
+                units.append((f"{model_id}/{key.hexdigest()[:20]}", model_id, ids))
         todo = [u for u in units if u[0] not in done or not (parts_root / f"{u[0]}.parquet").exists()]
         log.info(
             "embed: %d models x %d images; %d of %d work units to do",
@@ -206,12 +169,10 @@ def embed_stage(run: Run, cfg: EmbedConfig) -> StageResult:
         )
         loaded: dict[str, Any] = {}
         errors: dict[str, tuple[str, str, str]] = {}
-        for unit_id, model_id, path, ids in progress(todo, "embed", total=len(todo)):
+        for unit_id, model_id, ids in progress(todo, "embed", total=len(todo)):
             if model_id not in loaded:
                 loaded.clear()  # one model in memory at a time
-                loaded[model_id] = load_model(
-                    path, trust_pickle=cfg.trust_pickle, channel_order=cfg.channel_order, device=device
-                )
+                loaded[model_id] = models[model_id].load(device)
             table, errs = _encode_chunk(loaded[model_id], run, model_id, ids, cfg, device)
             atomic_write_bytes(parts_root / f"{unit_id}.parquet", _table_bytes(table))
             for e in errs:
@@ -219,7 +180,7 @@ def embed_stage(run: Run, cfg: EmbedConfig) -> StageResult:
             ledger.add(unit_id, {"model_id": model_id, "n_images": len(ids), "errors": [list(e) for e in errs]})
         # rebuild from the ledger: errors of units finished in earlier runs too
         records = ledger.done()
-        for unit_id, _, _, _ in units:
+        for unit_id, _, _ in units:
             for e in records.get(unit_id, {}).get("errors", []):
                 errors[e[0]] = (e[0], e[1], e[2])
         tables = [pq.read_table(parts_root / f"{u[0]}.parquet", schema=EMBEDDING_SCHEMA) for u in units]
@@ -235,11 +196,13 @@ def embed_stage(run: Run, cfg: EmbedConfig) -> StageResult:
         out = run.path / LAYOUT.embeddings
         write_embeddings(final, out)
         run.write_errors(ErrorRow(i, k, m) for i, k, m in sorted(errors.values()))
-        for model_id, path in models:
-            info = {"path": run.relative(path), "tta": cfg.tta}
+        for model_id, declared in models.items():
+            info = {"path": run.relative(declared.path), "tta": cfg.tta}
+            if declared.lookup_table is not None:
+                info["lookup_table"] = run.relative(declared.lookup_table)
             known = run.manifest.get("models", {}).get(model_id)
             if known is None or known.get("sha256") != shas[model_id]:
                 run.record_model(model_id, shas[model_id], info)
-        extra = {"models": [m for m, _ in models], "n_images": len(image_ids), "tta": cfg.tta, "n_rows": final.num_rows}
+        extra = {"models": list(models), "n_images": len(image_ids), "tta": cfg.tta, "n_rows": final.num_rows}
         return StageResult(items=len(image_ids) * len(models), outputs={"embeddings": out}, extra=extra,
                            summary=[f"{len(image_ids)} images × {len(models)} model(s) → {run.relative(out)}"])
