@@ -8,6 +8,9 @@ starts, with the offending field named (:func:`validate_config`). A pipeline YAM
     stages:
       - synth: {n_syndromes: 8}
       - align: {cohort: cohort}
+
+A top-level ``models:`` declares the checkpoints once for every stage that runs a model (embed, explain, …), as
+``seed`` does for every stage with a seed (:mod:`gestalt_xai.models.declaration`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gestalt_xai.errors import ConfigError
+from gestalt_xai.models.declaration import ModelDeclarations
 
 __all__ = ["StageConfig", "PipelineConfig", "validate_config", "load_pipeline", "load_yaml"]
 
@@ -63,12 +67,16 @@ def validate_config(cls: type[C], data: dict[str, Any] | None, where: str = "") 
 
 
 class PipelineConfig(BaseModel):
-    """A study definition: a name, a seed given to every stage that has none, and stages in order."""
+    """A study definition: a name, a seed and models given to every stage that has none, and stages in order."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="study name, used as the default run folder name")
     seed: int = Field(0, description="seed handed to every stage whose options have a seed field left unset")
+    models: ModelDeclarations | None = Field(
+        None, description="models handed to every stage whose options declare models and leave them unset "
+                          "(gestalt_xai.models.declaration): checkpoint paths or {path, id, format, lookup_table, "
+                          'channel_order, trust_pickle}, or "run"')
     description: str = ""
     stages: list[dict[str, dict[str, Any] | None]] = Field(min_length=1)
 

@@ -9,6 +9,10 @@ or overwrite each other::
     stages:
       - explain: {methods: [gradcam]}                 # instance "explain"
       - explain: {id: occlusion, methods: [occlusion]} # instance "occlusion"
+
+The pipeline's ``seed`` is handed to every stage whose options have a ``seed`` and leave it unset, and its ``models``
+(:mod:`gestalt_xai.models.declaration`) to every stage whose options declare models and leave them unset (stages
+that select maps or embeddings by model id keep their own ``models``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 from gestalt_xai.config import PipelineConfig, StageConfig, load_pipeline
 from gestalt_xai.errors import ConfigError
+from gestalt_xai.models.declaration import declares_models
 from gestalt_xai.runs import Run, seed_everything
 from gestalt_xai.stages import STAGES, Stage, get_stage, load_stages
 
@@ -50,6 +55,8 @@ def plan_study(pipeline: PipelineConfig, where: str = "pipeline") -> list[StageI
         given_id = opts.pop("id", None)
         if "seed" in spec.options.model_fields and "seed" not in opts:
             opts = {**opts, "seed": pipeline.seed}
+        if pipeline.models is not None and declares_models(spec.options) and "models" not in opts:
+            opts = {**opts, "models": pipeline.models}
         options = spec.validate(opts, where=f"{where}: stages[{i}].{name}")
         counts[name] = counts.get(name, 0) + 1
         instance = str(given_id) if given_id is not None else name if counts[name] == 1 else f"{name}#{counts[name]}"
