@@ -261,24 +261,62 @@ def test_explain_and_reference_agreement_on_trained_model(trained_run, tmp_path)
         assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-def test_logit_target_with_foreign_class_list_fails_before_work(tiny_run, tmp_path):
-    """A checkpoint whose classes do not fit the cohort (wrong lookup table) is refused before any map is made."""
+def test_logit_targets_on_partial_and_foreign_class_lists(tiny_run, tmp_path):
+    """A model that knows only some of the cohort's classes explains those and records the others as skipped (also
+    inside an ensemble, without changing its batch neighbours' maps); a lookup table that shares no class with the
+    cohort, names a class twice or does not fit the classifier, or a classifier without one, is refused before any
+    map is made."""
     import shutil
 
-    from gestalt_xai.data.cohort import load_run_cohort, save_run_cohort
     from gestalt_xai.errors import ConfigError
+    from gestalt_xai.models.checkpoints import save_model
+    from gestalt_xai.models.embed import EmbedConfig, embed_stage
+    from gestalt_xai.models.gestaltmatcher import build_gestaltmatcher
     from gestalt_xai.runs import Run
 
     shutil.copytree(tiny_run.path, tmp_path / "run")
     run = Run(tmp_path / "run")
-    base = {**FAST, "methods": ["hirescam"], "overlay": 0, "images": ["A00"]}
-    with pytest.raises(ConfigError, match=r"model 'clf'.*not classes of the model"):
-        explain_maps(run, ExplainConfig(**base, target="logit", syndromes="A,Z"))
-    cohort = load_run_cohort(run)
-    cohort.lookup = ["A", "B", "C", "D"]  # the cohort trains a class the checkpoint never saw
-    save_run_cohort(run, cohort)
-    with pytest.raises(ConfigError, match="not classes of the model"):
-        explain_maps(run, ExplainConfig(**base, target="logit", syndromes="label"))
-    assert len(MapStore(run.path / "maps").index()) == 0
-    # centroid targets need no classifier classes: the same run works
-    assert len(explain_maps(run, ExplainConfig(**base, target="centroid"))) > 0
+    # a 2-class model that stores no syndrome ids (as a GM-Arc checkpoint): they come from a lookup table
+    torch.manual_seed(1)
+    sub = str(save_model(build_gestaltmatcher("r18", width=0.125, num_classes=2).eval(), tmp_path / "sub"))
+
+    def table(ids: list[str]) -> str:
+        path = tmp_path / f"lookup_table_gmdb_{'-'.join(ids)}.txt"
+        path.write_text(f"lookup table\n{json.dumps(ids)}\n")
+        return str(path)
+
+    clf = str(run.path / "models" / "clf.safetensors")
+    models = [clf, {"path": sub, "lookup_table": table(["A", "Z"])}]
+    embed_stage(run, EmbedConfig(models=models, tta=False, threads=1))
+    base = {**FAST, "methods": ["hirescam", "saliency"], "overlay": 0, "images": ["A00", "B00"], "target": "logit"}
+    idx = explain_maps(run, ExplainConfig(**base, models=models)).index()
+    assert set(zip(idx["model_id"], idx["image_id"], idx["target"], strict=True)) == {
+        ("clf", "A00", "logit:A"), ("clf", "B00", "logit:B"), ("sub", "A00", "logit:A")}
+    errors = run.errors()
+    skipped = errors[(errors["stage"] == "explain") & (errors["error_kind"] == "skipped")]
+    assert skipped["item_id"].tolist() == ["B00"] and '"model_id": "sub"' in skipped["key"].iloc[0]
+    assert "class 'B'" in skipped["message"].iloc[0] and "'sub'" in skipped["message"].iloc[0]
+    # an ensemble: A00 averages both members, B00 only clf (sub has no class B), in one batch of FAST's 2
+    store = explain_maps(run, ExplainConfig(**base, models=models, ensemble=True))
+    ens = store.index(model_id="ensemble", method="saliency")
+    assert {r.image_id: json.loads(r.target_detail)["n_terms"] for r in ens.itertuples()} == {"A00": 2, "B00": 1}
+    alone = store.index(model_id="clf", method="saliency", image_id="B00")
+    ref = store.load_many(alone)
+    np.testing.assert_allclose(store.load_many(ens[ens["image_id"] == "B00"]), ref, rtol=0,
+                               atol=1e-5 * np.abs(ref).max())  # float rounding of another batch size
+    # explicit ids: the ones a model has are explained, a list it shares nothing with is refused
+    n_maps = len(store)
+    with pytest.raises(ConfigError, match=r"model 'clf': none of the cohort's 2 syndromes is a class of the model"):
+        explain_maps(run, ExplainConfig(**base, models=[clf], syndromes="Y,Z"))
+    for ids, message in ((["X", "Y"], r"model 'sub': none of the cohort's 3 syndromes is a class"),
+                         (["A", "B", "C"], "lookup table has 3 syndromes but the classifier has 2 outputs"),
+                         (["A", "A"], r"names syndromes \['A'\] for more than one class")):
+        with pytest.raises(ConfigError, match=message):
+            explain_maps(run, ExplainConfig(**base, models=[{"path": sub, "lookup_table": table(ids)}]))
+    with pytest.raises(ConfigError, match=r"model 'sub': the model's 2 classes have no syndrome ids: declare its "
+                                          "lookup table"):
+        explain_maps(run, ExplainConfig(**base, models=[sub]))
+    assert len(MapStore(run.path / "maps")) == n_maps
+    # centroid targets need no classes: the same declaration works
+    idx = explain_maps(run, ExplainConfig(**{**base, "target": "centroid"}, models=[sub])).index(target_kind="centroid")
+    assert set(idx["model_id"]) == {"sub"} and len(idx) == 2 * 2

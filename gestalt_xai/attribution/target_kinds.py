@@ -321,16 +321,20 @@ def _subjects_of(bank: CentroidBank, model_id: str, slot: TTASlot, syndrome: str
 
 @register_target_kind("logit")
 class LogitKind(TargetKind):
-    """The class logit of each selected syndrome; members without a classifier (or that class) are skipped."""
+    """The class logit of each selected syndrome. A model that knows only some of the syndromes explains those it
+    knows; the others become ``skipped`` error rows naming the class and the model (so do members without a
+    classifier). A class list sharing no syndrome with the cohort is a configuration error before any work."""
 
     target_class = LogitTarget
 
     def prepare(self, run: Run, models: Sequence[tuple[str, nn.Module, str]], images: pd.DataFrame,
                 embeddings: pd.DataFrame, gallery_ids: Sequence[str]) -> None:
-        """Before any work: a classifier whose class list does not fit the cohort is a configuration error.
+        """Before any work: a classifier without syndrome ids, or whose class list shares no syndrome with the
+        wanted ones, is a configuration error (a lookup table that does not fit the classifier's size was already
+        refused when the model was loaded).
 
-        The syndromes that must be classes are the explicit ids (``--syndromes ID,…``), otherwise the cohort's class
-        lookup (its training syndromes). Members without a classifier are skipped later (with a note).
+        The wanted syndromes are the explicit ids (``--syndromes ID,…``), otherwise the cohort's class lookup (its
+        training syndromes). Members without a classifier are skipped later (with a note).
         """
         from gestalt_xai.data.cohort import load_run_cohort
         from gestalt_xai.models.checkpoints import check_classes
@@ -342,7 +346,7 @@ class LogitKind(TargetKind):
             raise ConfigError("target: logit needs a model with a classifier; every model here is embedding-only")
         for mid, model in with_classifier:
             try:
-                check_classes(model, wanted)
+                check_classes(model, wanted, partial=True)
             except ConfigError as exc:
                 raise ConfigError(f"model {mid!r}: {exc}") from None
 
@@ -350,16 +354,20 @@ class LogitKind(TargetKind):
         items = []
         for syndrome, rank in ctx.selected_syndromes(image_id):
             item = _syndrome_item(self.name, ctx, image_id, syndrome, rank)
+            lacking = []
             for mid, model in ctx.group:
                 ids = getattr(model, "syndrome_ids", None)
                 if getattr(model, "classifier", None) is None or not ids or syndrome not in ids:
-                    continue  # a member without a classifier is recorded by ScoreModel.skipped
+                    lacking.append(mid)  # a member without the class is left out of the mean (ScoreModel.skipped)
+                    continue
                 for slot in ctx.slots:
                     item.refs[(mid, slot)] = ids.index(syndrome)
             if not item.refs:
-                ctx.error(image_id, item.target, f"no model of {ctx.model_ids} has a classifier with class "
-                                                 f"{syndrome!r}")
+                ctx.error(image_id, item.target, f"class {syndrome!r} is not a class of model(s) {lacking} "
+                                                 "(no classifier, or not in its lookup table): skipped", "skipped")
                 continue
+            if lacking:
+                item.detail["members_without_class"] = lacking
             items.append(item)
         return items
 

@@ -33,21 +33,38 @@ def read_lookup_table(path: str | os.PathLike[str]) -> list[str]:
     raise ConfigError(f"{p} is not a GM-Arc lookup table (expected a header line, then a JSON list of syndrome ids)")
 
 
-def check_classes(model: GestaltMatcher, syndrome_ids: Sequence[str], *, exact: bool = False) -> dict[str, int]:
+def check_classes(
+    model: GestaltMatcher, syndrome_ids: Sequence[str], *, exact: bool = False, partial: bool = False
+) -> dict[str, int]:
     """Check a model's class list against a cohort's syndromes before any class-dependent work.
 
     Needed where classes matter (training/fine-tuning, logit targets); embedding-only use never calls it.
-    Returns ``{syndrome_id: class index}`` for the cohort's syndromes.
+    Returns ``{syndrome_id: class index}`` for the cohort's syndromes that are classes of the model.
 
     Parameters
     ----------
     syndrome_ids : the cohort's syndromes (any order).
     exact : require the same set of syndromes (fine-tuning the existing classifier); otherwise every cohort
         syndrome must be one of the model's classes.
+    partial : the model need know only some of the syndromes (a model trained on a subset, e.g. the class-imbalance
+        experiment): the others are left out of the result, and only a class list sharing none is refused.
 
     Raises
     ------
-    ConfigError : no classifier, no lookup table, or syndromes missing from the model's classes.
+    ConfigError : no classifier, no lookup table, syndromes missing from the model's classes (with ``partial``: no
+        syndrome shared), or with ``exact`` classes absent from the cohort.
+
+    Examples
+    --------
+    >>> from gestalt_xai.models import build_gestaltmatcher
+    >>> m = build_gestaltmatcher("r18", width=0.125, num_classes=2, syndrome_ids=["A", "B"])
+    >>> check_classes(m, ["B", "C"], partial=True)
+    {'B': 1}
+    >>> check_classes(m, ["C"], partial=True)
+    Traceback (most recent call last):
+    ...
+    gestalt_xai.errors.ConfigError: none of the cohort's 1 syndromes is a class of the model (its classes: ['A', \
+'B']); its lookup table belongs to another class list
     """
     wanted = [str(s) for s in syndrome_ids]
     if model.num_classes is None:
@@ -57,12 +74,19 @@ def check_classes(model: GestaltMatcher, syndrome_ids: Sequence[str], *, exact: 
         )
     if model.syndrome_ids is None:
         raise ConfigError(
-            f"the model's {model.num_classes} classes have no syndrome ids: pass its lookup table "
-            "(load_model(..., syndrome_ids='lookup_table_gmdb_<version>.txt'))"
+            f"the model's {model.num_classes} classes have no syndrome ids: declare its lookup table "
+            "(models: [{path: …, lookup_table: lookup_table_gmdb_<version>.txt}], or "
+            "load_model(..., syndrome_ids=…))"
         )
     index = {s: i for i, s in enumerate(model.syndrome_ids)}
     missing = [s for s in dict.fromkeys(wanted) if s not in index]
-    if missing:
+    if partial and wanted and len(missing) == len(set(wanted)):
+        raise ConfigError(
+            f"none of the cohort's {len(set(wanted))} syndromes is a class of the model (its classes: "
+            f"{model.syndrome_ids[:10]}{' …' if len(index) > 10 else ''}); its lookup table belongs to another "
+            "class list"
+        )
+    if missing and not partial:
         raise ConfigError(
             f"{len(missing)} of the cohort's {len(set(wanted))} syndromes are not classes of the model "
             f"(e.g. {missing[:10]}); use a model trained on these syndromes, or embedding-only methods"
@@ -74,7 +98,7 @@ def check_classes(model: GestaltMatcher, syndrome_ids: Sequence[str], *, exact: 
                 f"the model has {len(extra)} classes absent from the cohort (e.g. {extra[:10]}); "
                 "exact class match is required here"
             )
-    return {s: index[s] for s in dict.fromkeys(wanted)}
+    return {s: index[s] for s in dict.fromkeys(wanted) if s in index}
 
 
 def set_syndrome_ids(
@@ -93,5 +117,8 @@ def set_syndrome_ids(
             f"{path}: the lookup table has {len(ids)} syndromes but the classifier has "
             f"{model.num_classes} outputs; use the lookup table the model was trained with"
         )
+    repeated = sorted({s for s in ids if ids.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"{path}: the lookup table names syndromes {repeated[:10]} for more than one class")
     model.syndrome_ids = ids
     model.config["syndrome_ids"] = ids
