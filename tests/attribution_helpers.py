@@ -9,9 +9,10 @@ import pandas as pd
 import torch
 
 
-def make_tiny_run(root: Path):
+def make_tiny_run(root: Path, model: bool = True):
     """3 syndromes × 2 subjects × 2 random images; one subject per syndrome in test; one r18/0.125 model with a
-    classifier (classes A, B, C); crops, cohort and TTA embeddings. Builds in a few seconds."""
+    classifier (classes A, B, C); crops, cohort and TTA embeddings. Builds in a few seconds. Without ``model``: the
+    crops and the cohort only (no model, no embeddings)."""
     from gestalt_xai.data.cohort import Cohort, save_run_cohort
     from gestalt_xai.data.images import save_png
     from gestalt_xai.models.checkpoints import save_model
@@ -36,6 +37,8 @@ def make_tiny_run(root: Path):
                   run.path / "aligned" / "alignment.parquet")
     save_run_cohort(run, Cohort(images=images, syndromes=pd.DataFrame({"syndrome_id": ["A", "B", "C"]}),
                                 splits=pd.DataFrame(splits), lookup=["A", "B", "C"]))
+    if not model:
+        return run
     torch.manual_seed(0)
     save_model(build_gestaltmatcher("r18", width=0.125, num_classes=3, syndrome_ids=["A", "B", "C"]).eval(),
                run.path / "models" / "clf.safetensors")
