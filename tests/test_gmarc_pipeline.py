@@ -156,5 +156,6 @@ def test_pipeline_models_are_inherited_and_checked_before_any_work(twin_runs, tm
     from gestalt_xai.cli import _option_parameters
     from gestalt_xai.stages import get_stage
 
-    _, shapes = _option_parameters(get_stage("embed"))
-    assert shapes["models"] == ("list", ["run"])
+    for name in ("embed", "explain"):
+        _, shapes = _option_parameters(get_stage(name))
+        assert shapes["models"] == ("list", ["run"]) and get_stage(name).aliases["models"] == "--model"

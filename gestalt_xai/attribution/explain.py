@@ -63,7 +63,7 @@ from gestalt_xai.attribution.target_kinds import (
 from gestalt_xai.attribution.targets import Target, TTASlot, parse_syndrome_spec
 from gestalt_xai.config import StageConfig
 from gestalt_xai.errors import ConfigError, InputError, error_kind
-from gestalt_xai.models.declaration import ModelDeclarations, models_field, resolve_models
+from gestalt_xai.models.declaration import ModelDeclarations, load_declared, models_field, resolve_models
 from gestalt_xai.runs import LAYOUT, ErrorRow, Run
 from gestalt_xai.stages import StageResult, stage
 from gestalt_xai.store import MapKey, MapStore
@@ -186,7 +186,7 @@ def _load_models(run: Run, cfg: ExplainConfig) -> list[tuple[str, torch.nn.Modul
     """``(model_id, model, sha256)`` of every declared model (:mod:`gestalt_xai.models.declaration`), frozen."""
     out = []
     for declared in resolve_models(run, cfg.models):
-        model = declared.load(cfg.device)
+        model = load_declared(declared, cfg.device)
         for q in model.parameters():
             q.requires_grad_(False)
         out.append((declared.model_id, model, declared.sha256()))
@@ -235,7 +235,8 @@ def _expected_keys(item: WorkItem, model_id: str, methods: list[tuple[Attributio
 # ------------------------------------------------------------------------------------------------ the stage
 @stage("explain", options=ExplainConfig, order=70, summary="per-patient attribution maps into the map store",
        reads=(LAYOUT.alignments, LAYOUT.models, LAYOUT.embeddings, LAYOUT.cohort), writes=(LAYOUT.maps,),
-       aliases={"layers": "--layer"}, choices={"methods": available_methods, "target": available_target_kinds},
+       aliases={"layers": "--layer", "models": "--model"},
+       choices={"methods": available_methods, "target": available_target_kinds},
        example="gestalt-xai explain --run runs/demo --methods gradcam,hirescam,fullgrad,occlusion --target centroid",
        tiny_options={"methods": ["gradcam", "hirescam", "saliency"], "images": "test", "overlay": 1,
                      "batch_size": 4})

@@ -211,10 +211,6 @@ class DeclaredModel:
 
         return model_sha256(self.path)
 
-    def load(self, device: torch.device | str = "cpu") -> GestaltMatcher:
-        """The model, in eval mode (:func:`load_declared`)."""
-        return load_declared(self, device=device)
-
 
 def resolve_models(run: Run, models: list[ModelSpec] | Literal["run"]) -> list[DeclaredModel]:
     """The declared models of a stage in ``run``, sorted by id; ``"run"`` = every model in ``run/models``.
@@ -231,7 +227,9 @@ def resolve_models(run: Run, models: list[ModelSpec] | Literal["run"]) -> list[D
         if not found:
             raise InputError(f"no models in {run.path / LAYOUT.models}: run `gestalt-xai train` first or declare "
                              "models (--model PATH, or models: in the options / pipeline file)")
-        return [DeclaredModel(m.model_id, m.path, ModelSpec(path=str(m.path), id=m.model_id)) for m in found]
+        # stored models need no validation: their files exist and their ids are the ones embed gave them
+        return [DeclaredModel(m.model_id, m.path, ModelSpec.model_construct(path=str(m.path), id=m.model_id))
+                for m in found]
     out = []
     for i, spec in enumerate(models):
         files = {}

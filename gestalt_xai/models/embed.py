@@ -34,7 +34,7 @@ from pydantic import Field
 from gestalt_xai.config import StageConfig
 from gestalt_xai.data.aligned import read_crop
 from gestalt_xai.errors import GestaltXAIError, InputError, error_kind
-from gestalt_xai.models.declaration import ModelDeclarations, models_field, resolve_models
+from gestalt_xai.models.declaration import ModelDeclarations, load_declared, models_field, resolve_models
 from gestalt_xai.runs import LAYOUT, Run
 from gestalt_xai.stages import StageResult, stage
 
@@ -172,7 +172,7 @@ def embed_stage(run: Run, cfg: EmbedConfig) -> StageResult:
         for unit_id, model_id, ids in progress(todo, "embed", total=len(todo)):
             if model_id not in loaded:
                 loaded.clear()  # one model in memory at a time
-                loaded[model_id] = models[model_id].load(device)
+                loaded[model_id] = load_declared(models[model_id], device)
             table, errs = _encode_chunk(loaded[model_id], run, model_id, ids, cfg, device)
             atomic_write_bytes(parts_root / f"{unit_id}.parquet", _table_bytes(table))
             for e in errs:

@@ -14,9 +14,9 @@ format id          file                                                        l
 
 Everything except the ``.onnx`` file and our own safetensors is read with ``torch.load(weights_only=True)``
 (:mod:`~.torch_file`). The whole-module pickle needs arbitrary classes to unpickle (which can execute code), so it is
-refused unless ``trust_pickle=True`` (CLI ``--trust-pickle``); even then it goes through :data:`RestrictedUnpickler`,
-which rebuilds tensors only and replaces every other class or function by an inert placeholder, so no code from
-the file runs.
+refused unless ``trust_pickle=True`` (a model declaration's ``trust_pickle: true``); even then it goes through
+:data:`RestrictedUnpickler`, which rebuilds tensors only and replaces every other class or function by an inert
+placeholder, so no code from the file runs.
 
 Modules: :mod:`~.registry` (:class:`CheckpointFormat`, :func:`register_format`), :mod:`~.detect`
 (:func:`detect_format`), :mod:`~.load` (:func:`load_model`), one module per format (:mod:`~.own`,

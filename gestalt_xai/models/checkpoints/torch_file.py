@@ -1,10 +1,11 @@
 """Reading ``torch.save`` files, the container of the ``insightface``, ``gm-arc-pt`` and ``gm-arc-pickle`` formats.
 
 A torch file is read with ``torch.load(weights_only=True)``. A whole pickled module (GM-Arc's ``…_last_model.pth``)
-needs arbitrary classes to unpickle (which can execute code), so it is refused unless ``trust_pickle=True`` (CLI
-``--trust-pickle``); even then it goes through :data:`RestrictedUnpickler` (:mod:`gestalt_xai.safe_pickle` with
-:data:`TENSOR_POLICY`), which rebuilds tensors only and replaces every other class or function by an inert
-placeholder, so no code from the file runs; the module tree's tensors are then gathered under ``state_dict`` names.
+needs arbitrary classes to unpickle (which can execute code), so it is refused unless ``trust_pickle=True`` (a
+model declaration's ``trust_pickle: true``, :mod:`gestalt_xai.models.declaration`); even then it goes through
+:data:`RestrictedUnpickler` (:mod:`gestalt_xai.safe_pickle` with :data:`TENSOR_POLICY`), which rebuilds tensors only
+and replaces every other class or function by an inert placeholder, so no code from the file runs; the module
+tree's tensors are then gathered under ``state_dict`` names.
 
 Which format a torch file holds is told by its keys, whatever its name suggested: onnx2torch names
 (:mod:`~.onnx2torch`) are ``gm-arc-pt``, native iResNet names (:mod:`~.native`) ``insightface``, and a
@@ -160,9 +161,9 @@ def _read_state(path: Path, fmt: str, trust_pickle: bool) -> tuple[dict[str, tor
                 f"{path}: this is a whole pickled module (like GM-Arc's '…_last_model.pth'), not a state "
                 "dict. Unpickling it would import and run classes named inside the file, i.e. execute "
                 "code from it, so it is refused by default. If you trust where the file comes from, pass "
-                "trust_pickle=True (CLI: --trust-pickle): it is then read with a restricted unpickler "
-                "that extracts tensors only. Better: load it once and save it as a state dict or with "
-                f"'save_model'. (torch: {str(exc).splitlines()[0]})"
+                "trust_pickle=True (a model declaration's 'trust_pickle: true'; train: --trust-pickle): it is then "
+                "read with a restricted unpickler that extracts tensors only. Better: load it once and save it "
+                f"as a state dict or with 'save_model'. (torch: {str(exc).splitlines()[0]})"
             ) from exc
         fmt = PICKLE_FORMAT
         obj, placeholders = _read_restricted_pickle(path)
