@@ -63,7 +63,13 @@ from gestalt_xai.attribution.target_kinds import (
 from gestalt_xai.attribution.targets import Target, TTASlot, parse_syndrome_spec
 from gestalt_xai.config import StageConfig
 from gestalt_xai.errors import ConfigError, InputError, error_kind
-from gestalt_xai.models.declaration import ModelDeclarations, load_declared, models_field, resolve_models
+from gestalt_xai.models.declaration import (
+    ENSEMBLE_ID,
+    ModelDeclarations,
+    load_declared,
+    models_field,
+    resolve_models,
+)
 from gestalt_xai.runs import LAYOUT, ErrorRow, Run
 from gestalt_xai.stages import StageResult, stage
 from gestalt_xai.store import MapKey, MapStore
@@ -267,7 +273,7 @@ def explain_stage(run: Run, cfg: ExplainConfig) -> StageResult:
         kind.prepare(run, models, images, embeddings, gallery_ids)
         groups: list[tuple[str, list[tuple[str, torch.nn.Module]]]]
         if cfg.ensemble:
-            groups = [("ensemble", [(mid, m) for mid, m, _ in models])]
+            groups = [(ENSEMBLE_ID, [(mid, m) for mid, m, _ in models])]
         else:
             groups = [(mid, [(mid, m)]) for mid, m, _ in models]
         n_items = 0

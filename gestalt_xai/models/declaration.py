@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from gestalt_xai.runs import Run
 
 __all__ = [
+    "ENSEMBLE_ID",
     "DeclaredModel",
     "ModelDeclarations",
     "ModelSpec",
