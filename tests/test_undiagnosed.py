@@ -20,6 +20,7 @@ from gestalt_xai.data.cohort import (
     GMDB_SETS,
     UNDIAGNOSED,
     UNDIAGNOSED_SET,
+    Cohort,
     gmdb_splits,
     load_cohort,
     load_gmdb,
@@ -116,6 +117,19 @@ def test_gmdb_files_round_trip_and_unlabelled_rows_move_to_their_set(tmp_path):
     assert again.images.set_index("image_id").loc[moved, "syndrome_id"] == UNDIAGNOSED
     assert again.splits.loc[again.splits["image_id"] == moved, "set"].tolist() == [UNDIAGNOSED_SET]
     assert set(GMDB_SETS) >= set(again.splits["set"]) - {UNDIAGNOSED_SET}
+
+
+def test_a_cohort_built_in_code_is_stored_with_the_readers_rule(tmp_path):
+    run = Run(tmp_path / "run")
+    images = pd.DataFrame({"image_id": ["a", "b", "c"], "subject_id": ["s1", "s2", "s3"],
+                           "syndrome_id": ["S1", "", None], "path": ["a.jpg", "b.jpg", "c.jpg"]})
+    splits = pd.DataFrame({"image_id": ["a", "b", "c"], "set": "train", "split": -1})
+    syndromes = pd.DataFrame({"syndrome_id": ["S1", "unknown"], "syndrome_name": ["one", "?"]})
+    save_run_cohort(run, Cohort(images=images, syndromes=syndromes, splits=splits))
+    stored = run.cohort()
+    assert stored.images["syndrome_id"].tolist() == ["S1", UNDIAGNOSED, UNDIAGNOSED]
+    assert stored.image_ids("train") == ["a"] and stored.image_ids(UNDIAGNOSED_SET) == ["b", "c"]
+    assert stored.syndromes["syndrome_id"].tolist() == ["S1"]
 
 
 def test_image_table_marks_undiagnosed_neither_test_nor_gallery(undiagnosed_run):

@@ -482,13 +482,19 @@ def save_run_cohort(run: Run, cohort: Cohort) -> None:
     """Store the resolved cohort in ``<run>/cohort/`` (Parquet tables + ``cohort.json``) for later stages.
 
     Image paths and the image root are stored relative to the run folder when they lie inside it, so a run folder
-    can be moved or shared; photos elsewhere keep their absolute paths.
+    can be moved or shared; photos elsewhere keep their absolute paths. A cohort built in code follows the readers'
+    rule too: images without a syndrome are stored as undiagnosed, in their own split set (:func:`undiagnosed_splits`).
     """
     d = run.dir("cohort")
     images = cohort.images.assign(path=[run.relative(p) for p in cohort.images["path"]])
+    splits = cohort.splits
+    if any(is_undiagnosed(v) for v in images["syndrome_id"]):
+        images = _label_undiagnosed(images)
+        splits = undiagnosed_splits(images, splits)
     write_parquet(images, d / "images.parquet")
-    write_parquet(cohort.syndromes.astype({"syndrome_id": str}), d / "syndromes.parquet")
-    write_parquet(cohort.splits, d / "splits.parquet")
+    syndromes = cohort.syndromes[[not is_undiagnosed(v) for v in cohort.syndromes["syndrome_id"]]]
+    write_parquet(syndromes.astype({"syndrome_id": str}), d / "syndromes.parquet")
+    write_parquet(splits, d / "splits.parquet")
     root = run.relative(cohort.image_root) if cohort.image_root else ""
     info = {"version": cohort.version, "image_root": root, "lookup": cohort.lookup}
     atomic_write_text(d / "cohort.json", json.dumps(info, indent=2, sort_keys=True) + "\n")

@@ -191,8 +191,9 @@ def match_stage(run: Run, cfg: MatchConfig) -> StageResult:
     write_parquet(suggestions, out_dir / "suggestions.parquet")
     lines = summary_lines(summary, cfg.ks)
     if undiagnosed:
-        lines.append(f"{len(undiagnosed)} undiagnosed patient(s) ranked against the unified gallery "
-                     f"({len(gallery)} images): {run.relative(out_dir / 'suggestions.parquet')}")
+        n_patients = images.loc[images["image_id"].isin(undiagnosed), "subject_id"].nunique()
+        lines.append(f"{len(undiagnosed)} photo(s) of {n_patients} undiagnosed patient(s) ranked against the unified "
+                     f"gallery ({len(gallery)} images): {run.relative(out_dir / 'suggestions.parquet')}")
     if dropped:
         # alignment and embedding failures are already in errors.parquet (align/embed stages)
         log.warning(

@@ -201,7 +201,8 @@ def plan_cohort(cfg: SynthConfig) -> CohortPlan:
 
 def undiagnosed_subjects(plan: CohortPlan, splits: pd.DataFrame, images: pd.DataFrame) -> list[str]:
     """The subjects written without a diagnosis: for each of the first ``undiagnosed`` frequent syndromes (in id
-    order), its first test subject (by id) of the GMDB splits drawn on the true labels.
+    order), its test subject (in the GMDB splits drawn on the true labels) with the fewest photos, the first by id
+    among equals, so the frequent protocol keeps as many test photos as it can.
 
     ``splits`` is the long split table (:func:`~gestalt_xai.data.cohort.gmdb_splits`), ``images`` maps image ids to
     ``subject_id``.
@@ -210,12 +211,12 @@ def undiagnosed_subjects(plan: CohortPlan, splits: pd.DataFrame, images: pd.Data
     if not n:
         return []
     subject_of = images.set_index("image_id")["subject_id"]
-    test_subjects = set(subject_of.loc[splits.loc[splits["set"] == "frequent_test", "image_id"]])
+    photos = subject_of.loc[splits.loc[splits["set"] == "frequent_test", "image_id"]].value_counts()
     chosen = []
     for syndrome in plan.syndromes[: plan.config.n_frequent][:n]:
-        own = sorted(s.subject_id for s in plan.subjects
-                     if s.syndrome_id == syndrome.syndrome_id and s.subject_id in test_subjects)
-        chosen += own[:1]
+        own = sorted((int(photos[s.subject_id]), s.subject_id) for s in plan.subjects
+                     if s.syndrome_id == syndrome.syndrome_id and s.subject_id in photos.index)
+        chosen += [subject for _, subject in own[:1]]
     return chosen
 
 

@@ -82,9 +82,10 @@ def data_card_text(run_or_cohort_dir: str | Path) -> str:
     hidden = img[img["undiagnosed"].astype(bool)] if "undiagnosed" in img.columns else img.iloc[:0]
     undiagnosed = []
     if len(hidden):
-        truly = ", ".join(f"{s} ({n})" for s, n in hidden.groupby("syndrome_id")["subject_id"].nunique().items())
+        truly = ", ".join(f"{s} ({n} subject{'s' if n > 1 else ''})"
+                          for s, n in hidden.groupby("syndrome_id")["subject_id"].nunique().items())
         undiagnosed = [f"- **{hidden['subject_id'].nunique()} test subjects left undiagnosed** ({len(hidden)} photos; "
-                       f"true syndrome and subjects: {truly}): the cohort tables give them no syndrome (label "
+                       f"true syndromes: {truly}): the cohort tables give them no syndrome (label "
                        f"`unknown`, split set `undiagnosed`), so they are in no training, gallery or test set; their "
                        f"truth rows keep the syndrome (column `undiagnosed`)."]
     composition = "\n".join([
