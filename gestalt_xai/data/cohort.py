@@ -492,7 +492,8 @@ def save_run_cohort(run: Run, cohort: Cohort) -> None:
         images = _label_undiagnosed(images)
         splits = undiagnosed_splits(images, splits)
     write_parquet(images, d / "images.parquet")
-    syndromes = cohort.syndromes[[not is_undiagnosed(v) for v in cohort.syndromes["syndrome_id"]]]
+    syndromes = cohort.syndromes.loc[np.array([not is_undiagnosed(v) for v in cohort.syndromes["syndrome_id"]],
+                                              dtype=bool)]
     write_parquet(syndromes.astype({"syndrome_id": str}), d / "syndromes.parquet")
     write_parquet(splits, d / "splits.parquet")
     root = run.relative(cohort.image_root) if cohort.image_root else ""
