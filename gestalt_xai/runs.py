@@ -467,9 +467,10 @@ class Run:
 
     def image_table(self) -> pd.DataFrame:
         """One row per cohort image: ids, optional metadata (sex, age, ancestry), ``sets`` (the protocol sets it
-        belongs to, comma-joined and sorted), ``test`` / ``gallery`` (in a test / gallery set of the protocol) and
-        ``aligned``; joined once and shared by the stages."""
-        from gestalt_xai.data.cohort import GALLERY_SETS, TEST_SETS
+        belongs to, comma-joined and sorted), ``test`` / ``gallery`` (in a test / gallery set of the protocol),
+        ``undiagnosed`` (no diagnosis: never test nor gallery) and ``aligned``; joined once and shared by the
+        stages."""
+        from gestalt_xai.data.cohort import GALLERY_SETS, TEST_SETS, UNDIAGNOSED
 
         cohort = self.cohort()
         files = [self.path / LAYOUT.cohort / "images.parquet", self.path / LAYOUT.cohort / "splits.parquet",
@@ -481,8 +482,9 @@ class Run:
                     .agg(lambda s: ",".join(sorted(set(s)))) if len(cohort.splits) else pd.Series(dtype=str))
             table["sets"] = [sets.get(i, "") for i in table["image_id"]]
             member = table["sets"].str.split(",")
-            table["test"] = member.map(lambda s: any(x in TEST_SETS for x in s))
-            table["gallery"] = member.map(lambda s: any(x in GALLERY_SETS for x in s))
+            table["undiagnosed"] = table["syndrome_id"].astype(str) == UNDIAGNOSED
+            table["test"] = member.map(lambda s: any(x in TEST_SETS for x in s)) & ~table["undiagnosed"]
+            table["gallery"] = member.map(lambda s: any(x in GALLERY_SETS for x in s)) & ~table["undiagnosed"]
             table["aligned"] = table["image_id"].isin(set(self.aligned_ids()))
             return table.sort_values("image_id", kind="stable").reset_index(drop=True)
 

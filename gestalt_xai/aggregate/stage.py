@@ -22,6 +22,11 @@ second pass forms the SpRAy cluster composites. Outputs::
 
 Every output is rebuilt from the map store on each run (deterministic: the same store gives the same bytes).
 
+Undiagnosed patients (no syndrome, :data:`~gestalt_xai.data.cohort.UNDIAGNOSED`) take no part: their maps, the pair
+maps of gallery faces explained against them, and their crops enter no composite (neither a syndrome's nor ``ALL``),
+no region score, no SpRAy run, no composite face and no pair table. Their maps stay in the map store (with the
+explain stage's overlay figures); the count left out is ``results.n_undiagnosed_maps``.
+
 The stage only orders the work: each step lives with its concept (:mod:`.composite`, :mod:`.regions`,
 :mod:`.spray`, :mod:`.faces`, :mod:`.similarity`; figures: :mod:`.report` and :mod:`gestalt_xai.viz`), and the checks
 against a synthetic cohort's truth in :mod:`gestalt_xai.assess.planted`. A truth folder that exists but cannot be
@@ -158,6 +163,24 @@ def _annotated_maps(run: Run, index: pd.DataFrame, images: pd.DataFrame, cfg: Ag
     return rows
 
 
+def _without_undiagnosed(index: pd.DataFrame, images: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The map index without undiagnosed patients' maps and pair maps explained against one (module docstring),
+    and how many rows were left out."""
+    from gestalt_xai.attribution.targets import split_targets
+
+    undiagnosed = set(images.loc[images["undiagnosed"], "image_id"].astype(str))
+    if not undiagnosed or not len(index):
+        return index, 0
+    parts = split_targets(index["target"])
+    drop = index["image_id"].astype(str).isin(undiagnosed) | (
+        (parts["target_kind"] == "pair") & parts["target_ref"].isin(undiagnosed))
+    if drop.all():
+        raise InputError("every map in the store belongs to an undiagnosed patient (or is explained against one): "
+                         "composites are per syndrome, so there is nothing to aggregate; the maps stay in maps/ "
+                         "with their overlay figures")
+    return index[~drop].reset_index(drop=True), int(drop.sum())
+
+
 def _stream_method(store: Any, rows: pd.DataFrame, cfg: AggregateConfig, strata: dict[str, list[str]],
                    landmarks: dict[str, np.ndarray]
                    ) -> tuple[GroupComposites, pd.DataFrame, dict[tuple[Any, ...], list[tuple[str, np.ndarray]]]]:
@@ -204,6 +227,10 @@ def aggregate_stage(run: Run, cfg: AggregateConfig) -> StageResult:
         raise InputError(f"the map store {run.path / 'maps'} is empty: run `gestalt-xai explain` first")
     cohort = run.cohort()
     images = run.image_table()
+    index, summary["n_undiagnosed_maps"] = _without_undiagnosed(index, images)
+    if summary["n_undiagnosed_maps"]:
+        log.info("aggregate: %d maps of (or against) undiagnosed patients left out", summary["n_undiagnosed_maps"])
+    images = images[~images["undiagnosed"]].reset_index(drop=True)
     rows = _annotated_maps(run, index, images, cfg, errors)
 
     # ---- what the synthetic cohort's truth says (nothing for a real cohort)

@@ -3,8 +3,8 @@
 >>> from gestalt_xai.attribution import available_methods, available_target_kinds
 >>> {"gradcam", "hirescam", "fullgrad", "occlusion", "lrp"} <= set(available_methods())
 True
->>> available_target_kinds()[:3]
-['centroid', 'logit', 'pair']
+>>> {"centroid", "contrast", "logit", "pair"} <= set(available_target_kinds())
+True
 """
 
 from gestalt_xai.attribution.base import (

@@ -23,7 +23,13 @@ items and builds the targets; the stage itself knows no kind:
 * ``logit`` — the syndrome's class logit (members without a classifier are skipped and recorded);
 * ``pair`` — linearised cosine to a partner image's embedding; partners from a table (both directions) or
   ``nearest:K`` gallery images of each selected syndrome (and the reverse direction: the partner explained against
-  the patient).
+  the patient);
+* ``contrast`` — the centroid score of X minus that of Y (``contrast:X-Y``): why the first suggestion rather than
+  the second.
+
+Images: the protocol's ``test`` images (default), ``all``, the ``undiagnosed`` patients (no syndrome; explained
+towards their ``topk:K`` suggestions, by ``contrast`` between them, or by ``pair`` similarity to their nearest gallery
+faces), or a list of ids. Undiagnosed patients are never part of the gallery.
 
 Syndromes: ``label`` (the patient's known diagnosis), ``topk:K`` (the K best-ranked syndromes by
 :func:`gestalt_xai.matching.ranked_syndromes`, over the distances of the explained model group and TTA slots to the
@@ -91,12 +97,16 @@ class ExplainConfig(StageConfig):
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS),
                                description="attribution methods (see gestalt_xai.attribution.available_methods())")
     target: str = Field("centroid", description="what scalar is explained: a registered target kind, centroid | "
-                                                "logit | pair | … (gestalt_xai.attribution.available_target_kinds())")
-    syndromes: str | list[str] = Field("label", description="label | topk:K | syndrome ids (comma-separated)")
+                                                "logit | pair | contrast | … "
+                                                "(gestalt_xai.attribution.available_target_kinds())")
+    syndromes: str | list[str] = Field("label", description="label | topk:K | syndrome ids (comma-separated; "
+                                                            "contrast: X-Y pairs)")
     pairs: str | None = Field(None, description="pair partners: nearest:K or a CSV/Parquet table image_id,partner_id")
     layers: list[str] = Field(default_factory=lambda: [DEFAULT_LAYER],
                               description="layers for Grad-CAM/HiResCAM (names inside each model)")
-    images: Literal["test", "all"] | list[str] = Field("test", description="which images to explain")
+    images: Literal["test", "all", "undiagnosed"] | list[str] = Field(
+        "test", description="which images to explain: the protocol's test images, every image, the undiagnosed "
+                            "patients (no syndrome), or a list of ids")
     gallery: Literal["protocol", "all"] = Field(
         "protocol", description="centroid/pair gallery: train/val/gallery sets of the cohort, or every image")
     models: ModelDeclarations = models_field()
@@ -169,12 +179,18 @@ def _param_default(method: str, key: str) -> Any:
 
 # ------------------------------------------------------------------------------------------------ loading
 def _select_images(cfg: ExplainConfig, table: pd.DataFrame, available: set[str]) -> list[str]:
-    """The patients to explain: the listed ids, the protocol's test images, or every embedded image."""
+    """The patients to explain: the listed ids, the protocol's test images, the undiagnosed patients, or every
+    embedded image."""
     if isinstance(cfg.images, list):
         ids = [str(i) for i in cfg.images]
         missing = [i for i in ids if i not in available]
         if missing:
             raise InputError(f"images {missing[:5]} have no aligned crop/embedding; check --images")
+        return ids
+    if cfg.images == "undiagnosed":
+        ids = sorted(set(table.loc[table["undiagnosed"], "image_id"]) & available)
+        if not ids:
+            log.warning("images: undiagnosed, but no embedded image of this cohort lacks a diagnosis")
         return ids
     if cfg.images == "test" and table["test"].any():
         return sorted(set(table.loc[table["test"], "image_id"]) & available)
@@ -182,10 +198,11 @@ def _select_images(cfg: ExplainConfig, table: pd.DataFrame, available: set[str])
 
 
 def _gallery_ids(cfg: ExplainConfig, table: pd.DataFrame) -> list[str]:
-    """The images references (centroids, nearest partners) are drawn from."""
-    if cfg.gallery == "protocol" and table["gallery"].any():
-        return sorted(table.loc[table["gallery"], "image_id"])
-    return sorted(table["image_id"])
+    """The images references (centroids, nearest partners) are drawn from; never an undiagnosed patient."""
+    diagnosed = table[~table["undiagnosed"]]
+    if cfg.gallery == "protocol" and diagnosed["gallery"].any():
+        return sorted(diagnosed.loc[diagnosed["gallery"], "image_id"])
+    return sorted(diagnosed["image_id"])
 
 
 def _load_models(run: Run, cfg: ExplainConfig) -> list[tuple[str, torch.nn.Module, str]]:

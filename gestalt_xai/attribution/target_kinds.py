@@ -33,10 +33,20 @@ Syndromes (``syndromes``): ``label`` (the patient's diagnosis), explicit ids, or
 first by :func:`gestalt_xai.matching.ranked_syndromes` (GM-Arc's ranking: nearest gallery image per syndrome) over
 the slot-averaged cosine distances (:func:`gestalt_xai.matching.slotwise_distances`) of the explained model group
 to the gallery, the patient's own subject excluded.
+
+**Undiagnosed patients** (label :data:`~gestalt_xai.data.cohort.UNDIAGNOSED`) have no label to explain towards:
+``topk:K`` and explicit ids work for them as for anyone (their own subject is in no gallery, so nothing but
+themselves is excluded); ``label`` selects nothing for them (counted in the log), except for ``pair`` targets with
+``nearest:K``, where it means the K nearest gallery faces over every syndrome — the "most similar diagnosed
+patients" a clinician looks at first. With ``topk`` a pair target gives the K nearest faces of each suggestion.
+
+Built-in kinds: ``centroid``, ``logit``, ``pair`` here; ``contrast`` (score of X minus score of Y) in
+:mod:`gestalt_xai.attribution.contrast`, imported when the registry is first listed or asked for a missing name.
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +70,7 @@ from gestalt_xai.attribution.targets import (
     parse_syndrome_spec,
     read_pairs_table,
 )
+from gestalt_xai.data.cohort import UNDIAGNOSED
 from gestalt_xai.errors import ConfigError, InputError
 from gestalt_xai.registry import Registry
 from gestalt_xai.runs import ErrorRow
@@ -71,8 +82,16 @@ if TYPE_CHECKING:
 __all__ = ["TargetKind", "WorkItem", "PlanContext", "plan_items", "register_target_kind", "get_target_kind",
            "available_target_kinds", "target_group", "TARGET_KINDS", "CentroidKind", "LogitKind", "PairKind"]
 
+log = logging.getLogger(__name__)
+
+
+def _load_builtin_kinds() -> None:
+    # importing the module registers its kind (this module's own kinds register as it is imported)
+    from gestalt_xai.attribution import contrast  # noqa: F401
+
+
 #: the target kinds, by name
-TARGET_KINDS: Registry[type[TargetKind]] = Registry("target kind")
+TARGET_KINDS: Registry[type[TargetKind]] = Registry("target kind", _load_builtin_kinds)
 
 
 @dataclass
@@ -104,6 +123,8 @@ class PlanContext:
     gallery: list[str]  # gallery images with an embedding in every (member, slot) of the group
     syndromes: SyndromeSpec
     errors: list[ErrorRow] = field(default_factory=list)
+    #: undiagnosed images for which ``syndromes: label`` selected nothing (logged by :func:`plan_items`)
+    unlabelled: set[str] = field(default_factory=set)
 
     @classmethod
     def build(cls, cfg: Any, group_id: str, group: Sequence[tuple[str, nn.Module]], slots: Sequence[TTASlot],
@@ -148,17 +169,29 @@ class PlanContext:
     def syndrome_of(self, image_ids: Sequence[str]) -> list[str]:
         return [str(self.meta.loc[i, "syndrome_id"]) for i in image_ids]
 
-    def selected_syndromes(self, image_id: str) -> list[tuple[str, int | None]]:
-        """The syndromes ``image_id`` is explained towards, with their rank under ``topk`` (module docstring)."""
+    def undiagnosed(self, image_id: str) -> bool:
+        """Whether ``image_id`` is an undiagnosed patient (no label; module docstring)."""
+        return self.syndrome_of([image_id])[0] == UNDIAGNOSED
+
+    def ranked(self, image_id: str, n: int | None = None) -> list[str]:
+        """The gallery's syndromes ranked for ``image_id`` (nearest first, the first ``n``), as the match stage ranks:
+        :func:`gestalt_xai.matching.ranked_syndromes` over :meth:`distances`."""
         from gestalt_xai.matching import ranked_syndromes
 
+        d, keep = self.distances(image_id)
+        return ranked_syndromes(d[None], self.syndrome_of(keep), n)[0][0]
+
+    def selected_syndromes(self, image_id: str) -> list[tuple[str, int | None]]:
+        """The syndromes ``image_id`` is explained towards, with their rank under ``topk`` (module docstring); none
+        for an undiagnosed patient under ``label``."""
         if self.syndromes.mode == "label":
+            if self.undiagnosed(image_id):
+                self.unlabelled.add(image_id)
+                return []
             return [(self.syndrome_of([image_id])[0], None)]
         if self.syndromes.mode == "ids":
             return [(s, None) for s in self.syndromes.ids]
-        d, keep = self.distances(image_id)
-        ranked, _ = ranked_syndromes(d[None], self.syndrome_of(keep), self.syndromes.k)
-        return [(s, rank) for rank, s in enumerate(ranked[0], start=1)]
+        return [(s, rank) for rank, s in enumerate(self.ranked(image_id, self.syndromes.k), start=1)]
 
     def error(self, image_id: str, target: TargetKey | None, message: str, kind: str = "target") -> None:
         """Record a work item that cannot be planned (an ``errors.parquet`` row of the explain stage)."""
@@ -213,7 +246,7 @@ def register_target_kind(name: str) -> Any:
     TargetKey(name, "-")  # the kind's spelling is checked once, here
 
     def deco(cls: type[TargetKind]) -> type[TargetKind]:
-        if cls.name and cls.name != name:
+        if cls.__dict__.get("name") and cls.name != name:  # a subclass of a registered kind is a new kind
             raise ValueError(f"{cls.__name__} is already the target kind {cls.name!r}")
         cls.name = name
         TARGET_KINDS.add(name, cls)
@@ -264,6 +297,9 @@ def plan_items(kind: TargetKind, ctx: PlanContext, image_ids: Sequence[str]) -> 
         for item in kind.plan(ctx, image_id):
             # the reverse direction of a pair can repeat another image's item: keep the first
             unique.setdefault((item.image_id, str(item.target)), item)
+    if ctx.unlabelled:
+        log.info("%s: %d undiagnosed image(s) have no label to explain towards (syndromes: label); explain them "
+                 "with syndromes: topk:K", ctx.group_id, len(ctx.unlabelled))
     return [unique[k] for k in sorted(unique)]
 
 
@@ -293,16 +329,22 @@ class CentroidKind(_SimilarityKind):
                 embeddings: pd.DataFrame, gallery_ids: Sequence[str]) -> None:
         self.bank = CentroidBank(embeddings, images, gallery_ids)
 
+    def centroid_refs(self, ctx: PlanContext, syndrome: str, subject: str) -> dict[tuple[str, TTASlot], np.ndarray]:
+        """The centroid of ``syndrome`` without ``subject`` per (member, slot) of the group (those that have one)."""
+        refs = {}
+        for mid in ctx.model_ids:
+            for slot in ctx.slots:
+                r = self.bank.reference(mid, slot, syndrome, exclude_subject=subject)
+                if r is not None:
+                    refs[(mid, slot)] = r
+        return refs
+
     def plan(self, ctx: PlanContext, image_id: str) -> list[WorkItem]:
         subject = ctx.subject(image_id)
         items = []
         for syndrome, rank in ctx.selected_syndromes(image_id):
             item = _syndrome_item(self.name, ctx, image_id, syndrome, rank)
-            for mid in ctx.model_ids:
-                for slot in ctx.slots:
-                    r = self.bank.reference(mid, slot, syndrome, exclude_subject=subject)
-                    if r is not None:
-                        item.refs[(mid, slot)] = r
+            item.refs = self.centroid_refs(ctx, syndrome, subject)
             if not item.refs:
                 ctx.error(image_id, item.target, f"no gallery subject of syndrome {syndrome!r} left after excluding "
                                                  f"the patient's own subject {subject!r}")
@@ -400,12 +442,16 @@ class PairKind(_SimilarityKind):
                     for p in self.table.loc[self.table["image_id"] == image_id, "partner_id"]]
         d, keep = ctx.distances(image_id)
         keep_syn = np.array(ctx.syndrome_of(keep), dtype=object)
+        keep_ids = np.array(keep, dtype=object).astype(str)
+        if ctx.syndromes.mode == "label" and ctx.undiagnosed(image_id):
+            groups = [np.arange(len(keep))]  # no label: the nearest gallery faces of any syndrome (module docstring)
+        else:
+            groups = [np.flatnonzero(keep_syn == syndrome) for syndrome, _ in ctx.selected_syndromes(image_id)]
         partners = []
-        for syndrome, _ in ctx.selected_syndromes(image_id):
-            idx = np.flatnonzero(keep_syn == syndrome)
-            order = idx[np.lexsort((np.array(keep, dtype=object)[idx].astype(str), d[idx]))][: self.spec.k]
-            partners += [(keep[j], {"syndrome_id": syndrome, "distance": float(d[j]), "source": str(self.spec)})
-                         for j in order]
+        for idx in groups:
+            order = idx[np.lexsort((keep_ids[idx], d[idx]))][: self.spec.k]
+            partners += [(keep[j], {"syndrome_id": str(keep_syn[j]), "distance": float(d[j]),
+                                    "source": str(self.spec)}) for j in order]
         return partners
 
     def plan(self, ctx: PlanContext, image_id: str) -> list[WorkItem]:

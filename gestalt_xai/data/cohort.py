@@ -18,6 +18,13 @@ disorders are split by subject into train/val/test (≈10 % of each disorder's s
 the frequent gallery is train + val. Rare disorders get 10 splits, each holding out one subject per disorder as
 test and keeping the rest as gallery. A subject is never on both sides of a split.
 
+**Undiagnosed patients.** A row whose syndrome is empty, missing (NaN) or ``unknown`` (any case) is an *undiagnosed*
+patient: its label becomes the reserved id :data:`UNDIAGNOSED` (``"unknown"``), so no real syndrome can carry that
+id. Undiagnosed images are aligned, embedded and ranked like any other, but they belong to one split set only,
+:data:`UNDIAGNOSED_SET` (``undiagnosed``): never to a training, gallery or protocol test set (:func:`gmdb_splits`,
+:func:`undiagnosed_splits`). In GMDB layout they are listed in ``gmdb_undiagnosed_images_<version>.csv`` (this
+package's addition; an unlabelled row in any other GMDB file is moved to that set when read).
+
 Every image path must resolve inside the declared image root: ``../`` escapes, absolute paths elsewhere and symlinks
 pointing out of the root are rejected (:attr:`Cohort.rejected`), one row per image, and the run goes on.
 """
@@ -42,6 +49,10 @@ if TYPE_CHECKING:
 __all__ = [
     "Cohort",
     "GMDB_SETS",
+    "UNDIAGNOSED",
+    "UNDIAGNOSED_SET",
+    "is_undiagnosed",
+    "undiagnosed_splits",
     "FREQUENT_MIN_SUBJECTS",
     "N_RARE_SPLITS",
     "IMAGE_COLUMNS",
@@ -58,6 +69,12 @@ __all__ = [
 ]
 
 GMDB_SETS = ("train", "val", "test", "frequent_gallery", "frequent_test", "rare_gallery", "rare_test")
+#: the reserved syndrome id of an undiagnosed patient (module docstring); no real syndrome can have it
+UNDIAGNOSED = "unknown"
+#: the one split set undiagnosed images belong to (in no training, gallery or protocol test set)
+UNDIAGNOSED_SET = "undiagnosed"
+#: every set a cohort's split table may name
+COHORT_SETS = (*GMDB_SETS, UNDIAGNOSED_SET)
 #: the sets whose images are explained as patients, and those that form galleries and centroids
 TEST_SETS = ("test", "frequent_test", "rare_test")
 GALLERY_SETS = ("train", "val", "frequent_gallery", "rare_gallery")
@@ -70,7 +87,7 @@ IMAGE_COLUMNS = ["image_id", "subject_id", "syndrome_id", "path"]
 OPTIONAL_COLUMNS = ["sex", "age", "ancestry"]
 SPLIT_COLUMNS = ["image_id", "set", "split"]
 
-_GMDB_RE = re.compile(r"^gmdb_(?P<set>" + "|".join(GMDB_SETS) + r")_images_(?P<version>.+)\.csv$")
+_GMDB_RE = re.compile(r"^gmdb_(?P<set>" + "|".join(COHORT_SETS) + r")_images_(?P<version>.+)\.csv$")
 
 
 @dataclass
@@ -95,8 +112,44 @@ class Cohort:
 
     @property
     def syndrome_ids(self) -> list[str]:
-        """Sorted syndrome ids present in the image table."""
-        return sorted(self.images["syndrome_id"].unique().tolist())
+        """Sorted syndrome ids present in the image table (not :data:`UNDIAGNOSED`: it names no syndrome)."""
+        return sorted(s for s in self.images["syndrome_id"].unique().tolist() if s != UNDIAGNOSED)
+
+
+# ------------------------------------------------------------------------------------------ undiagnosed patients
+def is_undiagnosed(label: object) -> bool:
+    """Whether a syndrome label means "no diagnosis": empty, missing (``None``, NaN) or ``unknown`` in any case.
+
+    >>> [is_undiagnosed(v) for v in ("", " ", float("nan"), None, "nan", "Unknown", "S01", "0", 605130)]
+    [True, True, True, True, True, True, False, False, False]
+    """
+    if label is None or (isinstance(label, float) and np.isnan(label)) or label is pd.NA:
+        return True
+    return str(label).strip().lower() in ("", "nan", UNDIAGNOSED)
+
+
+def _label_undiagnosed(images: pd.DataFrame, column: str = "syndrome_id") -> pd.DataFrame:
+    """``images`` with every undiagnosed label (:func:`is_undiagnosed`) replaced by :data:`UNDIAGNOSED`."""
+    return images.assign(**{column: [UNDIAGNOSED if is_undiagnosed(v) else v for v in images[column]]})
+
+
+def undiagnosed_splits(images: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
+    """``splits`` with each undiagnosed image (label :data:`UNDIAGNOSED`) in the set ``undiagnosed`` only.
+
+    Whatever set a source listed an unlabelled image in, it leaves every training, gallery and test set: a patient
+    without a diagnosis can be ranked and explained, never used as a reference or scored against a label.
+
+    >>> imgs = pd.DataFrame({"image_id": ["a", "b"], "syndrome_id": ["S1", UNDIAGNOSED]})
+    >>> sp = pd.DataFrame({"image_id": ["a", "b", "b"], "set": ["train", "test", "frequent_test"], "split": -1})
+    >>> undiagnosed_splits(imgs, sp).values.tolist()
+    [['a', 'train', -1], ['b', 'undiagnosed', -1]]
+    """
+    ids = sorted(set(images.loc[images["syndrome_id"] == UNDIAGNOSED, "image_id"].astype(str)))
+    keep = splits[~splits["image_id"].astype(str).isin(ids)] if len(splits) else splits.reindex(columns=SPLIT_COLUMNS)
+    extra = pd.DataFrame({"image_id": ids, "set": UNDIAGNOSED_SET, "split": -1}, columns=SPLIT_COLUMNS)
+    parts = [p for p in (keep, extra) if len(p)]
+    out = pd.concat(parts, ignore_index=True) if parts else keep
+    return out.sort_values(["set", "split", "image_id"], kind="stable").reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------------------- path safety
@@ -216,7 +269,7 @@ def load_gmdb(metadata_dir: str | Path, image_root: str | Path | None = None, ve
         split = df["split"].map(lambda s: int(float(s))) if "split" in df.columns and (df["split"] != "").all() else -1
         split_rows.append(pd.DataFrame({"image_id": df["image_id"], "set": set_name, "split": split}))
         frames.append(df[["image_id", "subject", "label"]])
-    table = pd.concat(frames, ignore_index=True).drop_duplicates()
+    table = _label_undiagnosed(pd.concat(frames, ignore_index=True), "label").drop_duplicates()
     clash = table[table.duplicated("image_id", keep=False)]
     if not clash.empty:
         ids = ", ".join(sorted(clash["image_id"].unique())[:5])
@@ -236,11 +289,9 @@ def load_gmdb(metadata_dir: str | Path, image_root: str | Path | None = None, ve
         syn = _normalise_ids(_read_csv(syn_path, ["syndrome_id", "syndrome_name"], sep="\t"), ["syndrome_id"])
         syndromes = syn.rename(columns={"OMIM": "omim"})
     else:
-        syndromes = pd.DataFrame({"syndrome_id": sorted(images["syndrome_id"].unique())})
-        syndromes["syndrome_name"] = syndromes["syndrome_id"]
+        syndromes = _syndrome_table(images)
     lookup = _read_lookup(metadata_dir / f"lookup_table_gmdb_{version}.txt")
-    splits = pd.concat(split_rows, ignore_index=True)
-    splits = splits.sort_values(["set", "split", "image_id"], kind="stable").reset_index(drop=True)
+    splits = undiagnosed_splits(images, pd.concat(split_rows, ignore_index=True))
     return Cohort(images=images[_ordered_columns(images)], syndromes=syndromes.reset_index(drop=True), splits=splits,
                   lookup=lookup, version=version, image_root=str(root.resolve()), rejected=rejected)
 
@@ -259,6 +310,12 @@ def _read_lookup(path: Path) -> list[str] | None:
     return [_id_str(v) for v in values]
 
 
+def _syndrome_table(images: pd.DataFrame) -> pd.DataFrame:
+    """``syndrome_id, syndrome_name`` (the id as name) of the diagnosed images' syndromes."""
+    ids = sorted(s for s in images["syndrome_id"].unique() if s != UNDIAGNOSED)
+    return pd.DataFrame({"syndrome_id": ids, "syndrome_name": ids}, columns=["syndrome_id", "syndrome_name"])
+
+
 def _ordered_columns(images: pd.DataFrame) -> list[str]:
     return IMAGE_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in images.columns]
 
@@ -270,8 +327,8 @@ def load_table(csv_path: str | Path, image_root: str | Path | None = None, seed:
     (:func:`gmdb_splits`) with ``seed``.
     """
     csv_path = Path(csv_path)
-    df = _normalise_ids(_read_csv(csv_path, ["image_id", "path", "subject_id", "syndrome_id"]),
-                        ["image_id", "subject_id", "syndrome_id"])
+    df = _label_undiagnosed(_normalise_ids(_read_csv(csv_path, ["image_id", "path", "subject_id", "syndrome_id"]),
+                                           ["image_id", "subject_id", "syndrome_id"]))
     dup = df[df["image_id"].duplicated()]["image_id"]
     if not dup.empty:
         raise InputError(f"{csv_path}: duplicate image_id(s): {', '.join(sorted(dup.unique())[:5])}")
@@ -280,8 +337,7 @@ def load_table(csv_path: str | Path, image_root: str | Path | None = None, seed:
     raw = df.set_index("image_id").loc[images["image_id"], "path"].reset_index(drop=True)
     root = Path(image_root) if image_root is not None else csv_path.parent
     images, rejected = _resolve_paths(images, root, raw)
-    syndromes = pd.DataFrame({"syndrome_id": sorted(images["syndrome_id"].unique())})
-    syndromes["syndrome_name"] = syndromes["syndrome_id"]
+    syndromes = _syndrome_table(images)
     splits = gmdb_splits(images, seed=seed)
     lookup = sorted(images.loc[images["image_id"].isin(splits.loc[splits["set"] == "train", "image_id"]),
                                "syndrome_id"].unique())
@@ -320,7 +376,9 @@ def gmdb_splits(images: pd.DataFrame, seed: int = 0, test_fraction: float = 0.1,
     Each frequent disorder sends ``max(1, round(test_fraction·n))`` subjects to test and as many (by
     ``val_fraction``) to val, the rest to train; ``frequent_gallery`` = train + val, ``frequent_test`` = test. Each
     rare disorder holds out one subject per split (cycling through its subjects in a seeded order) as ``rare_test``
-    and keeps the others as ``rare_gallery`` of that split. Deterministic for a seed.
+    and keeps the others as ``rare_gallery`` of that split. Undiagnosed images (label :data:`UNDIAGNOSED`) go to
+    the set ``undiagnosed`` only and take no part in the draw, so adding or removing them leaves every other
+    image's split unchanged. Deterministic for a seed.
     """
     rng = np.random.default_rng(seed)
     rows: list[tuple[str, str, int]] = []
@@ -328,8 +386,9 @@ def gmdb_splits(images: pd.DataFrame, seed: int = 0, test_fraction: float = 0.1,
     subj_syn = images.drop_duplicates("subject_id").set_index("subject_id")["syndrome_id"]
     bad = images.groupby("subject_id")["syndrome_id"].nunique()
     if (bad > 1).any():
-        raise InputError(f"subject(s) {', '.join(bad[bad > 1].index[:5])} appear with several syndromes")
-    for syndrome in sorted(subj_syn.unique()):
+        raise InputError(f"subject(s) {', '.join(bad[bad > 1].index[:5])} appear with several syndromes (an "
+                         f"unlabelled photo of a diagnosed subject counts as another: label it or leave it out)")
+    for syndrome in sorted(s for s in subj_syn.unique() if s != UNDIAGNOSED):
         subjects = sorted(subj_syn[subj_syn == syndrome].index)
         order = [subjects[i] for i in rng.permutation(len(subjects))]
         kind = frequency_class(len(subjects))
@@ -348,33 +407,39 @@ def gmdb_splits(images: pd.DataFrame, seed: int = 0, test_fraction: float = 0.1,
                 for s in order:
                     set_name = "rare_test" if s == held_out else "rare_gallery"
                     rows += [(img, set_name, k) for img in by_subject[s]]
-    out = pd.DataFrame(rows, columns=SPLIT_COLUMNS)
-    return out.sort_values(["set", "split", "image_id"], kind="stable").reset_index(drop=True)
+    return undiagnosed_splits(images, pd.DataFrame(rows, columns=SPLIT_COLUMNS))
 
 
 def write_gmdb(out_dir: str | Path, images: pd.DataFrame, syndromes: pd.DataFrame, version: str,
-               seed: int = 0) -> Cohort:
+               seed: int = 0, splits: pd.DataFrame | None = None) -> Cohort:
     """Write a cohort in GMDB format (all ``gmdb_*`` files, syndrome table, lookup table, image metadata).
 
     Parameters
     ----------
     images:
         ``image_id, subject_id, syndrome_id`` (+ ``sex, age, ancestry``); images are expected at
-        ``<out_dir>/images/<image_id>.jpg``.
+        ``<out_dir>/images/<image_id>.jpg``. Undiagnosed images (label :data:`UNDIAGNOSED`) are written to
+        ``gmdb_undiagnosed_images_<version>.csv``.
     syndromes:
         ``syndrome_id, syndrome_name`` (+ ``omim``).
     version:
         Version suffix used in the file names (e.g. ``synthetic-v1``).
+    splits:
+        The long split table to write (default: :func:`gmdb_splits` with ``seed``); undiagnosed images are moved
+        to their own set (:func:`undiagnosed_splits`).
 
     Returns the cohort as :func:`load_gmdb` will read it back.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = _normalise_ids(images, ["image_id", "subject_id", "syndrome_id"]).sort_values("image_id", kind="stable")
-    splits = gmdb_splits(images, seed=seed)
+    images = _label_undiagnosed(_normalise_ids(images, ["image_id", "subject_id", "syndrome_id"]))
+    images = images.sort_values("image_id", kind="stable")
+    splits = gmdb_splits(images, seed=seed) if splits is None else undiagnosed_splits(images, splits)
     base = images.set_index("image_id")
-    for set_name in GMDB_SETS:
+    for set_name in COHORT_SETS:
         s = splits[splits["set"] == set_name]
+        if set_name == UNDIAGNOSED_SET and s.empty:
+            continue  # the GMDB files proper are always written; this one only when there is someone in it
         df = pd.DataFrame({"image_id": s["image_id"].to_numpy(),
                            "subject": base.loc[s["image_id"], "subject_id"].to_numpy(),
                            "label": base.loc[s["image_id"], "syndrome_id"].to_numpy()})
@@ -417,13 +482,20 @@ def save_run_cohort(run: Run, cohort: Cohort) -> None:
     """Store the resolved cohort in ``<run>/cohort/`` (Parquet tables + ``cohort.json``) for later stages.
 
     Image paths and the image root are stored relative to the run folder when they lie inside it, so a run folder
-    can be moved or shared; photos elsewhere keep their absolute paths.
+    can be moved or shared; photos elsewhere keep their absolute paths. A cohort built in code follows the readers'
+    rule too: images without a syndrome are stored as undiagnosed, in their own split set (:func:`undiagnosed_splits`).
     """
     d = run.dir("cohort")
     images = cohort.images.assign(path=[run.relative(p) for p in cohort.images["path"]])
+    splits = cohort.splits
+    if any(is_undiagnosed(v) for v in images["syndrome_id"]):
+        images = _label_undiagnosed(images)
+        splits = undiagnosed_splits(images, splits)
     write_parquet(images, d / "images.parquet")
-    write_parquet(cohort.syndromes.astype({"syndrome_id": str}), d / "syndromes.parquet")
-    write_parquet(cohort.splits, d / "splits.parquet")
+    syndromes = cohort.syndromes.loc[np.array([not is_undiagnosed(v) for v in cohort.syndromes["syndrome_id"]],
+                                              dtype=bool)]
+    write_parquet(syndromes.astype({"syndrome_id": str}), d / "syndromes.parquet")
+    write_parquet(splits, d / "splits.parquet")
     root = run.relative(cohort.image_root) if cohort.image_root else ""
     info = {"version": cohort.version, "image_root": root, "lookup": cohort.lookup}
     atomic_write_text(d / "cohort.json", json.dumps(info, indent=2, sort_keys=True) + "\n")

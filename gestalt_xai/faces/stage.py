@@ -22,7 +22,15 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from gestalt_xai.config import StageConfig
-from gestalt_xai.data.cohort import Cohort, load_cohort, resolve_inside, save_run_cohort
+from gestalt_xai.data.cohort import (
+    SPLIT_COLUMNS,
+    UNDIAGNOSED,
+    Cohort,
+    load_cohort,
+    resolve_inside,
+    save_run_cohort,
+    undiagnosed_splits,
+)
 from gestalt_xai.data.images import DEFAULT_MAX_PIXELS, load_image, save_png
 from gestalt_xai.errors import ConfigError, DetectionError, GestaltXAIError, InputError, error_kind
 from gestalt_xai.faces.align import (
@@ -140,11 +148,13 @@ def _folder_cohort(folder: Path) -> Cohort:
         except InputError as exc:
             rejected.append({"image_id": p.stem, "message": str(exc)})
             continue
-        rows.append({"image_id": p.stem, "subject_id": p.stem, "syndrome_id": "unknown", "path": str(path)})
+        # a photo folder says nothing about diagnoses: every photo is an undiagnosed patient
+        rows.append({"image_id": p.stem, "subject_id": p.stem, "syndrome_id": UNDIAGNOSED, "path": str(path)})
     images = pd.DataFrame(rows, columns=["image_id", "subject_id", "syndrome_id", "path"])
-    syndromes = pd.DataFrame({"syndrome_id": ["unknown"], "syndrome_name": ["unknown"]})
-    return Cohort(images=images, syndromes=syndromes, version="folder", image_root=str(folder.resolve()),
-                  rejected=pd.DataFrame(rejected, columns=["image_id", "message"]))
+    syndromes = pd.DataFrame({"syndrome_id": [], "syndrome_name": []}, dtype=object)
+    splits = undiagnosed_splits(images, pd.DataFrame(columns=SPLIT_COLUMNS))
+    return Cohort(images=images, syndromes=syndromes, splits=splits, version="folder",
+                  image_root=str(folder.resolve()), rejected=pd.DataFrame(rejected, columns=["image_id", "message"]))
 
 
 # ----------------------------------------------------------------------------------------------- one work unit

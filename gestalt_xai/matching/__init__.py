@@ -15,11 +15,13 @@ Modules, from arrays to a run:
 * :mod:`~.centroids` — :class:`CentroidBank`, :func:`syndrome_centroids`: mean L2-normalised gallery embedding per
   syndrome, averaged per subject first (centroid attribution targets).
 * :mod:`~.protocols` — :func:`frequent_protocol`, :func:`rare_protocol`, :func:`unified_protocols` (which images are
-  test and gallery); :func:`evaluate_protocol` (ranks per test image + macro top-k per split).
+  test and gallery); :func:`evaluate_protocol` (ranks per test image + macro top-k per split);
+  :func:`unified_gallery`, :func:`suggestion_table` (undiagnosed patients ranked against the unified gallery).
 * :mod:`~.gmarc` — :func:`read_gmarc_encodings`, :func:`compare_embeddings`: GM-Arc gallery encodings (a pickle:
   opt-in only).
 * :mod:`~.stage` — :class:`MatchConfig` + :func:`match_stage`, the ``gestalt-xai match`` stage (writes
-  ``run/matching/``); :func:`summary_table`, :func:`summary_lines`.
+  ``run/matching/``: ranks, per-split and summary tables, ``suggestions.parquet``); :func:`summary_table`,
+  :func:`summary_lines`.
 
 **A test syndrome absent from the gallery** (it has no gallery image) has no rank (``NaN`` / null in tables).
 It counts as a miss at every k and stays in the macro average, since the gallery could not have found it; such
@@ -43,6 +45,8 @@ from gestalt_xai.matching.protocols import (
     frequent_protocol,
     rank_table,
     rare_protocol,
+    suggestion_table,
+    unified_gallery,
     unified_protocols,
 )
 from gestalt_xai.matching.ranking import (
@@ -81,9 +85,11 @@ __all__ = [
     "read_gmarc_encodings",
     "slotwise_distances",
     "summary_table",
+    "suggestion_table",
     "syndrome_centroids",
     "syndrome_distances",
     "syndrome_ranks",
     "topk_accuracy",
+    "unified_gallery",
     "unified_protocols",
 ]

@@ -4,7 +4,8 @@
 syndrome, from the embeddings of one model and one TTA slot, so every subject weighs the same however many photos
 it has. A subject explained against a gallery it belongs to is left out of its syndrome's centroid (a patient is
 never explained against a centroid that contains himself). The centroid is not renormalised: a centroid target
-uses its direction.
+uses its direction. Undiagnosed images (label :data:`~gestalt_xai.data.cohort.UNDIAGNOSED`) never enter a centroid,
+whatever gallery is passed: ``unknown`` is no syndrome.
 
 One computation (:func:`_syndrome_sums`: per-subject means and their sum per syndrome) serves both views:
 :class:`CentroidBank` (every slot of an ``embeddings.parquet`` table, the own subject dropped in O(D) per query;
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from gestalt_xai.data.cohort import UNDIAGNOSED
 from gestalt_xai.errors import InputError
 from gestalt_xai.matching.distances import EmbeddingTable, ModelSlot
 from gestalt_xai.matching.protocols import image_meta
@@ -91,6 +93,7 @@ class CentroidBank:
         if missing := need - set(cohort.columns):
             raise InputError(f"cohort table lacks columns {sorted(missing)}")
         coh = cohort[["image_id", "subject_id", "syndrome_id"]].astype(str).drop_duplicates("image_id")
+        coh = coh[coh["syndrome_id"] != UNDIAGNOSED]
         if gallery_ids is not None:
             coh = coh[coh["image_id"].isin({str(i) for i in gallery_ids})]
         table = embeddings.assign(image_id=embeddings["image_id"].astype(str)).merge(coh, on="image_id")
@@ -186,7 +189,7 @@ def syndrome_centroids(
     table = emb_df if isinstance(emb_df, EmbeddingTable) else EmbeddingTable.from_frame(emb_df)
     slots = table.select(models, tta)
     meta = image_meta(cohort_images_df)
-    gal = meta[meta["image_id"].isin({str(i) for i in gallery_image_ids})]
+    gal = meta[meta["image_id"].isin({str(i) for i in gallery_image_ids}) & (meta["syndrome_id"] != UNDIAGNOSED)]
     if exclude_subject is not None:
         gal = gal[gal["subject_id"] != str(exclude_subject)]
     gal = gal.sort_values("image_id", kind="stable")

@@ -4,6 +4,10 @@
 (``image_id, set, split``); :func:`evaluate_protocol` ranks every test image of every split against its gallery
 (slot-wise distances, :mod:`~.ranking`) and gives the rows of ``matching/ranks.parquet`` (:func:`rank_table`) and
 the macro top-k per split. A test image whose syndrome has no gallery image is flagged ``in_gallery = False``.
+
+Undiagnosed patients (split set ``undiagnosed``, :data:`~gestalt_xai.data.cohort.UNDIAGNOSED`) are in no protocol;
+:func:`suggestion_table` ranks them against :func:`unified_gallery` (every frequent and rare gallery image, as
+GM-Arc's unified protocol does for a new patient), with the same ranking (:func:`~.ranking.ranked_syndromes`).
 """
 
 from __future__ import annotations
@@ -29,8 +33,13 @@ __all__ = [
     "image_meta",
     "rank_table",
     "rare_protocol",
+    "suggestion_table",
+    "unified_gallery",
     "unified_protocols",
 ]
+
+#: columns of ``matching/suggestions.parquet``
+SUGGESTION_COLUMNS = ["image_id", "rank", "syndrome_id", "distance"]
 
 
 @dataclass
@@ -127,6 +136,14 @@ def unified_protocols(frequent: Protocol, rare: Protocol) -> list[Protocol]:
         Protocol("frequent_unified", "frequent", "frequent+rare", f_uni),
         Protocol("rare_unified", "rare", "frequent+rare", r_uni),
     ]
+
+
+def unified_gallery(splits: Any) -> list[str]:
+    """Every gallery image of GM-Arc's unified protocol: the frequent gallery and the rare gallery of every split
+    (each rare subject is in the gallery of all but one split, so every diagnosed rare subject is in it)."""
+    freq = frequent_protocol(splits)
+    rare = rare_protocol(splits)
+    return sorted(set(freq.splits[0].gallery_image_ids).union(*(s.gallery_image_ids for s in rare.splits)))
 
 
 def cohort_protocols(splits: Any) -> dict[str, Protocol]:
@@ -242,3 +259,34 @@ def rank_table(
             "top_distances": pd.Series([list(map(float, x)) for x in top_distances], dtype=object),
         }
     )
+
+
+def suggestion_table(
+    table: EmbeddingTable,
+    images: pd.DataFrame,
+    query_ids: Sequence[str],
+    gallery_ids: Sequence[str],
+    slots: Sequence[ModelSlot],
+    gallery_table: EmbeddingTable | None = None,
+    n: int = TOP_LIST,
+) -> pd.DataFrame:
+    """The syndromes suggested for each query image (e.g. an undiagnosed patient): ranked against one gallery.
+
+    Slot-wise cosine distances to ``gallery_ids`` (embeddings from ``gallery_table`` when given), de-duplicated to
+    each syndrome's nearest image and ordered as :func:`~.ranking.ranked_syndromes` orders them (the ranking every
+    protocol uses). Returns the long table ``image_id, rank, syndrome_id, distance`` (first ``n`` per image, rank
+    1 = nearest); empty when there is no query or no gallery image.
+    """
+    meta = image_meta(images).set_index("image_id")
+    query, gallery = list(query_ids), list(gallery_ids)
+    if not query or not gallery:
+        return pd.DataFrame({"image_id": pd.Series(dtype=object), "rank": pd.Series(dtype="int64"),
+                             "syndrome_id": pd.Series(dtype=object), "distance": pd.Series(dtype="float64")})
+    gtable = gallery_table or table
+    dist = slotwise_distances([table.matrix(s, query) for s in slots], [gtable.matrix(s, gallery) for s in slots])
+    top_s, top_d = ranked_syndromes(dist, meta.loc[gallery, "syndrome_id"].tolist(), n=n)
+    rows = [(image_id, rank, syndrome, distance)
+            for image_id, syndromes, distances in zip(query, top_s, top_d, strict=True)
+            for rank, (syndrome, distance) in enumerate(zip(syndromes, distances, strict=True), start=1)]
+    out = pd.DataFrame(rows, columns=SUGGESTION_COLUMNS)
+    return out.astype({"image_id": object, "rank": "int64", "syndrome_id": object, "distance": "float64"})

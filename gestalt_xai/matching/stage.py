@@ -1,4 +1,5 @@
-"""The ``gestalt-xai match`` stage: every GM-Arc protocol on the run's embeddings, written to ``run/matching/``.
+"""The ``gestalt-xai match`` stage: every GM-Arc protocol on the run's embeddings, written to ``run/matching/``;
+undiagnosed patients ranked against the unified gallery (``matching/suggestions.parquet``).
 
 :func:`summary_table` is GM-Arc's table (one row per protocol: gallery/test sizes, macro top-k % ± sd over splits);
 :func:`summary_lines` writes it in GM-Arc's layout.
@@ -25,6 +26,8 @@ from gestalt_xai.matching.protocols import (
     cohort_protocols,
     evaluate_protocol,
     image_meta,
+    suggestion_table,
+    unified_gallery,
 )
 from gestalt_xai.matching.ranking import DEFAULT_KS, Ties
 from gestalt_xai.runs import LAYOUT, Run
@@ -127,6 +130,10 @@ def match_stage(run: Run, cfg: MatchConfig) -> StageResult:
     Writes ``matching/ranks.parquet`` (one row per protocol, split and test image), ``matching/splits.parquet``
     (macro top-k per split), ``matching/summary.parquet`` (GM-Arc's table) and, with ``gallery_encodings``,
     ``matching/gmarc_agreement.parquet``; the summary lines show GM-Arc's table.
+
+    Every undiagnosed patient (no syndrome; in no protocol) is ranked against the unified gallery (frequent + rare
+    gallery images, :func:`~gestalt_xai.matching.protocols.unified_gallery`) with the same ranking:
+    ``matching/suggestions.parquet`` holds its first 30 syndromes (``image_id, rank, syndrome_id, distance``).
     """
     from gestalt_xai.runs import write_parquet
 
@@ -176,6 +183,17 @@ def match_stage(run: Run, cfg: MatchConfig) -> StageResult:
     write_parquet(ranks, out_dir / "ranks.parquet")
     write_parquet(per_split, out_dir / "splits.parquet")
     write_parquet(summary, out_dir / "summary.parquet")
+
+    # undiagnosed patients: suggestions from the unified gallery, ranked as every protocol ranks
+    undiagnosed = sorted(set(run.image_table().query("undiagnosed")["image_id"]) & keep)
+    gallery = [i for i in unified_gallery(cohort) if i in keep]
+    suggestions = suggestion_table(table, images, undiagnosed, gallery, slots, gallery_table)
+    write_parquet(suggestions, out_dir / "suggestions.parquet")
+    lines = summary_lines(summary, cfg.ks)
+    if undiagnosed:
+        n_patients = images.loc[images["image_id"].isin(undiagnosed), "subject_id"].nunique()
+        lines.append(f"{len(undiagnosed)} photo(s) of {n_patients} undiagnosed patient(s) ranked against the unified "
+                     f"gallery ({len(gallery)} images): {run.relative(out_dir / 'suggestions.parquet')}")
     if dropped:
         # alignment and embedding failures are already in errors.parquet (align/embed stages)
         log.warning(
@@ -183,6 +201,8 @@ def match_stage(run: Run, cfg: MatchConfig) -> StageResult:
             len(dropped),
         )
     return StageResult(items=int(len(ranks)), extra={"n_without_embedding": len(dropped),
+                                                     "n_undiagnosed": len(undiagnosed),
                                                      "slots": [list(s) for s in slots]},
-                       outputs={"ranks": out_dir / "ranks.parquet", "summary": out_dir / "summary.parquet"},
-                       summary=summary_lines(summary, cfg.ks))
+                       outputs={"ranks": out_dir / "ranks.parquet", "summary": out_dir / "summary.parquet",
+                                "suggestions": out_dir / "suggestions.parquet"},
+                       summary=lines)

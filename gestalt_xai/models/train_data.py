@@ -54,9 +54,14 @@ def _apply_caps(train: pd.DataFrame, cfg: TrainConfig) -> pd.DataFrame:
 def select_training_data(cohort: Cohort, run: Run, cfg: TrainConfig) -> TrainData:
     """Train = the cohort's ``train`` set, val = its ``val`` set, after class subset and caps; classes sorted.
 
-    Images without an aligned crop are left out (the align stage already recorded why).
+    Images without an aligned crop are left out (the align stage already recorded why), and so are undiagnosed
+    images (:data:`~gestalt_xai.data.cohort.UNDIAGNOSED`; the cohort readers never put them in ``train``/``val``,
+    and ``unknown`` is never a class even in a split table written by hand).
     """
+    from gestalt_xai.data.cohort import UNDIAGNOSED
+
     images = cohort.images[["image_id", "subject_id", "syndrome_id"]].astype(str)
+    images = images[images["syndrome_id"] != UNDIAGNOSED]
     have = images["image_id"].map(lambda i: run.crop_path(i).is_file())
     n_missing = int((~have).sum())
     images = images[have]

@@ -8,6 +8,12 @@ after an interruption, and the files come out byte-identical.
 Class sizes follow GMDB's long tail: ``n_frequent`` syndromes with more than six subjects (geometrically
 decreasing from ``frequent_subjects[1]`` to ``frequent_subjects[0]``) and the rest rare, with 2–6 subjects each.
 Unaffected controls form their own class (``S00``).
+
+With ``undiagnosed: N``, N test subjects of frequent syndromes (one per syndrome, :func:`undiagnosed_subjects`) are
+written to the cohort tables without a diagnosis (label ``unknown``, split set ``undiagnosed``): the demo's new
+patients, ranked against the gallery and explained towards their suggestions. Their true syndrome stays in
+``truth/images.parquet`` (column ``undiagnosed`` marks them), and every other image keeps the split it has without
+the option (splits are drawn on the true labels first).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ __all__ = [
     "CohortPlan",
     "CONTROL_ID",
     "plan_cohort",
+    "undiagnosed_subjects",
     "render_image",
     "synth_stage",
     "generate_cohort",
@@ -86,6 +93,9 @@ class SynthConfig(StageConfig):
     canvas: tuple[int, int] = Field((320, 400), description="range of the photo width in pixels")
     jpeg_quality: tuple[int, int] = (75, 95)
     confounder: ConfounderConfig | None = None
+    undiagnosed: int = Field(0, ge=0, description="test subjects of frequent syndromes (one per syndrome, at most "
+                                                  "n_frequent) written without a diagnosis (label unknown); their "
+                                                  "true syndrome stays in truth/")
     workers: int = Field(2, ge=1, le=64, description="rendering processes (does not change the output)")
 
     @field_validator("frequent_subjects", "rare_subjects", "images_per_subject", "features_per_syndrome", "canvas",
@@ -100,6 +110,9 @@ class SynthConfig(StageConfig):
     def _consistent(self) -> SynthConfig:
         if self.n_frequent > self.n_syndromes:
             raise ValueError(f"n_frequent ({self.n_frequent}) exceeds n_syndromes ({self.n_syndromes})")
+        if self.undiagnosed > self.n_frequent:
+            raise ValueError(f"undiagnosed ({self.undiagnosed}) exceeds n_frequent ({self.n_frequent}): at most one "
+                             "test subject per frequent syndrome is left undiagnosed")
         if self.n_frequent and self.frequent_subjects[0] < 7:
             raise ValueError("frequent syndromes need more than 6 subjects (GMDB protocol): frequent_subjects ≥ 7")
         if self.rare_subjects[1] > 6 or self.rare_subjects[0] < 2:
@@ -184,6 +197,27 @@ def plan_cohort(cfg: SynthConfig) -> CohortPlan:
                     mark = bool(_rng(cfg.seed, 4, j).random() < rate)
                 images.append(ImagePlan(image_id=f"{j + 1:05d}", index=j, subject=subj, mark=mark))
     return CohortPlan(cfg, syndromes, subjects, images)
+
+
+def undiagnosed_subjects(plan: CohortPlan, splits: pd.DataFrame, images: pd.DataFrame) -> list[str]:
+    """The subjects written without a diagnosis: for each of the first ``undiagnosed`` frequent syndromes (in id
+    order), its test subject (in the GMDB splits drawn on the true labels) with the fewest photos, the first by id
+    among equals, so the frequent protocol keeps as many test photos as it can.
+
+    ``splits`` is the long split table (:func:`~gestalt_xai.data.cohort.gmdb_splits`), ``images`` maps image ids to
+    ``subject_id``.
+    """
+    n = plan.config.undiagnosed
+    if not n:
+        return []
+    subject_of = images.set_index("image_id")["subject_id"]
+    photos = subject_of.loc[splits.loc[splits["set"] == "frequent_test", "image_id"]].value_counts()
+    chosen = []
+    for syndrome in plan.syndromes[: plan.config.n_frequent][:n]:
+        own = sorted((int(photos[s.subject_id]), s.subject_id) for s in plan.subjects
+                     if s.syndrome_id == syndrome.syndrome_id and s.subject_id in photos.index)
+        chosen += [subject for _, subject in own[:1]]
+    return chosen
 
 
 # ------------------------------------------------------------------------------------------------- rendering
@@ -342,7 +376,7 @@ def generate_cohort(cfg: SynthConfig, out_dir: str | Path, done: dict[str, dict[
     ``done`` maps image ids already rendered (by an interrupted run) to their truth records, which are reused;
     ``on_item(image_id, record)`` is called after each newly written photo (the stage records it in its ledger).
     """
-    from gestalt_xai.data.cohort import write_gmdb
+    from gestalt_xai.data.cohort import UNDIAGNOSED, gmdb_splits, write_gmdb
     from gestalt_xai.progress import progress
     from gestalt_xai.runs import atomic_write_bytes, atomic_write_text, write_parquet
 
@@ -375,19 +409,23 @@ def generate_cohort(cfg: SynthConfig, out_dir: str | Path, done: dict[str, dict[
             store(render_image(cfg, im))
 
     images, features = _tables(plan, list(records.values()))
+    meta = images[["image_id", "subject_id", "syndrome_id"]].copy()
+    meta["age"] = images["age"].map(_age_years)
+    splits = gmdb_splits(meta, seed=cfg.seed)  # on the true labels: the undiagnosed option moves no one else
+    hidden = undiagnosed_subjects(plan, splits, meta)
+    images["undiagnosed"] = images["subject_id"].isin(hidden)
+    meta.loc[images["undiagnosed"].to_numpy(), "syndrome_id"] = UNDIAGNOSED
     truth = out / "truth"
     write_parquet(images, truth / "images.parquet")
     write_parquet(features, truth / "features.parquet")
     write_parquet(catalogue_table(), truth / "catalogue.parquet")
     atomic_write_text(truth / "syndromes.json", json.dumps(_syndrome_json(plan), indent=2, sort_keys=True) + "\n")
-    meta = images[["image_id", "subject_id", "syndrome_id"]].copy()
-    meta["age"] = images["age"].map(_age_years)
     names = [(CONTROL_ID, CONTROL_NAME)] if cfg.n_controls else []
     names += [(s.syndrome_id, s.name) for s in plan.syndromes]
     syn = pd.DataFrame(names, columns=["syndrome_id", "syndrome_name"])
-    write_gmdb(out, meta, syn, cfg.version, seed=cfg.seed)
+    write_gmdb(out, meta, syn, cfg.version, seed=cfg.seed, splits=splits)
     return {"n_images": len(plan.images), "n_subjects": len(plan.subjects), "n_syndromes": len(plan.syndromes),
-            "n_rendered": len(todo), "n_confounded": int(images["confounder"].sum())}
+            "n_rendered": len(todo), "n_confounded": int(images["confounder"].sum()), "n_undiagnosed": len(hidden)}
 
 
 def _preview_action(cfg: SynthConfig, value: Path, run_dir: Path) -> list[str]:
@@ -418,13 +456,14 @@ def synth_stage(run: Run, cfg: SynthConfig) -> StageResult:
     ``cohort/data_card.md``; the result's ``extra`` holds the counts of images, subjects and syndromes.
     """
     out = run.dir(LAYOUT.cohort)
-    ledger = run.ledger(cfg, ignore=("workers",))
+    ledger = run.ledger(cfg, ignore=("workers", "undiagnosed"))  # neither changes a rendered photo
     done = {k: v["record"] for k, v in ledger.done().items() if "record" in v}
     summary = generate_cohort(cfg, out, done, on_item=lambda i, r: ledger.add(i, {"record": r}))
     from gestalt_xai.data.synthetic.data_card import write_data_card
 
     write_data_card(out, out / "data_card.md")
+    hidden = f", {summary['n_undiagnosed']} left undiagnosed" if summary["n_undiagnosed"] else ""
     line = (f"{summary['n_images']} photos of {summary['n_subjects']} subjects ({summary['n_syndromes']} syndromes "
-            f"+ controls) → {run.relative(out)}")
+            f"+ controls{hidden}) → {run.relative(out)}")
     return StageResult(items=summary["n_images"], extra={k: v for k, v in summary.items() if k != "n_images"},
                        outputs={"cohort": out}, summary=[line])

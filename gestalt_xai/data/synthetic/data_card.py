@@ -79,6 +79,15 @@ def data_card_text(run_or_cohort_dir: str | Path) -> str:
     multi = int((img.groupby("subject_id").size() > 1).sum())
     ips = cfg["images_per_subject"]
     styles = ", ".join(f"{k} {v}" for k, v in img["hair_style"].value_counts().sort_index().items())
+    hidden = img[img["undiagnosed"].astype(bool)] if "undiagnosed" in img.columns else img.iloc[:0]
+    undiagnosed = []
+    if len(hidden):
+        truly = ", ".join(f"{s} ({n} subject{'s' if n > 1 else ''})"
+                          for s, n in hidden.groupby("syndrome_id")["subject_id"].nunique().items())
+        undiagnosed = [f"- **{hidden['subject_id'].nunique()} test subjects left undiagnosed** ({len(hidden)} photos; "
+                       f"true syndromes: {truly}): the cohort tables give them no syndrome (label "
+                       f"`unknown`, split set `undiagnosed`), so they are in no training, gallery or test set; their "
+                       f"truth rows keep the syndrome (column `undiagnosed`)."]
     composition = "\n".join([
         f"- **{n_img} photos** of **{n_subj} subjects** ({multi} with more than one photo; {ips[0]}–{ips[1]} "
         f"photos each), **{len(truth.syndromes['syndromes'])} synthetic syndromes** ({n_freq} frequent with more "
@@ -91,6 +100,7 @@ def data_card_text(run_or_cohort_dir: str | Path) -> str:
         f"- Identities: skin tone along a light→dark scale (photos per fifth, light to dark: "
         f"{', '.join(map(str, tones))}), child→adult proportions (age parameter {rng_str('age', '{:.2f}')}), "
         f"hair styles {styles}.",
+        *undiagnosed,
     ])
     return f"""# Data card: synthetic facial-phenotype cohort ({cfg['version']}, seed {cfg['seed']})
 
