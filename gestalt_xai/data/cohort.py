@@ -103,7 +103,8 @@ class Cohort:
 def resolve_inside(root: Path, relative: str | Path) -> Path:
     """Resolve ``relative`` under ``root`` and refuse anything that ends up outside it.
 
-    ``../`` escapes, absolute paths elsewhere and symlinks pointing out of the root raise :class:`InputError`.
+    ``../`` escapes, absolute paths elsewhere, symlinks pointing out of the root, symbolic link loops and paths no
+    file system can hold (a NUL character) raise :class:`InputError` naming the path.
 
     >>> import tempfile
     >>> root = Path(tempfile.mkdtemp())
@@ -117,7 +118,13 @@ def resolve_inside(root: Path, relative: str | Path) -> Path:
     root_real = Path(root).resolve()
     candidate = Path(relative)
     full = candidate if candidate.is_absolute() else root_real / candidate
-    real = full.resolve()  # follows symlinks, so a link pointing outside is caught here
+    try:
+        real = full.resolve()  # follows symlinks, so a link pointing outside is caught here
+    except (RuntimeError, OSError) as exc:  # a link loop: RuntimeError up to Python 3.12, OSError (ELOOP) after
+        raise InputError(f"path {str(relative)!r} under {root_real} is a symbolic link loop (it never reaches a "
+                         f"file): {exc}") from None
+    except ValueError as exc:  # an embedded NUL character
+        raise InputError(f"path {str(relative)!r} under {root_real} is not a valid path: {exc}") from None
     if not real.is_relative_to(root_real):
         raise InputError(f"path {str(relative)!r} resolves outside the image root {root_real} "
                          f"(to {real}); only files inside the declared image root are read")
