@@ -269,6 +269,13 @@ class Case:
     photo: bool = False
 
 
+def write_mutated_text(rng: np.random.Generator, path: Path, text: str, head_bias: float = 0.5) -> Path:
+    """Write ``text`` with text edits, and in 30 % of cases byte edits on top, to ``path``."""
+    data = mutate_text(rng, text).encode()
+    path.write_bytes(mutate_bytes(rng, data, head_bias=head_bias) if rng.random() < 0.3 else data)
+    return path
+
+
 def make_case(i: int, seed: int, corpus: Corpus, folder: Path) -> Case:
     """Case ``i``: one mutated input written under ``folder`` and the reader call for it (deterministic in
     ``seed`` and ``i``)."""
@@ -289,15 +296,15 @@ def make_case(i: int, seed: int, corpus: Corpus, folder: Path) -> Case:
             if rng.random() < 0.3:
                 data = mutate_bytes(rng, data)
         else:
-            suffix, data = corpus.photos[int(rng.integers(0, len(corpus.photos)))]
+            # half the cases start from a full photo with a face (3 real, 3 synthetic), half from any seed
+            full = len(corpus.pictures) if rng.random() < 0.5 else len(corpus.photos)
+            suffix, data = corpus.photos[int(rng.integers(0, full))]
             data = mutate_bytes(rng, data, [d for _, d in corpus.photos[:3]])
         path = folder / f"photo{suffix if rng.random() < 0.9 else rng.choice(['.png', '.jpg', '.gif'])}"
         path.write_bytes(data)
         return Case(kind, path, lambda: load_image(path), photo=True)
     if kind == "cohort_csv":
-        path = folder / "cohort.csv"
-        text = mutate_text(rng, corpus.cohort_csv)
-        path.write_bytes(mutate_bytes(rng, text.encode()) if rng.random() < 0.3 else text.encode())
+        path = write_mutated_text(rng, folder / "cohort.csv", corpus.cohort_csv)
         return Case(kind, path, lambda: load_table(path))
     if kind == "gmdb":
         for name, data in corpus.gmdb.items():
@@ -318,14 +325,11 @@ def make_case(i: int, seed: int, corpus: Corpus, folder: Path) -> Case:
             return Case(kind, folder, lambda: load_cohort(table))
         return Case(kind, folder, lambda: load_gmdb(folder))
     if kind == "landmarks":
-        path = folder / "face_coords.csv"
-        text = mutate_text(rng, corpus.landmarks)
-        path.write_bytes(mutate_bytes(rng, text.encode()) if rng.random() < 0.3 else text.encode())
+        path = write_mutated_text(rng, folder / "face_coords.csv", corpus.landmarks)
         return Case(kind, path, lambda: read_landmark_table(path))
     if kind == "pipeline":
-        path = folder / "study.yaml"
-        text = mutate_text(rng, corpus.pipelines[int(rng.integers(0, len(corpus.pipelines)))])
-        path.write_bytes(mutate_bytes(rng, text.encode(), head_bias=0.1) if rng.random() < 0.3 else text.encode())
+        seed_text = corpus.pipelines[int(rng.integers(0, len(corpus.pipelines)))]
+        path = write_mutated_text(rng, folder / "study.yaml", seed_text, head_bias=0.1)
         return Case(kind, path, lambda: plan_study(load_pipeline(path), where=str(path)))
     if kind == "options":
         name, text = corpus.options[int(rng.integers(0, len(corpus.options)))]
