@@ -51,7 +51,10 @@ def plan_study(pipeline: PipelineConfig, where: str = "pipeline") -> list[StageI
     plan: list[StageInstance] = []
     counts: dict[str, int] = {}
     for i, (name, opts) in enumerate(pipeline.stage_items()):
-        spec = get_stage(name)
+        try:
+            spec = get_stage(name)
+        except ConfigError as exc:  # name the file and the item
+            raise ConfigError(f"{where}: stages[{i}]: {exc}") from None
         given_id = opts.pop("id", None)
         if "seed" in spec.options.model_fields and "seed" not in opts:
             opts = {**opts, "seed": pipeline.seed}

@@ -13,6 +13,16 @@ os.environ.setdefault("GESTALT_XAI_QUIET", "1")  # no progress bars in test logs
 # connecting) a socket. Import it before pytest-socket blocks sockets so that probe does not show as a violation;
 # any real connection attempt in a test still fails.
 import urllib3  # noqa: E402,F401
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# property-based tests (test_properties.py): the same examples on every run and machine (CI reproducibility), no
+# example database written into the checkout, no per-example deadline (a shared CI core can be slow); each test sets
+# its own max_examples so the file stays well under a minute
+settings.register_profile("gestalt-xai", derandomize=True, database=None, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# HYPOTHESIS_PROFILE=explore draws new examples on each run (with GX_PROPERTY_EXAMPLES=1000 to look harder)
+settings.register_profile("explore", parent=settings.get_profile("gestalt-xai"), derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gestalt-xai"))
 
 
 @pytest.fixture(scope="session")

@@ -146,3 +146,65 @@ def test_subject_with_two_syndromes_is_refused() -> None:
     df = pd.DataFrame({"image_id": ["a", "b"], "subject_id": ["s", "s"], "syndrome_id": ["1", "2"]})
     with pytest.raises(InputError, match="several syndromes"):
         gmdb_splits(df)
+
+
+# --------------------------------------------------------------------- bad tables (tests/test_properties.py finds)
+def test_unusable_rows_are_rejected_one_message_each(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "ok.jpg").write_bytes(b"x")
+    os.symlink("loop.jpg", root / "loop.jpg")
+    text = ("image_id,path,subject_id,syndrome_id\n"
+            "ok,ok.jpg,a,1\nloop,loop.jpg,b,1\nnopath,,c,1\nshort,\n../up,x.jpg,d,1\n..,y.jpg,e,1\n")
+    (root / "cohort.csv").write_text(text, encoding="utf-8")
+    c = load_table(root / "cohort.csv")
+    assert c.images["image_id"].tolist() == ["ok"]
+    msg = c.rejected.set_index("image_id")["message"]
+    assert sorted(msg.index) == ["..", "../up", "loop", "nopath", "short"]
+    assert "'loop.jpg'" in msg["loop"] and "symbolic link loop" in msg["loop"]
+    assert msg["nopath"] == "image 'nopath' has no path" and msg["short"] == "image 'short' has no path"
+    assert "path separator" in msg["../up"] and "cannot name a file" in msg[".."]
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", "cannot read table"),
+    ("image_id,path,subject_id,syndrome_id, image_id\na,a.jpg,s,1,b\n", "column.*'image_id' appear more than once"),
+    ('image_id,path,subject_id,syndrome_id\n"a,a.jpg,s,1\n', "cannot read table"),
+])
+def test_unreadable_plain_tables_name_the_file(tmp_path: Path, text: str, match: str) -> None:
+    (tmp_path / "t.csv").write_text(text, encoding="utf-8")
+    with pytest.raises(InputError, match=match) as info:
+        load_table(tmp_path / "t.csv")
+    assert str(tmp_path / "t.csv") in str(info.value)
+    (tmp_path / "b.csv").write_bytes(b"image_id,path,subject_id,syndrome_id\n\xff\xfe,a,b,c\n")
+    with pytest.raises(InputError, match="b.csv: cannot read table"):
+        load_table(tmp_path / "b.csv")
+
+
+def test_unreadable_gmdb_files_name_the_file(tmp_path: Path) -> None:
+    train = tmp_path / "gmdb_rare_gallery_images_v1.csv"
+    train.write_text("image_id,subject,label,split\n1,10,5,0\n2,11,5,x\n", encoding="utf-8")
+    with pytest.raises(InputError, match=f"{train}: column split: 'x' is not a split number"):
+        load_gmdb(tmp_path)
+    train.write_text("image_id,subject,label,split\n1,10,5,0\n2,11,5,1.0\n", encoding="utf-8")
+    assert load_gmdb(tmp_path).splits["split"].tolist() == [0, 1]
+    meta = tmp_path / "image_metadata_v1.tsv"
+    meta.write_text("image_id\tsex\n1\tF\n1\tM\n", encoding="utf-8")
+    with pytest.raises(InputError, match=f"{meta}: image.*1 have several rows"):
+        load_gmdb(tmp_path)
+    meta.write_text("image_id\tSex\tsex\n1\tF\tM\n", encoding="utf-8")
+    with pytest.raises(InputError, match="'sex' appear more than once"):
+        load_gmdb(tmp_path)
+    meta.unlink()
+    lookup = tmp_path / "lookup_table_gmdb_v1.txt"
+    for data in (b"header\n\xff\xfe[1]", b"header\n" + b"[" * 5000 + b"]" * 5000, b"header\n{\"a\": 1}"):
+        lookup.write_bytes(data)
+        with pytest.raises(InputError, match=str(lookup)):
+            load_gmdb(tmp_path)
+
+
+@pytest.mark.parametrize("pattern", ["{id}.jpg", "{0}.jpg", "{image_id", "{image_id.x}"])
+def test_broken_image_pattern_is_a_config_error(tmp_path: Path, pattern: str) -> None:
+    (tmp_path / "gmdb_train_images_v1.csv").write_text("image_id,subject,label\n1,10,5\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="pattern: .* is not an image file name pattern"):
+        load_gmdb(tmp_path, pattern=pattern)

@@ -96,6 +96,30 @@ def test_bad_files_raise_input_error_naming_file(tmp_path: Path) -> None:
     assert "truncated" in messages["truncated.jpg"]
     with pytest.raises(InputError, match="not found"):
         load_image(tmp_path / "missing.png")
+    (tmp_path / "album.jpg").mkdir()
+    with pytest.raises(InputError, match="album.jpg: a folder, not an image file"):
+        load_image(tmp_path / "album.jpg")
+
+
+def test_damaged_tiff_pillow_fails_on_with_a_type_error(tmp_path: Path) -> None:
+    """Found by scripts/fuzz.py: a TIFF whose strip offset tag is a fraction makes Pillow raise TypeError while
+    decoding; it is an InputError naming the file like any other damaged image."""
+    import struct
+
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(24 * 32, dtype=np.uint16).reshape(24, 32) * 50).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for k in range(struct.unpack_from("<H", data, ifd)[0]):
+        at = ifd + 2 + 12 * k
+        if struct.unpack_from("<H", data, at)[0] == 273:  # StripOffsets: LONG → RATIONAL 7/3
+            data += struct.pack("<II", 7, 3)
+            struct.pack_into("<HHII", data, at, 273, 5, 1, len(data) - 8)
+    with Image.open(io.BytesIO(bytes(data))) as img, pytest.raises(TypeError):
+        img.load()
+    (tmp_path / "strips.tif").write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"strips.tif: damaged image \(TypeError"):
+        load_image(tmp_path / "strips.tif")
 
 
 def test_pixel_guard_refuses_before_decoding(tmp_path: Path) -> None:

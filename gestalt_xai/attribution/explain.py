@@ -387,10 +387,12 @@ def _draw_overlays(run: Run, cfg: ExplainConfig, store: MapStore, jobs: list[tup
         return
     fig_dir = run.dir("maps") / "figures"
     seen: set[tuple[str, str]] = set()
-    alignment = None
+    alignment, photos = None, {}
     if cfg.overlay_on_photo:
-        try:
+        try:  # the photo→crop matrices, and the photos themselves from the run's cohort (absolute paths)
             alignment = run.alignments(aligned_only=True).set_index("image_id")
+            images = run.cohort().images
+            photos = dict(zip(images["image_id"].astype(str), images["path"], strict=True))
         except Exception as exc:  # figures are optional: say why and go on
             log.warning("overlay_on_photo: %s", exc)
     for group_id, image_id, target in jobs:
@@ -412,21 +414,28 @@ def _draw_overlays(run: Run, cfg: ExplainConfig, store: MapStore, jobs: list[tup
         safe = f"{image_id}__{group_id}__{target}".replace(":", "-").replace("/", "_")
         overlay_figure(face, maps, signed=signed, view=cfg.overlay_view, title=title, path=fig_dir / f"{safe}.png")
         if alignment is not None and image_id in alignment.index:
-            _photo_overlay(run, alignment.loc[image_id], face, maps, signed, cfg, title, fig_dir / f"{safe}__photo.png")
+            _photo_overlay(photos.get(image_id), alignment.loc[image_id], face, maps, signed, cfg, title,
+                           fig_dir / f"{safe}__photo.png")
 
 
-def _photo_overlay(run: Run, row: Any, face: np.ndarray, maps: dict[str, np.ndarray], signed: dict[str, bool],
-                   cfg: ExplainConfig, title: str, path: Path) -> None:
+def _photo_overlay(photo_path: str | None, row: Any, face: np.ndarray, maps: dict[str, np.ndarray],
+                   signed: dict[str, bool], cfg: ExplainConfig, title: str, path: Path) -> None:
+    """Draw the maps onto the original photo (``photo_path``, from the run's cohort) through the alignment
+    ``row``'s photo→crop matrix; a photo that is gone (real data kept outside the run) is logged and skipped."""
     from gestalt_xai.data.images import load_image
     from gestalt_xai.faces.align import row_matrix
     from gestalt_xai.viz import overlay_figure
 
+    if not photo_path:
+        log.warning("photo overlay for %s skipped: the image is not in the run's cohort", path.name)
+        return
     try:
-        photo_path = row.get("path") if hasattr(row, "get") else None
-        if not photo_path:
-            return
         photo = load_image(photo_path)
+        aligned_hw = (row.get("photo_height"), row.get("photo_width"))
+        if not pd.isna(aligned_hw[0]) and tuple(photo.shape[:2]) != tuple(int(v) for v in aligned_hw):
+            raise InputError(f"{photo_path} is {photo.shape[1]}×{photo.shape[0]} pixels now but was "
+                             f"{aligned_hw[1]}×{aligned_hw[0]} when aligned: the alignment no longer fits it")
         overlay_figure(face, maps, signed=signed, view=cfg.overlay_view, title=title, photo=photo,
                        matrix=row_matrix(row), path=path)
-    except Exception as exc:  # the photo may be gone (real data kept outside the run)
+    except InputError as exc:  # the photo may be gone or changed since alignment
         log.warning("photo overlay for %s skipped: %s", path.name, exc)

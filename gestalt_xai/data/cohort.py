@@ -156,7 +156,8 @@ def undiagnosed_splits(images: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFra
 def resolve_inside(root: Path, relative: str | Path) -> Path:
     """Resolve ``relative`` under ``root`` and refuse anything that ends up outside it.
 
-    ``../`` escapes, absolute paths elsewhere and symlinks pointing out of the root raise :class:`InputError`.
+    ``../`` escapes, absolute paths elsewhere, symlinks pointing out of the root, symbolic link loops and paths no
+    file system can hold (a NUL character) raise :class:`InputError` naming the path.
 
     >>> import tempfile
     >>> root = Path(tempfile.mkdtemp())
@@ -170,17 +171,38 @@ def resolve_inside(root: Path, relative: str | Path) -> Path:
     root_real = Path(root).resolve()
     candidate = Path(relative)
     full = candidate if candidate.is_absolute() else root_real / candidate
-    real = full.resolve()  # follows symlinks, so a link pointing outside is caught here
+    try:
+        real = full.resolve()  # follows symlinks, so a link pointing outside is caught here
+    except (RuntimeError, OSError) as exc:  # a link loop: RuntimeError up to Python 3.12, OSError (ELOOP) after
+        raise InputError(f"path {str(relative)!r} under {root_real} is a symbolic link loop (it never reaches a "
+                         f"file): {exc}") from None
+    except ValueError as exc:  # an embedded NUL character
+        raise InputError(f"path {str(relative)!r} under {root_real} is not a valid path: {exc}") from None
     if not real.is_relative_to(root_real):
         raise InputError(f"path {str(relative)!r} resolves outside the image root {root_real} "
                          f"(to {real}); only files inside the declared image root are read")
     return real
 
 
+def _unusable_id(image_id: str) -> str | None:
+    """Why ``image_id`` cannot name the image's files in a run (``aligned/<image_id>.png``), or ``None``."""
+    if image_id in ("", ".", ".."):
+        return f"image id {image_id!r} cannot name a file"
+    if any(c in image_id for c in "/\\") or any(ord(c) < 32 for c in image_id):
+        return f"image id {image_id!r} holds a path separator or control character, so it cannot name a file"
+    return None
+
+
 def _resolve_paths(images: pd.DataFrame, root: Path, raw: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each image's path resolved inside ``root``; rows with an unusable id, an empty path or a path that resolves
+    outside the root go to the rejected table (one message each)."""
     paths, rejected = [], []
     for image_id, rel in zip(images["image_id"], raw, strict=True):
         try:
+            if (problem := _unusable_id(image_id)) is not None:
+                raise InputError(problem)
+            if not isinstance(rel, str) or not rel.strip():
+                raise InputError(f"image {image_id!r} has no path")
             paths.append(str(resolve_inside(root, rel)))
         except InputError as exc:
             paths.append("")
@@ -227,21 +249,47 @@ def _find_gmdb_files(metadata_dir: Path, version: str | None) -> tuple[str, dict
 def _read_csv(path: Path, required: list[str], sep: str = ",") -> pd.DataFrame:
     try:
         df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, OverflowError) as exc:  # ParserError, EmptyDataError, UnicodeDecodeError
         raise InputError(f"{path}: cannot read table: {exc}") from None
-    df.columns = [c.strip() for c in df.columns]
+    df.columns = [str(c).strip() for c in df.columns]
+    _refuse_repeated_columns(path, df)
+    df = df.fillna("")  # cells of rows shorter than the header
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(df.columns)})")
     return df
 
 
+def _refuse_repeated_columns(path: Path, df: pd.DataFrame) -> None:
+    repeated = sorted(set(df.columns[df.columns.duplicated()]))
+    if repeated:
+        raise InputError(f"{path}: column(s) {', '.join(map(repr, repeated))} appear more than once")
+
+
 def _read_metadata(path: Path) -> pd.DataFrame:
     df = _read_csv(path, ["image_id"], sep="\t")
-    lower = {c: c.lower() for c in df.columns}
-    df = df.rename(columns=lower)
+    df = df.rename(columns={c: c.lower() for c in df.columns})
+    _refuse_repeated_columns(path, df)
     keep = ["image_id"] + [c for c in OPTIONAL_COLUMNS if c in df.columns]
-    return _normalise_ids(df[keep], ["image_id"])
+    df = _normalise_ids(df[keep], ["image_id"])
+    repeated = df.loc[df["image_id"].duplicated(), "image_id"]
+    if not repeated.empty:
+        raise InputError(f"{path}: image(s) {', '.join(sorted(repeated.unique())[:5])} have several rows")
+    return df
+
+
+def _split_numbers(path: Path, values: pd.Series) -> pd.Series:
+    """GMDB's ``split`` column (rare splits 0..9, written as integers or floats) as integers."""
+    def number(v: str) -> int:
+        try:
+            f = float(v)
+            if f.is_integer():
+                return int(f)
+        except (ValueError, OverflowError):
+            pass
+        raise InputError(f"{path}: column split: {v!r} is not a split number")
+
+    return values.map(number)
 
 
 def load_gmdb(metadata_dir: str | Path, image_root: str | Path | None = None, version: str | None = None,
@@ -262,11 +310,12 @@ def load_gmdb(metadata_dir: str | Path, image_root: str | Path | None = None, ve
     metadata_dir = Path(metadata_dir)
     if not metadata_dir.is_dir():
         raise InputError(f"GMDB metadata folder not found: {metadata_dir}")
+    _image_name(pattern, "1")  # a broken pattern is a config error before anything is read
     version, files = _find_gmdb_files(metadata_dir, version)
     frames, split_rows = [], []
     for set_name, path in files.items():
         df = _normalise_ids(_read_csv(path, ["image_id", "subject", "label"]), ["image_id", "subject", "label"])
-        split = df["split"].map(lambda s: int(float(s))) if "split" in df.columns and (df["split"] != "").all() else -1
+        split = _split_numbers(path, df["split"]) if "split" in df.columns and (df["split"] != "").all() else -1
         split_rows.append(pd.DataFrame({"image_id": df["image_id"], "set": set_name, "split": split}))
         frames.append(df[["image_id", "subject", "label"]])
     table = _label_undiagnosed(pd.concat(frames, ignore_index=True), "label").drop_duplicates()
@@ -281,7 +330,7 @@ def load_gmdb(metadata_dir: str | Path, image_root: str | Path | None = None, ve
     images = images.sort_values("image_id", kind="stable").reset_index(drop=True)
 
     root = Path(image_root) if image_root is not None else metadata_dir / "images"
-    raw = images["image_id"].map(lambda i: pattern.format(image_id=i))
+    raw = images["image_id"].map(lambda i: _image_name(pattern, i))
     images, rejected = _resolve_paths(images, root, raw)
 
     syn_path = metadata_dir / f"gmdb_syndromes_{version}.tsv"
@@ -296,14 +345,25 @@ def load_gmdb(metadata_dir: str | Path, image_root: str | Path | None = None, ve
                   lookup=lookup, version=version, image_root=str(root.resolve()), rejected=rejected)
 
 
+def _image_name(pattern: str, image_id: str) -> str:
+    try:
+        return pattern.format(image_id=image_id)
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
+        raise ConfigError(f"pattern: {pattern!r} is not an image file name pattern with {{image_id}} ("
+                          f"{type(exc).__name__}: {exc})") from None
+
+
 def _read_lookup(path: Path) -> list[str] | None:
     if not path.exists():
         return None
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the lookup table: {exc}") from None
     body = "\n".join(lines[1:]) if lines and not lines[0].lstrip().startswith("[") else "\n".join(lines)
     try:
         values = json.loads(body)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, over-long integers, absurd nesting
         raise InputError(f"{path}: expected a header line and a JSON list of disorder ids: {exc}") from None
     if not isinstance(values, list):
         raise InputError(f"{path}: expected a JSON list of disorder ids")
@@ -338,7 +398,10 @@ def load_table(csv_path: str | Path, image_root: str | Path | None = None, seed:
     root = Path(image_root) if image_root is not None else csv_path.parent
     images, rejected = _resolve_paths(images, root, raw)
     syndromes = _syndrome_table(images)
-    splits = gmdb_splits(images, seed=seed)
+    try:
+        splits = gmdb_splits(images, seed=seed)
+    except InputError as exc:  # say which table
+        raise InputError(f"{csv_path}: {exc}") from None
     lookup = sorted(images.loc[images["image_id"].isin(splits.loc[splits["set"] == "train", "image_id"]),
                                "syndrome_id"].unique())
     return Cohort(images=images[_ordered_columns(images)], syndromes=syndromes, splits=splits, lookup=lookup or None,

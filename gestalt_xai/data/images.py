@@ -74,8 +74,9 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     Raises
     ------
     InputError
-        The file is missing, empty, truncated, not an image, of an unsupported format (e.g. HEIC) or too large;
-        the message names the file.
+        The file is missing, empty, truncated, damaged, not an image, of an unsupported format (e.g. HEIC) or too
+        large; the message names the file. No other exception escapes, whatever the bytes (``tests/test_properties.py``
+        and ``scripts/fuzz.py`` check this).
 
     Examples
     --------
@@ -87,12 +88,15 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    size = path.stat().st_size
+        raise InputError(f"{path}: {'a folder, not an image file' if path.is_dir() else 'file not found'}")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError as exc:  # permissions, a file that vanished
+        raise InputError(f"{path}: cannot read the file: {exc}") from None
     if size == 0:
         raise InputError(f"{path}: empty file")
-    with open(path, "rb") as fh:
-        head = fh.read(64)
     if (kind := _sniff_unsupported(head)) is not None:
         raise InputError(f"{path}: {kind} images are not supported; convert the photo to JPEG or PNG")
     try:
@@ -121,6 +125,9 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise InputError(f"{path}: not an image file (or an unsupported format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InputError(f"{path}: damaged or truncated image: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow's decoders fail on damaged data with many more types
+        # (TypeError from TIFF strip maps, struct.error, IndexError, ...): all mean the file is damaged
+        raise InputError(f"{path}: damaged image ({type(exc).__name__}: {exc})") from None
 
 
 def _as_bgr(rgb: np.ndarray) -> np.ndarray:

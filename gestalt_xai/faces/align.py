@@ -38,6 +38,9 @@ __all__ = [
     "align_face",
     "eye_level_rotation",
     "yaw_proxy",
+    "mouth_drop",
+    "turn_photo",
+    "turn_points",
     "load_alignments",
     "row_matrix",
     "row_landmarks",
@@ -159,6 +162,59 @@ def eye_level_rotation(landmarks5: np.ndarray) -> tuple[np.ndarray, float]:
     angle = math.degrees(math.atan2(dy, dx))
     R = cv2.getRotationMatrix2D((float(pts[2, 0]), float(pts[2, 1])), angle, 1.0)
     return R, angle
+
+
+def mouth_drop(landmarks5: np.ndarray) -> float:
+    """How far the mouth lies below the eyes once the eyes are level, in inter-ocular distances.
+
+    The mouth midpoint's distance from the eye line, signed positive on the side a face's mouth is on when the
+    points are in template order (image-left eye first): ≈ 1 for a frontal face at any tilt, since levelling the
+    eyes (:func:`eye_level_rotation`, GM-Arc's ``--two-pass``) does not change it. Zero or below means the mouth
+    is above the eyes of a levelled face — no face looks like that; it is an upside-down face whose points were
+    listed by image side (or points in the wrong order).
+
+    >>> round(mouth_drop(ARCFACE_TEMPLATE), 2)
+    1.15
+    >>> round(mouth_drop(turn_points(ARCFACE_TEMPLATE, 180, (112, 112))), 2)  # the same face turned: still a face
+    1.15
+    >>> flipped = ARCFACE_TEMPLATE * [1, -1]  # eyes below the mouth, image-left eye first
+    >>> round(mouth_drop(flipped), 2)
+    -1.15
+    """
+    pts = _check_points(landmarks5, 5)
+    eyes = pts[1] - pts[0]
+    inter_ocular = float(np.linalg.norm(eyes))
+    if inter_ocular == 0.0:
+        raise InputError("landmarks put both eyes in one point; cannot tell the face's orientation")
+    down = (pts[3] + pts[4]) / 2 - (pts[0] + pts[1]) / 2
+    # the component of `down` along the eye line's normal: its y once the eye line is rotated onto the x axis
+    return float((eyes[0] * down[1] - eyes[1] * down[0]) / inter_ocular**2)
+
+
+def turn_photo(rgb: np.ndarray, angle: int) -> np.ndarray:
+    """The photo turned by ``angle`` degrees, 0 or 180 (upside down); see :func:`turn_points` for the points."""
+    if angle == 0:
+        return rgb
+    if angle == 180:
+        return np.ascontiguousarray(rgb[::-1, ::-1])
+    raise ValueError(f"angle must be 0 or 180, got {angle}")
+
+
+def turn_points(points: np.ndarray, angle: int, photo_hw: tuple[int, int]) -> np.ndarray:
+    """Map ``(N, 2)`` points between a ``photo_hw`` photo and the same photo turned by ``angle`` (0 or 180).
+
+    Turning by 180° moves pixel ``(x, y)`` to ``(W-1-x, H-1-y)`` (:func:`turn_photo`); the map is its own inverse.
+
+    >>> turn_points(np.array([[0.0, 0.0], [3.0, 1.0]]), 180, (2, 4)).tolist()
+    [[3.0, 1.0], [0.0, 0.0]]
+    """
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if angle == 0:
+        return pts.copy()
+    if angle == 180:
+        h, w = photo_hw
+        return np.array([w - 1.0, h - 1.0]) - pts
+    raise ValueError(f"angle must be 0 or 180, got {angle}")
 
 
 @dataclass(frozen=True)

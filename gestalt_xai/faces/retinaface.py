@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gestalt_xai.errors import CheckpointError, ConfigError, InputError
-from gestalt_xai.faces.detect import Detection
+from gestalt_xai.faces.detect import Detection, check_face_size
 
 log = logging.getLogger(__name__)
 
@@ -548,12 +548,15 @@ class RetinaFaceDetector:
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         """Faces in an ``H×W×3`` uint8 RGB photo with probability ≥ ``threshold``, most confident first.
 
-        Boxes and landmarks are in the photo's pixels (origin top-left), landmarks in template order.
+        Boxes and landmarks are in the photo's pixels (origin top-left), landmarks in template order. A photo with a
+        side shorter than :data:`~gestalt_xai.faces.detect.MIN_FACE_PIXELS` raises
+        :class:`~gestalt_xai.errors.DetectionError`.
         """
         if not (isinstance(rgb, np.ndarray) and rgb.ndim == 3 and rgb.shape[2] == 3
                 and rgb.dtype == np.uint8):
             raise InputError("RetinaFaceDetector.detect expects an H×W×3 uint8 RGB array, got "
                              f"{type(rgb).__name__} {getattr(rgb, 'shape', '')} {getattr(rgb, 'dtype', '')}")
+        check_face_size(rgb)
         height, width = rgb.shape[:2]
         x = self.network_input(rgb)
         in_hw = (int(x.shape[2]), int(x.shape[3]))

@@ -5,6 +5,20 @@ are already aligned), optionally level the eyes and detect again (GM-Arc's two-p
 similarity transform onto the ArcFace template and write ``aligned/<image_id>.png`` (no metadata). A photo that fails
 becomes one row of ``errors.parquet`` (and an ``ok = False`` row of ``alignment.parquet``) and the run goes on.
 Finished photos are recorded in the stage's ledger, so a rerun (or a resumed, killed run) skips them.
+
+Bad input, each one error row that says why:
+
+* a photo-folder entry named like a photo that is no readable file — a symbolic link loop, a link to a missing
+  file or out of the folder, a folder (:func:`_folder_cohort`);
+* an unreadable, truncated, unsupported or too large file (:func:`~gestalt_xai.data.images.load_image`);
+* a photo with a side shorter than :data:`~gestalt_xai.faces.detect.MIN_FACE_PIXELS` (20) pixels: too small to hold
+  a face (MTCNN would fail inside ``torch.cat``);
+* a photo stored upside down (no EXIF orientation): with ``orientation="auto"`` (the default) the detector also
+  looks at the photo turned by 180° and the face is aligned upright from whichever orientation shows more faces
+  (:func:`~gestalt_xai.faces.detect.faces_by_orientation`; the turn is recorded in ``orientation``);
+* landmarks whose mouth lies above the eyes once the eyes are level (:func:`~gestalt_xai.faces.align.mouth_drop`
+  ≤ 0, checked after the ``two_pass`` levelling and independent of the tilt, so tilted faces pass): an
+  upside-down face listed by image side, which no similarity transform can align upright.
 """
 
 from __future__ import annotations
@@ -38,11 +52,14 @@ from gestalt_xai.faces.align import (
     CROP_SIZE,
     estimate_transform,
     eye_level_rotation,
+    mouth_drop,
     transform_points,
+    turn_photo,
+    turn_points,
     warp_to_crop,
     yaw_proxy,
 )
-from gestalt_xai.faces.detect import FaceDetector, make_detector
+from gestalt_xai.faces.detect import Detection, FaceDetector, check_face_size, faces_by_orientation, make_detector
 from gestalt_xai.progress import progress
 from gestalt_xai.runs import LAYOUT, ErrorRow, Run, write_parquet
 from gestalt_xai.stages import StageResult, stage
@@ -54,7 +71,7 @@ __all__ = ["AlignConfig", "align_stage", "read_landmark_table", "IMAGE_SUFFIXES"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".heic", ".heif")
 ALIGNMENT_COLUMNS = ["image_id", "ok", "detector", "n_faces", "score", "yaw", "frontal", "landmarks", "landmarks68",
                      "matrix",
-                     "photo_width", "photo_height", "two_pass_angle", "error_kind", "message"]
+                     "photo_width", "photo_height", "orientation", "two_pass_angle", "error_kind", "message"]
 
 
 class AlignConfig(StageConfig):
@@ -71,6 +88,10 @@ class AlignConfig(StageConfig):
     aligned_input: bool = Field(False, description="inputs are already aligned 112×112 crops (identity transform)")
     landmarks: str | None = Field(None, description="table of external landmarks (GM-Arc face_coords.csv layout)")
     two_pass: bool = Field(False, description="rotate so the eyes are level and detect again (GM-Arc)")
+    orientation: Literal["auto", "as_stored"] = Field(
+        "auto", description="auto: also look for faces in the photo turned upside down (stored without EXIF "
+        "orientation) and align the face upright from the orientation with more faces; as_stored: detect only as "
+        "stored")
     face_selection: Literal["frontal_first", "confidence"] = Field(
         "frontal_first", description="which face to keep when several are found: the most confident of the "
         "frontal ones (|yaw| ≤ max_yaw; falls back to all faces), or the most confident overall (GM-Arc)")
@@ -102,12 +123,14 @@ def read_landmark_table(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """Read external landmarks: ``image_id`` (or GM-Arc's ``img`` file name) → ``{"lm5": (5,2)[, "lm68": (68,2)]}``.
 
     Accepted layout (GM-Arc ``face_coords.csv``): ``img, bbox_x1, bbox_y1, bbox_x2, bbox_y2, kp1_x, kp1_y, …, kp5_y``;
-    ``image_id`` may replace ``img``; optional 68-point columns ``p0_x, p0_y, …, p67_y``.
+    ``image_id`` may replace ``img``; optional 68-point columns ``p0_x, p0_y, …, p67_y``. A cell that is not a number
+    is read as NaN, so only that image fails (the align stage refuses non-finite landmarks, naming the table).
     """
     path = Path(path)
     try:
-        df = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        # as text: ids keep their leading zeros; numbers are parsed below
+        df = pd.read_csv(path, dtype=str, keep_default_na=False).fillna("")
+    except (OSError, ValueError, OverflowError) as exc:  # ParserError, EmptyDataError, UnicodeDecodeError
         raise InputError(f"{path}: cannot read landmark table: {exc}") from None
     key = "image_id" if "image_id" in df.columns else "img" if "img" in df.columns else None
     kp = [f"kp{i}_{a}" for i in range(1, 6) for a in "xy"]
@@ -115,36 +138,48 @@ def read_landmark_table(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     if key is None or missing:
         raise InputError(f"{path}: expected columns img (or image_id) and {', '.join(kp)}; missing "
                          f"{', '.join(([] if key else ['img']) + missing)}")
-    has68 = all(f"p{j}_{a}" in df.columns for j in range(68) for a in "xy")
+    p68 = [f"p{j}_{a}" for j in range(68) for a in "xy"]
+    has68 = all(c in df.columns for c in p68)
+
+    def numbers(columns: list[str], n: int) -> np.ndarray:
+        return df[columns].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64).reshape(-1, n, 2)
+
+    lm5, lm68 = numbers(kp, 5), numbers(p68, 68) if has68 else None
     out: dict[str, dict[str, np.ndarray]] = {}
-    for _, row in df.iterrows():
-        ident = str(row[key])
+    for i, ident in enumerate(df[key]):
         image_id = Path(ident).stem if key == "img" else ident
         # GM-Arc names crops "<image_id>_aligned.jpg"; photos "<image_id>.jpg"
         image_id = re.sub(r"_aligned$", "", image_id)
-        entry = {"lm5": row[kp].to_numpy(np.float64).reshape(5, 2)}
-        if has68:
-            entry["lm68"] = row[[f"p{j}_{a}" for j in range(68) for a in "xy"]].to_numpy(np.float64).reshape(68, 2)
-        out[image_id] = entry
+        out[image_id] = {"lm5": lm5[i]} if lm68 is None else {"lm5": lm5[i], "lm68": lm68[i]}
     return out
 
 
 # ----------------------------------------------------------------------------------------------------- sources
 def _folder_cohort(folder: Path) -> Cohort:
+    """Every entry of ``folder`` named like a photo (:data:`IMAGE_SUFFIXES`) is a photo: image id = name without
+    suffix. Entries that are no readable file — a symbolic link loop, a link to a missing file or out of the folder,
+    a folder — and names shared by several files are rejected, one row each (error rows of the align stage)."""
     if not folder.is_dir():
         raise ConfigError(f"images: folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
+    try:
+        entries = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as exc:
+        raise ConfigError(f"images: cannot list the folder {folder}: {exc}") from None
+    if not entries:
         raise ConfigError(f"images: no image files ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    stems = pd.Series([p.stem for p in files])
+    stems = pd.Series([p.stem for p in entries])
     dup = set(stems[stems.duplicated()])
     rows, rejected = [], []
-    for p in files:
+    for p in entries:
         if p.stem in dup:
             rejected.append({"image_id": p.name, "message": f"{p}: several files share the image id {p.stem!r}"})
             continue
         try:
             path = resolve_inside(folder, p.name)  # the cohort tables' rule: symlinks out of the folder are refused
+            if not path.is_file():
+                what = (f"a symbolic link to {path}, which does not exist" if not path.exists()
+                        else "a folder, not a photo" if path.is_dir() else "not a regular file")
+                raise InputError(f"{p}: {what}")
         except InputError as exc:
             rejected.append({"image_id": p.stem, "message": str(exc)})
             continue
@@ -172,16 +207,62 @@ def _init_worker(cfg: AlignConfig, threads: int | None) -> None:
         cfg.detector, cfg.detector_weights, cfg.threshold)
 
 
-def _detect_one(detector: FaceDetector, photo: np.ndarray, image_id: str) -> tuple[np.ndarray, float, int]:
-    found = detector.detect(photo)
-    if not found:
-        raise DetectionError(f"{image_id}: no face found by {detector.name} at confidence ≥ "
-                             f"{getattr(detector, 'threshold', '?')}")
+def _pick_face(found: list[Detection]) -> tuple[np.ndarray, float, int]:
     cfg: AlignConfig = _WORKER["cfg"]
     if cfg.face_selection == "frontal_first" and len(found) > 1:
         # group photos: a turned bystander can be the most confident face; prefer the frontal ones
         found = sorted(found, key=lambda d: abs(yaw_proxy(d.landmarks)) > cfg.max_yaw)  # stable: by score within
     return found[0].landmarks, found[0].score, len(found)
+
+
+def _second_pass(detector: FaceDetector, photo: np.ndarray, lm5: np.ndarray, score: float,
+                 image_id: str) -> tuple[np.ndarray, float, float | None]:
+    """GM-Arc's two-pass alignment: level the eyes, detect again, map the landmarks back to ``photo``."""
+    h, w = photo.shape[:2]
+    R, angle = eye_level_rotation(lm5)
+    rotated = cv2.warpAffine(photo, R, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    again = detector.detect(rotated)
+    if not again:
+        log.info("%s: second pass found no face; keeping the first pass", image_id)
+        return lm5, score, None
+    # the same face: the detection whose nose is nearest the first pass' nose after levelling
+    nose = transform_points(lm5[2:3], R)[0]
+    best = min(again, key=lambda d: float(np.linalg.norm(d.landmarks[2] - nose)))
+    # landmarks found on the levelled photo, mapped back to the original photo's pixels
+    return transform_points(best.landmarks, cv2.invertAffineTransform(R)), best.score, float(angle)
+
+
+def _upside_down(image_id: str, drop: float, source: str) -> str:
+    return (f"{image_id}: the face is upside down: {source} put the mouth above the eyes once the eyes are level "
+            f"(mouth drop {drop:.2f} inter-ocular distances; a face has about 1)")
+
+
+def _detect_upright(photo: np.ndarray, image_id: str) -> dict[str, Any]:
+    """Find the face in the orientation (as stored, or turned upside down) the detector finds most faces in, and
+    return its landmarks in the photo's own pixels with the turn, detector score, face count and two-pass angle."""
+    cfg: AlignConfig = _WORKER["cfg"]
+    detector: FaceDetector = _WORKER["detector"]
+    ranked, probed = faces_by_orientation(detector, photo) if cfg.orientation == "auto" else ([0], {})
+    problem = None
+    for angle in ranked:
+        frame = turn_photo(photo, angle)
+        found = probed[angle] if angle in probed else detector.detect(frame)
+        if not found:
+            continue
+        lm5, score, n_faces = _pick_face(found)
+        two_pass_angle = None
+        if cfg.two_pass:
+            lm5, score, two_pass_angle = _second_pass(detector, frame, lm5, score, image_id)
+        lm5 = turn_points(lm5, angle, photo.shape[:2])
+        if (drop := mouth_drop(lm5)) <= 0:  # after levelling: the measure does not depend on the tilt
+            problem = problem or (_upside_down(image_id, drop, f"the landmarks {detector.name} found")
+                                  + "; turn the photo upright")
+            continue
+        return {"landmarks": lm5, "orientation": angle, "score": score, "n_faces": n_faces,
+                "two_pass_angle": two_pass_angle}
+    where = " in the photo as stored or turned upside down" if len(ranked) > 1 else ""
+    raise DetectionError(problem or f"{image_id}: no face found by {detector.name} at confidence ≥ "
+                                    f"{getattr(detector, 'threshold', '?')}{where}")
 
 
 def _align_one(image_id: str, path: str, crops_dir: str) -> dict[str, Any]:
@@ -190,7 +271,8 @@ def _align_one(image_id: str, path: str, crops_dir: str) -> dict[str, Any]:
     rec: dict[str, Any] = {"image_id": image_id, "ok": False, "detector": None, "n_faces": 0, "score": None,
                            "yaw": None, "frontal": None,
                            "landmarks": None, "landmarks68": None, "matrix": None, "photo_width": None,
-                           "photo_height": None, "two_pass_angle": None, "error_kind": None, "message": None}
+                           "photo_height": None, "orientation": None, "two_pass_angle": None, "error_kind": None,
+                           "message": None}
     try:
         photo = load_image(path, max_pixels=cfg.max_pixels)
         h, w = photo.shape[:2]
@@ -200,34 +282,32 @@ def _align_one(image_id: str, path: str, crops_dir: str) -> dict[str, Any]:
             if (h, w) != (CROP_SIZE, CROP_SIZE):
                 raise InputError(f"{path}: --aligned-input expects {CROP_SIZE}×{CROP_SIZE} crops, got {w}×{h}")
             M = np.array([[1.0, 0, 0], [0, 1.0, 0]])
-            rec.update(detector="aligned_input", n_faces=1, score=1.0, landmarks=ARCFACE_TEMPLATE.ravel().tolist())
+            rec.update(detector="aligned_input", n_faces=1, score=1.0, orientation=0,
+                       landmarks=ARCFACE_TEMPLATE.ravel().tolist())
         else:
+            check_face_size(photo, where=str(path))
             if cfg.landmarks:
                 entry = _WORKER["landmarks"].get(image_id)
                 if entry is None:
                     raise InputError(f"{image_id}: no row in landmark table {cfg.landmarks}")
-                lm5, score, n_faces, det_name = entry["lm5"], 1.0, 1, "landmark_table"
-                lm68 = entry.get("lm68")
+                lm5, lm68 = entry["lm5"], entry.get("lm68")
+                if not np.isfinite(lm5).all():
+                    raise InputError(f"{image_id}: the row of landmark table {cfg.landmarks} holds missing or "
+                                     "non-numeric values in kp1_x … kp5_y")
+                if (drop := mouth_drop(lm5)) <= 0:
+                    raise InputError(_upside_down(image_id, drop, f"the landmarks in {cfg.landmarks}")
+                                     + "; turn the photo upright, or fix the order of the points in the table")
+                face = {"landmarks": lm5, "orientation": 0, "score": 1.0, "n_faces": 1, "two_pass_angle": None}
+                det_name = "landmark_table"
             else:
-                lm5, score, n_faces = _detect_one(_WORKER["detector"], photo, image_id)
+                face = _detect_upright(photo, image_id)
                 det_name = cfg.detector
-            if cfg.two_pass and not cfg.landmarks:
-                R, angle = eye_level_rotation(lm5)
-                rotated = cv2.warpAffine(photo, R, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-                again = _WORKER["detector"].detect(rotated)
-                if again:
-                    # the same face: the detection whose nose is nearest the first pass' nose after levelling
-                    nose = transform_points(lm5[2:3], R)[0]
-                    best = min(again, key=lambda d: float(np.linalg.norm(d.landmarks[2] - nose)))
-                    # landmarks found on the levelled photo, mapped back to the original photo's pixels
-                    lm5, score = transform_points(best.landmarks, cv2.invertAffineTransform(R)), best.score
-                    rec["two_pass_angle"] = float(angle)
-                else:
-                    log.info("%s: second pass found no face; keeping the first pass", image_id)
+            lm5 = face["landmarks"]
             M = estimate_transform(lm5)
             yaw = yaw_proxy(lm5)
-            rec.update(detector=det_name, n_faces=int(n_faces), score=float(score), yaw=yaw,
-                       frontal=abs(yaw) <= cfg.max_yaw, landmarks=np.asarray(lm5, np.float64).ravel().tolist())
+            rec.update(detector=det_name, n_faces=int(face["n_faces"]), score=float(face["score"]), yaw=yaw,
+                       frontal=abs(yaw) <= cfg.max_yaw, landmarks=np.asarray(lm5, np.float64).ravel().tolist(),
+                       orientation=face["orientation"], two_pass_angle=face["two_pass_angle"])
             if lm68 is not None:
                 rec["landmarks68"] = np.asarray(lm68, np.float64).ravel().tolist()
         crop = warp_to_crop(photo, M)
@@ -298,8 +378,8 @@ def align_stage(run: Run, cfg: AlignConfig) -> StageResult:
     table = pd.DataFrame(rows, columns=ALIGNMENT_COLUMNS).sort_values("image_id", kind="stable")
     table["message"] = [run.shorten(m) if isinstance(m, str) else m for m in table["message"]]
     table = table.astype({"ok": bool, "n_faces": "Int64", "score": "Float64", "yaw": "Float64",
-                          "frontal": "boolean", "photo_width": "Int64",
-                          "photo_height": "Int64", "two_pass_angle": "Float64"}).reset_index(drop=True)
+                          "frontal": "boolean", "photo_width": "Int64", "photo_height": "Int64",
+                          "orientation": "Int64", "two_pass_angle": "Float64"}).reset_index(drop=True)
     write_parquet(table, crops_dir / "alignment.parquet")
     failed = table[~table["ok"]]
     run.write_errors(ErrorRow(r.image_id, r.error_kind or "error", r.message or "") for r in failed.itertuples())

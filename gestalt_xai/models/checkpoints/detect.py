@@ -26,16 +26,20 @@ def detect_format(path: str | os.PathLike[str]) -> FormatId:
     """Guess a checkpoint's format from its name and first bytes (does not unpickle anything).
 
     The registered formats are asked in registration order; the first whose ``detect`` accepts the file wins, and a
-    file none accepts is taken for :data:`FALLBACK_FORMAT`.
+    file none accepts is taken for :data:`FALLBACK_FORMAT`. A missing or unreadable file that no format recognises
+    by name alone raises :class:`~gestalt_xai.errors.CheckpointError` naming it.
     """
     p = Path(path)
     head = None
     if p.is_file():
-        with open(p, "rb") as fh:
-            head = fh.read(_HEAD_BYTES)
+        try:
+            with open(p, "rb") as fh:
+                head = fh.read(_HEAD_BYTES)
+        except OSError as exc:  # unreadable (permissions, a file that vanished)
+            raise CheckpointError(f"{p}: cannot read the checkpoint file: {exc}") from None
     for fmt in CHECKPOINT_FORMATS.values():
         if fmt.detect(p, head):
             return fmt.name  # type: ignore[return-value]
     if head is None:
-        raise CheckpointError(f"{p}: no such checkpoint file")
+        raise CheckpointError(f"{p}: {'a folder, not' if p.is_dir() else 'no such'} checkpoint file")
     return FALLBACK_FORMAT

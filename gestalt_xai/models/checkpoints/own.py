@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gestalt_xai.errors import ConfigError
 from gestalt_xai.models.checkpoints.registry import (
     CheckpointFormat,
     LoadedCheckpoint,
@@ -80,8 +81,10 @@ def _load_own(path: Path, channel_order: ChannelOrder | None) -> GestaltMatcher:
         raise checkpoint_error(path, fmt, f"its config {cfg_path.name} is missing beside the weights")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise checkpoint_error(cfg_path, fmt, f"config is not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise checkpoint_error(cfg_path, fmt, f"config is a JSON {type(cfg).__name__}, not an object")
     missing_fields = [k for k in ("arch", "width", "num_classes", "channel_order") if k not in cfg]
     if missing_fields:
         raise checkpoint_error(cfg_path, fmt, f"config lacks fields {missing_fields}")
@@ -89,21 +92,24 @@ def _load_own(path: Path, channel_order: ChannelOrder | None) -> GestaltMatcher:
         state = load_file(str(weights))
     except (OSError, SafetensorError) as exc:
         raise checkpoint_error(weights, fmt, f"weights unreadable or truncated ({exc})") from exc
-    backbone = build_iresnet(
-        cfg["arch"],
-        cfg["width"],
-        num_features=cfg.get("num_features", 512),
-        dropout=cfg.get("dropout", 0.0),
-        fused=cfg.get("fused", False),
-    )
-    model = GestaltMatcher(
-        backbone,
-        cfg["num_classes"],
-        syndrome_ids=cfg.get("syndrome_ids"),
-        channel_order=channel_order or cfg["channel_order"],
-        classifier_dropout=cfg.get("classifier_dropout", 0.5),
-        config={k: v for k, v in cfg.items() if k not in ("sha256",)},
-    )
+    try:  # the config's values build the model; values no model has (a damaged file) fail here
+        backbone = build_iresnet(
+            cfg["arch"],
+            cfg["width"],
+            num_features=cfg.get("num_features", 512),
+            dropout=cfg.get("dropout", 0.0),
+            fused=cfg.get("fused", False),
+        )
+        model = GestaltMatcher(
+            backbone,
+            cfg["num_classes"],
+            syndrome_ids=cfg.get("syndrome_ids"),
+            channel_order=channel_order or cfg["channel_order"],
+            classifier_dropout=cfg.get("classifier_dropout", 0.5),
+            config={k: v for k, v in cfg.items() if k not in ("sha256",)},
+        )
+    except (ValueError, TypeError, KeyError, RuntimeError, ConfigError) as exc:
+        raise checkpoint_error(cfg_path, fmt, f"config values describe no model ({type(exc).__name__}: {exc})") from exc
     load_strict(model, state, weights, fmt)
     return model
 
