@@ -32,9 +32,10 @@ from gestalt_xai.data.synthetic.identity import Appearance, PhotoConditions
 __all__ = ["RenderedPhoto", "render_photo", "ellipse", "SUPERSAMPLE", "MARK_CENTRE", "MARK_RADIUS", "encode_jpeg"]
 
 SUPERSAMPLE = 2
-#: the confounder mark: a small dark spot on the image-right cheek (face frame, face units)
+#: the confounder mark: a mole-like dark spot on the image-right cheek (face frame, face units); large and dark enough
+#: (≈ 8 px across in the 112² crop) for the demo model to learn it as a Clever-Hans cue
 MARK_CENTRE = (0.62, 0.74)
-MARK_RADIUS = 0.065
+MARK_RADIUS = 0.11
 
 
 @dataclass
@@ -545,7 +546,7 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
     # ---- confounder mark
     if mark:
         mc = ellipse(MARK_CENTRE[0], MARK_CENTRE[1], MARK_RADIUS, MARK_RADIUS * 0.9)
-        cv.paint(cv.alpha([pz(mc, 0.0)], feather=0.012 * u), skin * 0.38, 0.92)
+        cv.paint(cv.alpha([pz(mc, 0.0)], feather=0.012 * u), skin * 0.30, 0.95)
 
     # ---- camera: down-sample, exposure/white balance, blur, noise, JPEG
     img = cv2.resize(cv.img, (photo.width, photo.height), interpolation=cv2.INTER_AREA)
