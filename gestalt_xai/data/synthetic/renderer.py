@@ -546,7 +546,7 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
     # ---- confounder mark
     if mark:
         mc = ellipse(MARK_CENTRE[0], MARK_CENTRE[1], MARK_RADIUS, MARK_RADIUS * 0.9)
-        cv.paint(cv.alpha([pz(mc, 0.0)], feather=0.012 * u), skin * 0.30, 0.95)
+        cv.paint(cv.alpha([pz(mc, 0.0)], feather=0.012 * u), skin * 0.20, 0.97)
 
     # ---- camera: down-sample, exposure/white balance, blur, noise, JPEG
     img = cv2.resize(cv.img, (photo.width, photo.height), interpolation=cv2.INTER_AREA)
