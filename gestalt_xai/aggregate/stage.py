@@ -3,7 +3,10 @@
 Reads ``run/maps/`` (map store), ``run/cohort/`` (subjects, syndromes, sex/age/ancestry), ``run/aligned/`` (crops,
 alignment) and, for synthetic cohorts, ``run/cohort/truth/``. One streaming pass over the maps per method (one
 subject's maps in memory at a time) feeds the composites, the per-map region scores and the SpRAy features; a
-second pass forms the SpRAy cluster composites. Outputs::
+second pass forms the SpRAy cluster composites (and, with counterfactuals, scores each map against its image's
+change masks, :mod:`gestalt_xai.assess.localisation`). Every table is per model id: a random-model control
+(:func:`~gestalt_xai.models.declaration.random_controls`) has its own rows, a chance reference labelled as a control
+in the summary lines. Outputs::
 
     aggregate/composites.parquet     one row per composite: group (syndrome | ALL), stratum (all | sex:F | …),
                                      model_id, method, layer, target_group, normalisation, n_subjects, n_images,
@@ -13,6 +16,9 @@ second pass forms the SpRAy cluster composites. Outputs::
     aggregate/region_subjects.parquet  per subject (images averaged), with HPO anchors
     aggregate/region_syndromes.parquet per syndrome (subjects averaged; group ALL too), rank 1 = top facial region
     aggregate/planted_hits.parquet   synthetic cohorts: does each syndrome's top region hold a planted feature?
+    aggregate/localisation*.parquet  with counterfactuals: relevance in each feature's / the mark's change mask over
+                                     its area share, per map, per patient (ρ with Δscore) and summarised
+    aggregate/mark_effects.parquet   the mark's Clever-Hans effect on the confounded syndrome's score, per set
     aggregate/faces.parquet          composite faces: group, stratum, n_subjects, rendered (privacy guard)
     aggregate/faces/<group>__<stratum>.png   composite faces with ≥ min_subjects subjects only
     aggregate/spray.parquet, spray_members.parquet   SpRAy analyses and cluster memberships (+ cue check)

@@ -12,6 +12,9 @@ through one :class:`~gestalt_xai.attribution.score_model.ScoreModel` per model g
 ensemble of all with ``ensemble=True``; TTA slots with ``tta=True``). Method families share computation (the
 gradient family: one forward+backward pass for Grad-CAM, HiResCAM, FullGrad, saliency and input×gradient).
 
+On a synthetic cohort with counterfactual renderings the stage ends with a forward-only pass measuring each
+item's score change under the counterfactual edits (:mod:`~gestalt_xai.attribution.effects`, ``maps/effects.parquet``).
+
 Resumable: a batch's maps are flushed to the store together; a rerun skips every item whose maps are all stored,
 so a killed run continues without recomputing stored maps. Per-item failures (no centroid left after excluding the
 patient's own subject, no classifier for a logit target, non-finite maps, …) become rows of ``errors.parquet``.
