@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -179,3 +180,130 @@ def test_embed_match_and_explain_take_a_random_control(tiny_run, tmp_path):
     a = idx[idx.model_id == "clf"].set_index("image_id")["target_value"]
     b = idx[idx.model_id == "random_init"].set_index("image_id")["target_value"]
     assert not np.allclose(a.sort_index(), b.sort_index())
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_explain_measures_effects_of_its_counterfactual_images_and_aggregate_localises(trained_run, tmp_path):
+    from gestalt_xai.aggregate.stage import AggregateConfig, aggregate_stage
+    from gestalt_xai.assess.planted import confounded_syndrome, read_truth
+    from gestalt_xai.attribution.effects import EFFECT_KEY
+    from gestalt_xai.attribution.explain import ExplainConfig, explain_stage
+    from gestalt_xai.runs import Run
+
+    run = Run(shutil.copytree(trained_run.path, tmp_path / "run"))
+    cf = run.counterfactuals()
+    assert len(cf), "the synthetic fixture renders counterfactuals of its test photos"
+    result = explain_stage(run, ExplainConfig(methods=["hirescam", "saliency"], overlay=0))
+    seconds = result.extra["effects"]["seconds"]
+    effects = load_effects(run)
+    idx = run.map_store().index()
+    explained = set(idx["image_id"])
+    images = run.image_table().set_index("image_id")
+    # every explained image with counterfactual crops has a row per variant, under its explained target
+    own = effects[effects["target"] == "centroid:" + effects["image_id"].map(images["syndrome_id"])]
+    for image_id, variants in cf[cf["image_id"].isin(explained)].groupby("image_id"):
+        got = own[own["image_id"] == image_id]
+        assert sorted(got["variant"]) == sorted(variants["variant"]), image_id
+    assert set(own["image_id"]) <= explained and len(own)
+    # the factual score is the one the maps explain; Δ = factual − counterfactual
+    value = idx[idx["method"] == "saliency"].set_index(["image_id", "target"])["target_value"]
+    assert np.allclose(own["score"], [value[(i, t)] for i, t in zip(own["image_id"], own["target"], strict=True)],
+                       atol=1e-5)
+    assert np.array_equal(effects["delta"], effects["score"] - effects["counterfactual_score"])
+    assert effects.equals(effects.sort_values(EFFECT_KEY).reset_index(drop=True))
+    # the mark's effect on the confounded syndrome's centroid score, for every photo with a mark variant
+    confounded = confounded_syndrome(read_truth(run)[0])
+    with_mark = set(cf.loc[cf["variant"].isin(["without_mark", "with_mark"]), "image_id"])
+    if confounded is not None and with_mark:
+        marks = effects[(effects["target"] == f"centroid:{confounded}") & (effects["feature"] == "mark")]
+        assert set(marks["image_id"]) == with_mark
+    # a rerun measures nothing again and leaves the table's bytes as they were
+    before = (run.path / "maps" / "effects.parquet").read_bytes()
+    again = explain_stage(run, ExplainConfig(methods=["hirescam", "saliency"], overlay=0))
+    assert again.extra["effects"]["n_new"] == 0
+    assert (run.path / "maps" / "effects.parquet").read_bytes() == before
+    # the random-model control, embedded and explained like any model, measured too
+    from gestalt_xai.models.embed import EmbedConfig, embed_stage
+
+    trained = run.models()[0]
+    control = {"path": str(trained.path), "id": "random_init", "randomise": True}
+    embed_stage(run, EmbedConfig(models=[{"path": str(trained.path)}, control], tta=False, threads=2))
+    explain_stage(run, ExplainConfig(methods=["hirescam", "saliency"], overlay=0, models=[control]),
+                  instance="explain#2")
+    effects = load_effects(run)
+    assert set(effects["model_id"]) == {trained.model_id, "random_init"}
+    # the aggregate stage reads the maps against the change masks and the effects; a lost crop is an error row
+    lost = cf.iloc[0]
+    Path(lost["crop_path"]).unlink()
+    agg = aggregate_stage(run, AggregateConfig(figures=False, normalisations=["max-abs"], strata=["sex"]))
+    errors = run.errors()
+    lost_rows = errors[(errors["stage"] == "aggregate") & (errors["item_id"] == lost["image_id"])]
+    assert lost_rows["key"].str.contains(lost["variant"]).any()
+    loc = pd.read_parquet(run.path / "aggregate" / "localisation.parquet")
+    assert set(loc["method"]) == {"hirescam", "saliency"} and (loc["area_share"] > 0).all()
+    assert set(loc["image_id"]) <= set(cf["image_id"]) and (loc["target_group"] == "centroid:own").all()
+    assert set(loc["model_id"]) == {trained.model_id, "random_init"}
+    summary = pd.read_parquet(run.path / "aggregate" / "localisation_summary.parquet")
+    assert summary.groupby("model_id")["random_control"].first().to_dict() == {trained.model_id: False,
+                                                                                "random_init": True}
+    lines = [line for line in agg.summary if line.startswith("aggregate: localisation")]
+    assert lines and all("beside it the random control random_init" in line for line in lines)
+    results = agg.extra["results"]["localisation"]
+    print(f"effects pass {seconds:.2f} s, localisation {results['seconds']:.2f} s, {len(effects)} effect rows, "
+          f"{len(loc)} localisation rows")
+
+
+@pytest.fixture(scope="module")
+def confounded_run(tmp_path_factory):
+    """A small synthetic cohort with the cheek mark on S01, counterfactuals of its train and test photos, aligned with
+    true landmarks, and an untrained model (the effects are measured through any model) with its embeddings."""
+    from conftest import _truth_landmark_table
+
+    from gestalt_xai.data.synthetic.cohort import SynthConfig, synth_stage
+    from gestalt_xai.faces.stage import AlignConfig, align_stage
+    from gestalt_xai.models.checkpoints import save_model
+    from gestalt_xai.models.embed import EmbedConfig, embed_stage
+    from gestalt_xai.runs import Run
+
+    run = Run(tmp_path_factory.mktemp("confounded") / "run")
+    synth_stage(run, SynthConfig(seed=1, n_syndromes=3, n_frequent=2, frequent_subjects=(8, 9), n_controls=6,
+                                 images_per_subject=(1, 2), workers=1, confounder={"syndrome": "S01", "rate": 0.8},
+                                 counterfactuals={"sets": ["train", "test"]}))
+    table = _truth_landmark_table(run.path, run.path / "face_coords.csv")
+    align_stage(run, AlignConfig(cohort=str(run.path / "cohort"), landmarks=str(table)))
+    torch.manual_seed(3)
+    save_model(randomise_model(build_gestaltmatcher("r18", width=0.125), 3), run.path / "models" / "m.safetensors")
+    embed_stage(run, EmbedConfig(tta=False, threads=2))
+    return run
+
+
+def test_mark_effect_on_the_confounded_syndrome_per_set(confounded_run, tmp_path):
+    from gestalt_xai.aggregate.stage import AggregateConfig, aggregate_stage
+    from gestalt_xai.assess.localisation import wilson_interval
+    from gestalt_xai.attribution.explain import ExplainConfig, explain_stage
+    from gestalt_xai.runs import Run
+
+    run = Run(shutil.copytree(confounded_run.path, tmp_path / "run"))
+    cf = run.counterfactuals()
+    explain_stage(run, ExplainConfig(methods=["saliency"], overlay=0))
+    effects = load_effects(run)
+    images = run.image_table().set_index("image_id")
+    marks = effects[(effects["target"] == "centroid:S01") & (effects["feature"] == "mark")]
+    marked = set(cf.loc[cf["variant"] == "without_mark", "image_id"])
+    unmarked = set(cf.loc[cf["variant"] == "with_mark", "image_id"])
+    assert marked and unmarked and set(marks["image_id"]) == marked | unmarked  # train photos too, not only explained
+    assert (marks.loc[marks["change"] == "remove", "image_id"].map(images["syndrome_id"]) == "S01").all()
+    agg = aggregate_stage(run, AggregateConfig(figures=False, normalisations=["max-abs"], strata=["sex"]))
+    table = pd.read_parquet(run.path / "aggregate" / "mark_effects.parquet")
+    removal = marks[(marks["change"] == "remove")
+                    & marks["image_id"].map(images["sets"]).str.split(",").map(lambda s: "train" in s)]
+    row = table[(table["set"] == "train") & (table["change"] == "remove")].iloc[0]
+    assert (row["n"], row["n_expected"]) == (len(removal), int((removal["delta"] > 0).sum()))
+    assert row["mean_delta"] == pytest.approx(removal["delta"].mean())
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(wilson_interval(row["n_expected"], row["n"]))
+    assert any(line.startswith("aggregate: Clever Hans (m, train set)") for line in agg.summary)
+    print("\n".join(line for line in agg.summary if "Clever" in line or "localisation" in line))
+    # the mark's own localisation rows: marked S01 photos only, with the without_mark change mask
+    loc = pd.read_parquet(run.path / "aggregate" / "localisation.parquet")
+    on_mark = loc[loc["feature"] == "mark"]
+    assert len(on_mark) and set(on_mark["image_id"]) <= marked and (on_mark["syndrome_id"] == "S01").all()

@@ -327,13 +327,14 @@ def mark_effects(effects: pd.DataFrame, images: pd.DataFrame, confounded: str | 
 def run_localiser(run: Any, image_ids: set[str], confounded: str | None, errors: list[ErrorRow]) -> Localiser | None:
     """The :class:`Localiser` of ``run`` for the images with maps (``None`` without counterfactuals, costing
     nothing); a counterfactual listed in the cohort whose crop is missing is an error row."""
+    from gestalt_xai.data.synthetic.truth import load_counterfactuals
     from gestalt_xai.runs import LAYOUT
 
-    listed_path = run.path / LAYOUT.cohort / "counterfactuals" / "counterfactuals.parquet"
-    if not listed_path.exists():
+    listed = load_counterfactuals(run.path / LAYOUT.cohort)[["image_id", "variant"]].astype(str)
+    if not len(listed):
         return None
-    variants = run.counterfactuals()
-    listed = pd.read_parquet(listed_path, columns=["image_id", "variant"]).astype(str)
+    have_crops = (run.path / LAYOUT.counterfactual_crop_table).exists()
+    variants = run.counterfactuals() if have_crops else listed.iloc[:0].assign(feature="", change="")
     listed = listed[listed["image_id"].isin(image_ids)]
     have = set(zip(variants["image_id"].astype(str), variants["variant"].astype(str), strict=True))
     for image_id, variant in sorted(set(zip(listed["image_id"], listed["variant"], strict=True)) - have):

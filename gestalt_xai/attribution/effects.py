@@ -124,7 +124,10 @@ def _finish(rows: list[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
 
 
 def _counterfactuals(run: Run, image_ids: Sequence[str] | None) -> pd.DataFrame:
-    """The counterfactual variants whose crops exist, of ``image_ids`` (every image when ``None``)."""
+    """The counterfactual variants whose crops exist, of ``image_ids`` (every image when ``None``); empty when the
+    run has no counterfactual crops."""
+    if not (run.path / LAYOUT.counterfactual_crop_table).exists():
+        return pd.DataFrame(columns=["image_id", "variant", "feature", "change"])
     table = run.counterfactuals()
     if image_ids is not None:
         table = table[table["image_id"].astype(str).isin({str(i) for i in image_ids})]
@@ -238,7 +241,7 @@ def explain_effects(run: Run, setup: ExplainSetup, errors: list[ErrorRow]) -> St
     """The explain stage's effects pass: :func:`measure_effects` of its items and :func:`measure_mark_effects`,
     upserted into :data:`EFFECTS_FILE`. Nothing is loaded or written when the run has no counterfactuals."""
     t0 = time.perf_counter()
-    if not (run.path / LAYOUT.cohort / "counterfactuals").is_dir() or not len(run.counterfactuals()):
+    if not len(_counterfactuals(run, None)):
         return StageResult()
     old = load_effects(run)
     skip = set(zip(*(old[c].astype(str) for c in [*EFFECT_KEY, "model_hash"]), strict=True))
