@@ -48,6 +48,9 @@ class RenderedPhoto:
     landmarks68: np.ndarray  # (68, 2)
     geometry: FaceGeometry
     photo: PhotoConditions
+    #: H×W×3 float32 in 8-bit units (0..255, not clipped): the photo after down-sampling, exposure, white balance
+    #: and blur, before sensor noise, rounding and JPEG; only when :func:`render_photo` is asked for it
+    clean: np.ndarray | None = None
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
@@ -208,7 +211,8 @@ def _pts(xy: np.ndarray, z: float | np.ndarray = 0.0) -> np.ndarray:
     return np.column_stack([xy, zz])
 
 
-def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mark: bool = False) -> RenderedPhoto:
+def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mark: bool = False,
+                 clean: bool = False) -> RenderedPhoto:
     """Render one raw photo of a face.
 
     Parameters
@@ -221,6 +225,15 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
         Canvas, pose, light, background and camera nuisance.
     mark:
         Paint the confounder mark (a small dark spot on the image-right cheek).
+    clean:
+        Also return the photo before sensor noise and JPEG (:attr:`RenderedPhoto.clean`), the image counterfactual
+        change masks are computed on (:mod:`~gestalt_xai.data.synthetic.counterfactuals`). It costs nothing extra:
+        the same array is computed either way.
+
+    Every random draw (skin and hair texture, background blotches, sensor noise) depends on the identity
+    (``look.texture_seed``) and the photo (``photo.noise_seed``) only, and is made over a region fixed by the
+    identity and the pose, so a photo rendered with other phenotypes or without the mark consumes exactly the same
+    draws: what differs between the two photos is what the phenotypes paint.
 
     Examples
     --------
@@ -555,10 +568,12 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
     img *= np.asarray(photo.white_balance, np.float32) * (photo.exposure * metering)
     if photo.blur_sigma > 0.25:
         img = cv2.GaussianBlur(img, (0, 0), photo.blur_sigma)
-    img = img * 255.0 + rng_photo.standard_normal(img.shape, dtype=np.float32) * np.float32(photo.noise_sigma)
+    before_noise = img * 255.0
+    img = before_noise + rng_photo.standard_normal(img.shape, dtype=np.float32) * np.float32(photo.noise_sigma)
     rgb8 = np.clip(np.round(img), 0, 255).astype(np.uint8)
     jpeg = encode_jpeg(rgb8, photo.jpeg_quality)
     decoded = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)[..., ::-1].copy()
     lm5 = project(landmarks5(g), pose)
     lm68 = project(landmarks68(g), pose)
-    return RenderedPhoto(rgb=decoded, jpeg=jpeg, landmarks5=lm5, landmarks68=lm68, geometry=g, photo=photo)
+    return RenderedPhoto(rgb=decoded, jpeg=jpeg, landmarks5=lm5, landmarks68=lm68, geometry=g, photo=photo,
+                         clean=before_noise if clean else None)
