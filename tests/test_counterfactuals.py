@@ -16,16 +16,17 @@ import pytest
 from gestalt_xai.data.cohort import load_cohort
 from gestalt_xai.data.images import load_image
 from gestalt_xai.data.synthetic import PHENOTYPES, ConfounderConfig, SynthConfig, load_truth, synth_stage
-from gestalt_xai.data.synthetic.cohort import mark_mask, plan_cohort, render_image
+from gestalt_xai.data.synthetic.cohort import mark_mask, photo_conditions, plan_cohort, render_image, subject_identity
 from gestalt_xai.data.synthetic.counterfactuals import (
     CHANGE_THRESHOLD,
     change_mask,
     plan_variants,
     render_counterfactual,
+    render_counterfactuals,
 )
 from gestalt_xai.data.synthetic.identity import sample_identity, sample_photo
 from gestalt_xai.data.synthetic.phenotypes import CONFLICTS, apply_features, feature_regions, rasterise_regions
-from gestalt_xai.data.synthetic.renderer import render_photo
+from gestalt_xai.data.synthetic.renderer import prepare_scene, render_photo
 from gestalt_xai.data.synthetic.truth import decode_mask_bits
 from gestalt_xai.errors import InputError
 from gestalt_xai.faces.align import row_matrix, warp_photo_to_crop, warp_to_crop
@@ -66,7 +67,18 @@ def test_nothing_removed_is_the_factual_photo() -> None:
     assert same.clean.dtype == np.float32 and same.clean.shape == factual.photo.rgb.shape
     assert factual.photo.clean is None, "the clean photo is kept only when asked for"
     # removing something does change it, and only an existing feature can be removed
-    assert render_counterfactual(TINY, image, remove=list(image.subject.effects)[:1]).jpeg != factual.jpeg
+    first = list(image.subject.effects)[0]
+    without = render_counterfactual(TINY, image, remove=[first])
+    assert without.jpeg != factual.jpeg
+    # the synth pass draws the photo's scene once for all its variants: the same bytes as drawing it each time
+    item = render_counterfactuals(TINY, image)
+    assert item.jpegs[f"without_{first}"] == without.jpeg
+    assert item.jpegs["without_mark"] == render_counterfactual(TINY, image, mark=False).jpeg
+    base, look = subject_identity(TINY, image.subject)
+    other = plan_cohort(TINY).images[image.index - 1]
+    with pytest.raises(ValueError, match="another identity or photo"):
+        render_photo(base, look, photo_conditions(TINY, image),
+                     scene=prepare_scene(base, look, photo_conditions(TINY, other)))
     with pytest.raises(KeyError, match="not planted"):
         render_counterfactual(TINY, image, remove=["hypotelorism" if "hypertelorism" in image.subject.effects
                                                    else "hypertelorism"])

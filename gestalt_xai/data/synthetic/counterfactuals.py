@@ -47,7 +47,7 @@ from gestalt_xai.data.synthetic.cohort import (
     subject_identity,
 )
 from gestalt_xai.data.synthetic.phenotypes import apply_features
-from gestalt_xai.data.synthetic.renderer import RenderedPhoto, render_photo
+from gestalt_xai.data.synthetic.renderer import RenderedPhoto, Scene, prepare_scene, render_photo
 from gestalt_xai.data.synthetic.truth import (
     ALL_FEATURES_BIT,
     CONFOUNDER_BIT,
@@ -116,9 +116,11 @@ def render_counterfactual(cfg: SynthConfig, image: ImagePlan, remove: Iterable[s
     return _render(cfg, image, effects, image.mark if mark is None else mark)
 
 
-def _render(cfg: SynthConfig, image: ImagePlan, effects: dict[str, float], mark: bool) -> RenderedPhoto:
+def _render(cfg: SynthConfig, image: ImagePlan, effects: dict[str, float], mark: bool,
+            scene: Scene | None = None) -> RenderedPhoto:
     base, look = subject_identity(cfg, image.subject)
-    return render_photo(apply_features(base, effects), look, photo_conditions(cfg, image), mark=mark, clean=True)
+    return render_photo(apply_features(base, effects), look, photo_conditions(cfg, image), mark=mark, clean=True,
+                        scene=scene)
 
 
 def change_mask(factual_clean: np.ndarray, counterfactual_clean: np.ndarray) -> np.ndarray:
@@ -148,8 +150,11 @@ def _relative(image_id: str, variant: str) -> str:
 
 def render_counterfactuals(cfg: SynthConfig, image: ImagePlan) -> CounterfactualItem:
     """Render every variant of ``image`` (:func:`plan_variants`) and its change mask. Variants that render the same
-    phenotype and mark (e.g. ``without_all_features`` of a photo with one feature) are rendered once."""
-    factual = _render(cfg, image, image.subject.effects, image.mark)
+    phenotype and mark (e.g. ``without_all_features`` of a photo with one feature) are rendered once, and all share
+    the photo's :class:`~gestalt_xai.data.synthetic.renderer.Scene` (drawn once)."""
+    base, look = subject_identity(cfg, image.subject)
+    scene = prepare_scene(base, look, photo_conditions(cfg, image))
+    factual = _render(cfg, image, image.subject.effects, image.mark, scene)
     size = factual.clean.shape[:2]
     rendered: dict[tuple[tuple[tuple[str, float], ...], bool], tuple[bytes, np.ndarray]] = {}
     layers: dict[int, np.ndarray] = {}
@@ -157,7 +162,7 @@ def render_counterfactuals(cfg: SynthConfig, image: ImagePlan) -> Counterfactual
     for v in plan_variants(image, cfg.confounder is not None and cfg.counterfactuals.mark):
         key = (tuple(sorted((k, e) for k, e in v.effects.items() if e > 0)), v.mark)
         if key not in rendered:
-            out = _render(cfg, image, v.effects, v.mark)
+            out = _render(cfg, image, v.effects, v.mark, scene)
             rendered[key] = (out.jpeg, change_mask(factual.clean, out.clean))
         jpegs[v.name], layers[v.mask_bit] = rendered[key]
         rows.append({"image_id": image.image_id, "variant": v.name, "feature": v.feature, "change": v.change,
