@@ -239,6 +239,9 @@ def test_counterfactual_crops_are_cut_with_the_factual_matrix(synthetic_run) -> 
     truth = load_truth(run.path)
     with_features = set(run.image_table().query("test")["image_id"]) & set(truth.features["image_id"])
     assert len(cf) > 10 and set(cf["image_id"]) == with_features & set(run.aligned_ids())
+    # a test photo with nothing to remove (a control; no confounder in this cohort) has no counterfactual at all
+    bare = set(run.image_table().query("test")["image_id"]) - with_features
+    assert bare and not any((run.path / LAYOUT.counterfactuals / "change_masks" / f"{i}.png").exists() for i in bare)
     alignments = run.alignments(aligned_only=True).set_index("image_id")
     disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (17, 17))  # 8 px: JPEG blocks reach ≤ 8 photo px ≈ 6 crop px
     worst, shares = 0, []

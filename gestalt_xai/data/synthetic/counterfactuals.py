@@ -199,8 +199,8 @@ def select_images(sets: Sequence[str], splits: pd.DataFrame, image_ids: Iterable
 
 
 def _files_exist(root: Path, rows: list[dict[str, Any]]) -> bool:
-    return all((root / r["path"]).is_file() for r in rows) and (
-        not rows or (root / COUNTERFACTUALS_DIR / "change_masks" / f"{rows[0]['image_id']}.png").is_file())
+    return bool(rows) and all((root / r["path"]).is_file() for r in rows) and (
+        root / COUNTERFACTUALS_DIR / "change_masks" / f"{rows[0]['image_id']}.png").is_file()
 
 
 def write_counterfactuals(cfg: SynthConfig, plan: CohortPlan, out_dir: Path, image_ids: Sequence[str],
@@ -210,16 +210,19 @@ def write_counterfactuals(cfg: SynthConfig, plan: CohortPlan, out_dir: Path, ima
 
     ``done`` maps photos whose counterfactuals an earlier run wrote to their table rows (reused when their files
     exist); ``on_item(image_id, rows)`` is called after each newly written photo; ``render`` is the cohort's renderer
-    (its worker processes). Files of photos no longer selected are removed; with no photo selected the folder goes.
+    (its worker processes). Photos without a variant (no planted feature, no confounder) are skipped. Files of
+    photos no longer selected are removed; with none selected the folder goes.
     """
     from gestalt_xai.runs import atomic_write_bytes, write_parquet
 
     root = out_dir / COUNTERFACTUALS_DIR
-    if not image_ids:
+    mark_variants = cfg.confounder is not None and cfg.counterfactuals.mark
+    selected = set(image_ids)
+    wanted = {im.image_id for im in plan.images if im.image_id in selected and plan_variants(im, mark_variants)}
+    if not wanted:
         if root.exists():
             shutil.rmtree(root)
         return {"n_counterfactual_images": 0, "n_counterfactuals": 0, "n_counterfactuals_rendered": 0}
-    wanted = set(image_ids)
     done = {k: v for k, v in (done or {}).items() if k in wanted and _files_exist(out_dir, v)}
     todo = [im for im in plan.images if im.image_id in wanted and im.image_id not in done]
     rows = {k: list(v) for k, v in done.items()}
