@@ -31,7 +31,7 @@ from gestalt_xai.data.synthetic.truth import decode_mask_bits
 from gestalt_xai.errors import InputError
 from gestalt_xai.faces.align import row_matrix, warp_photo_to_crop, warp_to_crop
 from gestalt_xai.faces.stage import AlignConfig, _folder_cohort, align_stage
-from gestalt_xai.runs import LAYOUT, Run
+from gestalt_xai.runs import LAYOUT, Run, write_parquet
 
 #: a tiny cohort with the confounder on: every syndrome is rare, so each of its photos is a test photo in some split
 TINY = SynthConfig(seed=5, n_syndromes=2, n_frequent=0, rare_subjects=(2, 3), images_per_subject=(1, 2),
@@ -281,24 +281,29 @@ def test_a_photo_that_failed_alignment_has_no_counterfactual_crops(synthetic_run
     shutil.rmtree(run.path / LAYOUT.aligned)
     (run.path / LAYOUT.ledger / "align.jsonl").unlink()
     cf = load_truth(run.path).counterfactuals
-    failed, damaged = sorted(cf["image_id"].unique())[:2]
-    # the factual photo of `failed` has no landmarks; one counterfactual file of `damaged` is broken
+    failed, damaged, escaping = sorted(cf["image_id"].unique())[:3]
+    # the factual photo of `failed` has no landmarks; one counterfactual file of `damaged` is broken; one row of
+    # `escaping` points out of the cohort folder
     table = pd.read_csv(run.path / "face_coords.csv", dtype={"img": str})
     table[table["img"] != f"{failed}.jpg"].to_csv(run.path / "face_coords.csv", index=False)
     broken = cf[cf["image_id"] == damaged].iloc[0]
     (run.path / "cohort" / broken["path"]).write_bytes(b"not a jpeg")
+    outside = cf.index[cf["image_id"] == escaping][0]
+    cf.loc[outside, "path"] = "../face_coords.csv"
+    write_parquet(cf, run.path / LAYOUT.counterfactuals / "counterfactuals.parquet")
     result = align_stage(run, AlignConfig(cohort=str(run.path / "cohort"), landmarks=str(run.path / "face_coords.csv")))
     errors = run.errors()
-    errors = errors[errors["stage"] == "align"]
-    assert sorted(errors["item_id"]) == sorted([failed, damaged]) and result.errors == 2
-    assert f'"counterfactual": "{broken["variant"]}"' in errors.set_index("item_id").loc[damaged, "key"]
+    errors = errors[errors["stage"] == "align"].set_index("item_id")
+    assert sorted(errors.index) == sorted([failed, damaged, escaping]) and result.errors == 3
+    assert errors.loc[failed, "key"] == "", "the factual's own error row, nothing for its counterfactuals"
+    assert f'"counterfactual": "{broken["variant"]}"' in errors.loc[damaged, "key"]
+    assert "resolves outside" in errors.loc[escaping, "message"]
     got = run.counterfactuals()
     assert failed not in set(got["image_id"]) and run.counterfactual_crops(failed) == {}
     assert run.change_masks(failed) == {} and not (run.path / LAYOUT.counterfactual_crops / failed).exists()
-    assert set(got.loc[got["image_id"] == damaged, "variant"]) == set(cf.loc[cf["image_id"] == damaged, "variant"]) - {
-        broken["variant"]}
-    others = cf[~cf["image_id"].isin([failed, damaged])]
-    assert len(got[~got["image_id"].isin([failed, damaged])]) == len(others)
+    skipped = {(damaged, broken["variant"]), (escaping, cf.loc[outside, "variant"])}
+    expected = {(i, v) for i, v in zip(cf["image_id"], cf["variant"], strict=True) if i != failed} - skipped
+    assert set(zip(got["image_id"], got["variant"], strict=True)) == expected
 
 
 def test_counterfactuals_need_the_align_stage(tiny_runs) -> None:
