@@ -16,21 +16,22 @@ import pytest
 from gestalt_xai.data.cohort import load_cohort
 from gestalt_xai.data.images import load_image
 from gestalt_xai.data.synthetic import PHENOTYPES, ConfounderConfig, SynthConfig, load_truth, synth_stage
-from gestalt_xai.data.synthetic.cohort import mark_mask, plan_cohort, render_image
+from gestalt_xai.data.synthetic.cohort import mark_mask, photo_conditions, plan_cohort, render_image, subject_identity
 from gestalt_xai.data.synthetic.counterfactuals import (
     CHANGE_THRESHOLD,
     change_mask,
     plan_variants,
     render_counterfactual,
+    render_counterfactuals,
 )
 from gestalt_xai.data.synthetic.identity import sample_identity, sample_photo
 from gestalt_xai.data.synthetic.phenotypes import CONFLICTS, apply_features, feature_regions, rasterise_regions
-from gestalt_xai.data.synthetic.renderer import render_photo
+from gestalt_xai.data.synthetic.renderer import prepare_scene, render_photo
 from gestalt_xai.data.synthetic.truth import decode_mask_bits
 from gestalt_xai.errors import InputError
 from gestalt_xai.faces.align import row_matrix, warp_photo_to_crop, warp_to_crop
 from gestalt_xai.faces.stage import AlignConfig, _folder_cohort, align_stage
-from gestalt_xai.runs import LAYOUT, Run
+from gestalt_xai.runs import LAYOUT, Run, write_parquet
 
 #: a tiny cohort with the confounder on: every syndrome is rare, so each of its photos is a test photo in some split
 TINY = SynthConfig(seed=5, n_syndromes=2, n_frequent=0, rare_subjects=(2, 3), images_per_subject=(1, 2),
@@ -66,7 +67,18 @@ def test_nothing_removed_is_the_factual_photo() -> None:
     assert same.clean.dtype == np.float32 and same.clean.shape == factual.photo.rgb.shape
     assert factual.photo.clean is None, "the clean photo is kept only when asked for"
     # removing something does change it, and only an existing feature can be removed
-    assert render_counterfactual(TINY, image, remove=list(image.subject.effects)[:1]).jpeg != factual.jpeg
+    first = list(image.subject.effects)[0]
+    without = render_counterfactual(TINY, image, remove=[first])
+    assert without.jpeg != factual.jpeg
+    # the synth pass draws the photo's scene once for all its variants: the same bytes as drawing it each time
+    item = render_counterfactuals(TINY, image)
+    assert item.jpegs[f"without_{first}"] == without.jpeg
+    assert item.jpegs["without_mark"] == render_counterfactual(TINY, image, mark=False).jpeg
+    base, look = subject_identity(TINY, image.subject)
+    other = plan_cohort(TINY).images[image.index - 1]
+    with pytest.raises(ValueError, match="another identity or photo"):
+        render_photo(base, look, photo_conditions(TINY, image),
+                     scene=prepare_scene(base, look, photo_conditions(TINY, other)))
     with pytest.raises(KeyError, match="not planted"):
         render_counterfactual(TINY, image, remove=["hypotelorism" if "hypertelorism" in image.subject.effects
                                                    else "hypertelorism"])
@@ -227,6 +239,9 @@ def test_counterfactual_crops_are_cut_with_the_factual_matrix(synthetic_run) -> 
     truth = load_truth(run.path)
     with_features = set(run.image_table().query("test")["image_id"]) & set(truth.features["image_id"])
     assert len(cf) > 10 and set(cf["image_id"]) == with_features & set(run.aligned_ids())
+    # a test photo with nothing to remove (a control; no confounder in this cohort) has no counterfactual at all
+    bare = set(run.image_table().query("test")["image_id"]) - with_features
+    assert bare and not any((run.path / LAYOUT.counterfactuals / "change_masks" / f"{i}.png").exists() for i in bare)
     alignments = run.alignments(aligned_only=True).set_index("image_id")
     disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (17, 17))  # 8 px: JPEG blocks reach ≤ 8 photo px ≈ 6 crop px
     worst, shares = 0, []
@@ -266,24 +281,29 @@ def test_a_photo_that_failed_alignment_has_no_counterfactual_crops(synthetic_run
     shutil.rmtree(run.path / LAYOUT.aligned)
     (run.path / LAYOUT.ledger / "align.jsonl").unlink()
     cf = load_truth(run.path).counterfactuals
-    failed, damaged = sorted(cf["image_id"].unique())[:2]
-    # the factual photo of `failed` has no landmarks; one counterfactual file of `damaged` is broken
+    failed, damaged, escaping = sorted(cf["image_id"].unique())[:3]
+    # the factual photo of `failed` has no landmarks; one counterfactual file of `damaged` is broken; one row of
+    # `escaping` points out of the cohort folder
     table = pd.read_csv(run.path / "face_coords.csv", dtype={"img": str})
     table[table["img"] != f"{failed}.jpg"].to_csv(run.path / "face_coords.csv", index=False)
     broken = cf[cf["image_id"] == damaged].iloc[0]
     (run.path / "cohort" / broken["path"]).write_bytes(b"not a jpeg")
+    outside = cf.index[cf["image_id"] == escaping][0]
+    cf.loc[outside, "path"] = "../face_coords.csv"
+    write_parquet(cf, run.path / LAYOUT.counterfactuals / "counterfactuals.parquet")
     result = align_stage(run, AlignConfig(cohort=str(run.path / "cohort"), landmarks=str(run.path / "face_coords.csv")))
     errors = run.errors()
-    errors = errors[errors["stage"] == "align"]
-    assert sorted(errors["item_id"]) == sorted([failed, damaged]) and result.errors == 2
-    assert f'"counterfactual": "{broken["variant"]}"' in errors.set_index("item_id").loc[damaged, "key"]
+    errors = errors[errors["stage"] == "align"].set_index("item_id")
+    assert sorted(errors.index) == sorted([failed, damaged, escaping]) and result.errors == 3
+    assert errors.loc[failed, "key"] == "", "the factual's own error row, nothing for its counterfactuals"
+    assert f'"counterfactual": "{broken["variant"]}"' in errors.loc[damaged, "key"]
+    assert "resolves outside" in errors.loc[escaping, "message"]
     got = run.counterfactuals()
     assert failed not in set(got["image_id"]) and run.counterfactual_crops(failed) == {}
     assert run.change_masks(failed) == {} and not (run.path / LAYOUT.counterfactual_crops / failed).exists()
-    assert set(got.loc[got["image_id"] == damaged, "variant"]) == set(cf.loc[cf["image_id"] == damaged, "variant"]) - {
-        broken["variant"]}
-    others = cf[~cf["image_id"].isin([failed, damaged])]
-    assert len(got[~got["image_id"].isin([failed, damaged])]) == len(others)
+    skipped = {(damaged, broken["variant"]), (escaping, cf.loc[outside, "variant"])}
+    expected = {(i, v) for i, v in zip(cf["image_id"], cf["variant"], strict=True) if i != failed} - skipped
+    assert set(zip(got["image_id"], got["variant"], strict=True)) == expected
 
 
 def test_counterfactuals_need_the_align_stage(tiny_runs) -> None:

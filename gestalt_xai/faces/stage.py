@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -328,6 +329,10 @@ def _align_one(image_id: str, path: str, crops_dir: str) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- counterfactuals
+#: the names of counterfactual variants (they become file names)
+_VARIANT = re.compile(r"with(out)?_[a-z0-9_]+")
+
+
 def _align_counterfactuals(run: Run, cfg: AlignConfig, table: pd.DataFrame) -> tuple[int, list[ErrorRow]]:
     """Cut the counterfactual renderings of every aligned photo with the factual photo's stored matrix.
 
@@ -348,15 +353,17 @@ def _align_counterfactuals(run: Run, cfg: AlignConfig, table: pd.DataFrame) -> t
     out = run.path / LAYOUT.counterfactual_crops
     source = Path(cfg.cohort) if cfg.cohort else None
     source = source if source is None or source.is_dir() else source.parent
-    cf = load_counterfactuals(source) if source is not None else None
+    errors: list[ErrorRow] = []
+    try:
+        cf = load_counterfactuals(source) if source is not None else None
+    except GestaltXAIError as exc:
+        cf, errors = None, [ErrorRow(COUNTERFACTUALS_DIR, error_kind(exc), str(exc))]
     if cf is None or cf.empty:
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
-        return 0, []
+        return 0, errors
     aligned = table[table["ok"]].set_index("image_id")
-    rows, errors, keep = [], [], set()
+    rows, keep = [], set()
     for image_id, group in progress(cf.groupby("image_id", sort=True), "aligning counterfactuals",
                                     total=cf["image_id"].nunique()):
         if image_id not in aligned.index:
@@ -370,7 +377,9 @@ def _align_counterfactuals(run: Run, cfg: AlignConfig, table: pd.DataFrame) -> t
         layers = {}
         for r in group.itertuples(index=False):
             try:
-                photo = load_image(source / r.path, max_pixels=cfg.max_pixels)
+                if not _VARIANT.fullmatch(str(r.variant)):
+                    raise InputError(f"{image_id}: {r.variant!r} is not a counterfactual variant name")
+                photo = load_image(resolve_inside(source, r.path), max_pixels=cfg.max_pixels)
             except GestaltXAIError as exc:
                 errors.append(ErrorRow(image_id, error_kind(exc), str(exc), key={"counterfactual": r.variant}))
                 continue

@@ -504,8 +504,11 @@ def _data_card_action(cfg: SynthConfig, value: Path, run_dir: Path) -> list[str]
 def synth_stage(run: Run, cfg: SynthConfig) -> StageResult:
     """Write the synthetic cohort of ``cfg`` into ``<run>/cohort/`` (resumable, deterministic).
 
-    GMDB-format tables and raw photos go to ``cohort/``, the ground truth to ``cohort/truth/``, the data card to
-    ``cohort/data_card.md``; the result's ``extra`` holds the counts of images, subjects and syndromes.
+    GMDB-format tables and raw photos go to ``cohort/``, the ground truth to ``cohort/truth/``, the counterfactual
+    renderings to ``cohort/counterfactuals/``, the data card to ``cohort/data_card.md``; the result's ``extra`` holds
+    the counts of images, subjects, syndromes and counterfactuals. Finished photos and counterfactuals are recorded in
+    two ledgers, so a rerun renders only what is missing, and changing the ``counterfactuals`` options never renders
+    a photo of the cohort again.
     """
     out = run.dir(LAYOUT.cohort)
     unchanged = ("workers", "undiagnosed", "counterfactuals")  # none changes a rendered photo

@@ -47,7 +47,7 @@ from gestalt_xai.data.synthetic.cohort import (
     subject_identity,
 )
 from gestalt_xai.data.synthetic.phenotypes import apply_features
-from gestalt_xai.data.synthetic.renderer import RenderedPhoto, render_photo
+from gestalt_xai.data.synthetic.renderer import RenderedPhoto, Scene, prepare_scene, render_photo
 from gestalt_xai.data.synthetic.truth import (
     ALL_FEATURES_BIT,
     CONFOUNDER_BIT,
@@ -116,9 +116,11 @@ def render_counterfactual(cfg: SynthConfig, image: ImagePlan, remove: Iterable[s
     return _render(cfg, image, effects, image.mark if mark is None else mark)
 
 
-def _render(cfg: SynthConfig, image: ImagePlan, effects: dict[str, float], mark: bool) -> RenderedPhoto:
+def _render(cfg: SynthConfig, image: ImagePlan, effects: dict[str, float], mark: bool,
+            scene: Scene | None = None) -> RenderedPhoto:
     base, look = subject_identity(cfg, image.subject)
-    return render_photo(apply_features(base, effects), look, photo_conditions(cfg, image), mark=mark, clean=True)
+    return render_photo(apply_features(base, effects), look, photo_conditions(cfg, image), mark=mark, clean=True,
+                        scene=scene)
 
 
 def change_mask(factual_clean: np.ndarray, counterfactual_clean: np.ndarray) -> np.ndarray:
@@ -148,8 +150,11 @@ def _relative(image_id: str, variant: str) -> str:
 
 def render_counterfactuals(cfg: SynthConfig, image: ImagePlan) -> CounterfactualItem:
     """Render every variant of ``image`` (:func:`plan_variants`) and its change mask. Variants that render the same
-    phenotype and mark (e.g. ``without_all_features`` of a photo with one feature) are rendered once."""
-    factual = _render(cfg, image, image.subject.effects, image.mark)
+    phenotype and mark (e.g. ``without_all_features`` of a photo with one feature) are rendered once, and all share
+    the photo's :class:`~gestalt_xai.data.synthetic.renderer.Scene` (drawn once)."""
+    base, look = subject_identity(cfg, image.subject)
+    scene = prepare_scene(base, look, photo_conditions(cfg, image))
+    factual = _render(cfg, image, image.subject.effects, image.mark, scene)
     size = factual.clean.shape[:2]
     rendered: dict[tuple[tuple[tuple[str, float], ...], bool], tuple[bytes, np.ndarray]] = {}
     layers: dict[int, np.ndarray] = {}
@@ -157,7 +162,7 @@ def render_counterfactuals(cfg: SynthConfig, image: ImagePlan) -> Counterfactual
     for v in plan_variants(image, cfg.confounder is not None and cfg.counterfactuals.mark):
         key = (tuple(sorted((k, e) for k, e in v.effects.items() if e > 0)), v.mark)
         if key not in rendered:
-            out = _render(cfg, image, v.effects, v.mark)
+            out = _render(cfg, image, v.effects, v.mark, scene)
             rendered[key] = (out.jpeg, change_mask(factual.clean, out.clean))
         jpegs[v.name], layers[v.mask_bit] = rendered[key]
         rows.append({"image_id": image.image_id, "variant": v.name, "feature": v.feature, "change": v.change,
@@ -194,8 +199,8 @@ def select_images(sets: Sequence[str], splits: pd.DataFrame, image_ids: Iterable
 
 
 def _files_exist(root: Path, rows: list[dict[str, Any]]) -> bool:
-    return all((root / r["path"]).is_file() for r in rows) and (
-        not rows or (root / COUNTERFACTUALS_DIR / "change_masks" / f"{rows[0]['image_id']}.png").is_file())
+    return bool(rows) and all((root / r["path"]).is_file() for r in rows) and (
+        root / COUNTERFACTUALS_DIR / "change_masks" / f"{rows[0]['image_id']}.png").is_file()
 
 
 def write_counterfactuals(cfg: SynthConfig, plan: CohortPlan, out_dir: Path, image_ids: Sequence[str],
@@ -205,16 +210,19 @@ def write_counterfactuals(cfg: SynthConfig, plan: CohortPlan, out_dir: Path, ima
 
     ``done`` maps photos whose counterfactuals an earlier run wrote to their table rows (reused when their files
     exist); ``on_item(image_id, rows)`` is called after each newly written photo; ``render`` is the cohort's renderer
-    (its worker processes). Files of photos no longer selected are removed; with no photo selected the folder goes.
+    (its worker processes). Photos without a variant (no planted feature, no confounder) are skipped. Files of
+    photos no longer selected are removed; with none selected the folder goes.
     """
     from gestalt_xai.runs import atomic_write_bytes, write_parquet
 
     root = out_dir / COUNTERFACTUALS_DIR
-    if not image_ids:
+    mark_variants = cfg.confounder is not None and cfg.counterfactuals.mark
+    selected = set(image_ids)
+    wanted = {im.image_id for im in plan.images if im.image_id in selected and plan_variants(im, mark_variants)}
+    if not wanted:
         if root.exists():
             shutil.rmtree(root)
         return {"n_counterfactual_images": 0, "n_counterfactuals": 0, "n_counterfactuals_rendered": 0}
-    wanted = set(image_ids)
     done = {k: v for k, v in (done or {}).items() if k in wanted and _files_exist(out_dir, v)}
     todo = [im for im in plan.images if im.image_id in wanted and im.image_id not in done]
     rows = {k: list(v) for k, v in done.items()}

@@ -167,7 +167,14 @@ def load_counterfactuals(cohort_dir: str | Path) -> pd.DataFrame:
     if not path.exists():
         return pd.DataFrame({c: pd.Series(dtype="int64" if c in ("change_px", "mask_bit") else object)
                              for c in COUNTERFACTUAL_COLUMNS})
-    return pd.read_parquet(path).astype({"image_id": str})
+    try:
+        table = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
+        raise InputError(f"{path}: unreadable counterfactual table ({exc})") from None
+    missing = set(COUNTERFACTUAL_COLUMNS) - set(table.columns)
+    if missing:
+        raise InputError(f"{path}: missing columns {', '.join(sorted(missing))}")
+    return table.astype({"image_id": str})
 
 
 def load_change_masks(cohort_dir: str | Path, image_id: str,
