@@ -420,24 +420,44 @@ class Run:
     def counterfactuals(self) -> pd.DataFrame:
         """The counterfactual renderings with an aligned crop: ``cohort/counterfactuals/counterfactuals.parquet``'s
         columns (:mod:`~gestalt_xai.data.synthetic.truth`) plus ``crop_path`` (absolute) and ``change_px_crop``."""
-        path = self._require(LAYOUT.counterfactual_crop_table, "align")
-        table = self._cached("counterfactuals", [path], lambda: pd.read_parquet(path).astype({"image_id": str}))
-        table = table.assign(crop_path=[str(self.path / LAYOUT.counterfactual_crop(i, v))
-                                        for i, v in zip(table["image_id"], table["variant"], strict=True)])
+        table = pd.concat(self._counterfactual_groups().values()) if self._counterfactual_groups() else \
+            self._counterfactual_table().iloc[:0]
         return table[table["crop_path"].map(os.path.isfile).astype(bool)].reset_index(drop=True)
+
+    def _counterfactual_table(self) -> pd.DataFrame:
+        path = self._require(LAYOUT.counterfactual_crop_table, "align")
+
+        def load() -> pd.DataFrame:
+            table = pd.read_parquet(path).astype({"image_id": str})
+            return table.assign(crop_path=[str(self.path / LAYOUT.counterfactual_crop(i, v))
+                                           for i, v in zip(table["image_id"], table["variant"], strict=True)])
+
+        return self._cached("counterfactuals", [path], load)
+
+    def _counterfactual_groups(self) -> dict[str, pd.DataFrame]:
+        """The crop table's rows per image (cached with it): per-image look-ups cost no scan of the whole table."""
+        path = self.path / LAYOUT.counterfactual_crop_table
+        return self._cached("counterfactual_groups", [path], lambda: {
+            str(i): g for i, g in self._counterfactual_table().groupby("image_id", sort=True)})
+
+    def _counterfactual_rows(self, image_id: str) -> pd.DataFrame:
+        rows = self._counterfactual_groups().get(str(image_id))
+        if rows is None:
+            return self._counterfactual_table().iloc[:0]
+        return rows[rows["crop_path"].map(os.path.isfile).astype(bool)]
 
     def counterfactual_crops(self, image_id: str) -> dict[str, np.ndarray]:
         """``{variant: uint8 (112, 112, 3)}``: the aligned crops of ``image_id``'s counterfactuals."""
         from gestalt_xai.data.aligned import read_crop
 
-        rows = self.counterfactuals().query("image_id == @image_id")
+        rows = self._counterfactual_rows(image_id)
         return {v: read_crop(Path(p)) for v, p in zip(rows["variant"], rows["crop_path"], strict=True)}
 
     def change_masks(self, image_id: str) -> dict[str, np.ndarray]:
         """``{variant: bool (112, 112)}``: the crop-space change masks of ``image_id``'s counterfactuals."""
         from gestalt_xai.data.synthetic.truth import decode_mask_bits
 
-        rows = self.counterfactuals().query("image_id == @image_id")
+        rows = self._counterfactual_rows(image_id)
         bits = decode_mask_bits(self.path / LAYOUT.change_mask_crop(image_id)) if len(rows) else None
         return {v: (bits >> int(b)) & 1 == 1 for v, b in zip(rows["variant"], rows["mask_bit"], strict=True)}
 

@@ -90,8 +90,9 @@ def summarise(pairs: pd.DataFrame, demo_model: str) -> pd.DataFrame:
 
 
 def markdown(summary: pd.DataFrame, marks: pd.DataFrame, seeds: list[int]) -> str:
-    lines = [f"Feature effects of the demo model (seed 0) beside {len(seeds)} retrained seeds ({', '.join(map(str, seeds))}"
-             "; `python scripts/seed_effects.py`): Δ = centroid score of the test photo minus that of the same photo "
+    names = ", ".join(map(str, seeds))
+    lines = [f"Feature effects of the demo model (seed 0) beside {len(seeds)} retrained seeds ({names}; "
+             "`python scripts/seed_effects.py`): Δ = centroid score of the test photo minus that of the same photo "
              "with one planted feature removed; seed SD = pooled standard deviation of a pair's Δ over the "
              f"{len(seeds) + 1} models.", "",
              "| photos × features | pairs | mean Δ (demo model) | mean Δ (all seeds) | seed SD | Δ > 2 seed SD | "

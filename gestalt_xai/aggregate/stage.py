@@ -5,8 +5,9 @@ alignment) and, for synthetic cohorts, ``run/cohort/truth/``. One streaming pass
 subject's maps in memory at a time) feeds the composites, the per-map region scores and the SpRAy features; a
 second pass forms the SpRAy cluster composites (and, with counterfactuals, scores each map against its image's
 change masks, :mod:`gestalt_xai.assess.localisation`). Every table is per model id: a random-model control
-(:func:`~gestalt_xai.models.declaration.random_controls`) has its own rows, a chance reference labelled as a control
-in the summary lines. Outputs::
+(:func:`~gestalt_xai.models.declaration.random_controls`) has its own rows in the checks (region scores, planted hits,
+SpRAy, localisation), a chance reference labelled as a control in the summary lines, but no composites (so no
+composite figures): a control is there to be compared with, not pictured. Outputs::
 
     aggregate/composites.parquet     one row per composite: group (syndrome | ALL), stratum (all | sex:F | …),
                                      model_id, method, layer, target_group, normalisation, n_subjects, n_images,
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from typing import Any, Literal
 
 import numpy as np
@@ -56,6 +58,7 @@ from gestalt_xai.aggregate.composite import (
     composite_table,
     normalise,
     stream_subject_maps,
+    subject_mean,
 )
 from gestalt_xai.aggregate.faces import WHOLE, composite_faces, strata_of, subject_strata
 from gestalt_xai.aggregate.regions import map_region_rows, region_tables, template_landmarks
@@ -190,10 +193,12 @@ def _without_undiagnosed(index: pd.DataFrame, images: pd.DataFrame) -> tuple[pd.
 
 
 def _stream_method(store: Any, rows: pd.DataFrame, cfg: AggregateConfig, strata: dict[str, list[str]],
-                   landmarks: dict[str, np.ndarray], localiser: localisation.Localiser | None = None
+                   landmarks: dict[str, np.ndarray], localiser: localisation.Localiser | None = None,
+                   controls: Collection[str] = ()
                    ) -> tuple[GroupComposites, pd.DataFrame, dict[tuple[Any, ...], list[tuple[str, np.ndarray]]]]:
     """One streaming pass over one method's maps (one subject in memory at a time): its composites, per-map region
-    rows and SpRAy features; the ``localiser`` scores each map against its image's change masks."""
+    rows and SpRAy features; the ``localiser`` scores each map against its image's change masks. Maps of the random
+    ``controls`` feed the checks only (region rows, SpRAy, localisation): no composite, so no composite figure."""
     composites = GroupComposites(cfg.normalisations)
     region_rows: list[dict[str, Any]] = []
     features: dict[tuple[Any, ...], list[tuple[str, np.ndarray]]] = {}
@@ -204,7 +209,10 @@ def _stream_method(store: Any, rows: pd.DataFrame, cfg: AggregateConfig, strata:
             region_rows += map_region_rows(row, m, template, landmarks.get(row["image_id"]))
             if localiser is not None:
                 localiser.add(row, m)
-        u = composites.add_subject(key, syndrome, strata.get(subject, [WHOLE]), [m for _, m in items])
+        if key[0] in controls:
+            u, _ = subject_mean([m for _, m in items], cfg.normalisations[0])
+        else:
+            u = composites.add_subject(key, syndrome, strata.get(subject, [WHOLE]), [m for _, m in items])
         features.setdefault((syndrome, *key), []).append((subject, downsample(u, cfg.spray_size)))
     return composites, pd.DataFrame(region_rows), features
 
@@ -262,7 +270,7 @@ def aggregate_stage(run: Run, cfg: AggregateConfig) -> StageResult:
     spray_rows, spray_members, spray_results = [], [], {}
     for method in progress(sorted(rows["method"].unique()), "aggregate: methods"):
         part = rows[rows["method"] == method]
-        comp_part, regions_part, features = _stream_method(store, part, cfg, strata, landmarks, localiser)
+        comp_part, regions_part, features = _stream_method(store, part, cfg, strata, landmarks, localiser, controls)
         composites.append(comp_part)
         region_frames.append(regions_part)
         a, m, r = spray_syndromes(store, part, features, normalisation=cfg.normalisations[0],

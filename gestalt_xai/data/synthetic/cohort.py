@@ -92,6 +92,9 @@ class CounterfactualConfig(StageConfig):
         ["test"], description="photos to render counterfactuals of: test (frequent_test, rare_test and undiagnosed "
                               "photos), train, val, all; [] for none")
     mark: bool = Field(True, description="also render without_mark / with_mark (when the cohort has a confounder)")
+    mark_sets: list[Literal["test", "train", "val", "all"]] | None = Field(
+        None, description="photos that get the mark variants (without_mark / with_mark) only, beyond those of sets "
+                          "(e.g. [train] to measure the Clever-Hans effect on training photos too); null: none")
 
 
 class SynthConfig(StageConfig):
@@ -474,7 +477,10 @@ def generate_cohort(cfg: SynthConfig, out_dir: str | Path, done: dict[str, dict[
         # second pass: the splits exist only now
         chosen = select_images(cfg.counterfactuals.sets, splits, images["image_id"],
                                images.loc[images["undiagnosed"], "image_id"])
-        cf = write_counterfactuals(cfg, plan, out, chosen, counterfactuals_done, on_counterfactuals, render)
+        undiagnosed = images.loc[images["undiagnosed"], "image_id"]
+        mark_only = select_images(cfg.counterfactuals.mark_sets or [], splits, images["image_id"], undiagnosed)
+        cf = write_counterfactuals(cfg, plan, out, chosen, counterfactuals_done, on_counterfactuals, render,
+                                   mark_only_ids=mark_only)
     return {"n_images": len(plan.images), "n_subjects": len(plan.subjects), "n_syndromes": len(plan.syndromes),
             "n_rendered": len(todo), "n_confounded": int(images["confounder"].sum()), "n_undiagnosed": len(hidden),
             **cf}
@@ -529,7 +535,9 @@ def synth_stage(run: Run, cfg: SynthConfig) -> StageResult:
              f"+ controls{hidden}) → {run.relative(out)}"]
     if summary["n_counterfactual_images"]:
         lines.append(f"{summary['n_counterfactuals']} counterfactual renderings of "
-                     f"{summary['n_counterfactual_images']} photos ({', '.join(cfg.counterfactuals.sets)}) → "
+                     f"{summary['n_counterfactual_images']} photos ({', '.join(cfg.counterfactuals.sets)}"
+                     + (f"; the mark only: {', '.join(cfg.counterfactuals.mark_sets)}"
+                        if cfg.counterfactuals.mark_sets else "") + ") → "
                      f"{run.relative(out / COUNTERFACTUALS_DIR)}")
     return StageResult(items=summary["n_images"], extra={k: v for k, v in summary.items() if k != "n_images"},
                        outputs={"cohort": out}, summary=lines)

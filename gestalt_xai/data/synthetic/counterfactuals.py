@@ -15,6 +15,9 @@ Variants of a photo, in this order (``mask_bit`` is the variant's bit in the cha
 * ``without_all_features``: every planted feature removed (the mark, if any, stays); bit 6;
 * ``without_mark`` (marked photos) or ``with_mark`` (unmarked ones), when the cohort has a confounder; bit 7.
 
+Photos selected by ``counterfactuals.mark_sets`` but not by ``sets`` get the mark variant only
+(:func:`render_mark_counterfactuals`): the Clever-Hans effect measured on training photos too, at one rendering each.
+
 The *change mask* of a variant is the set of pixels where ``|factual − counterfactual|`` exceeds
 :data:`CHANGE_THRESHOLD` (more than one 8-bit level in any channel), compared on
 :attr:`~gestalt_xai.data.synthetic.renderer.RenderedPhoto.clean`, the photos before sensor noise and JPEG: the
@@ -29,6 +32,7 @@ ledger (:func:`write_counterfactuals`).
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -88,10 +92,11 @@ class Variant:
     mark: bool
 
 
-def plan_variants(image: ImagePlan, mark_variants: bool) -> list[Variant]:
-    """The variants of ``image`` (module docstring); ``mark_variants``: the cohort has a confounder and they are on."""
+def plan_variants(image: ImagePlan, mark_variants: bool, features: bool = True) -> list[Variant]:
+    """The variants of ``image`` (module docstring); ``mark_variants``: the cohort has a confounder and they are on;
+    ``features``: also the feature removals (off for photos only ``counterfactuals.mark_sets`` selects)."""
     effects = image.subject.effects
-    planted = planted_features(effects)
+    planted = planted_features(effects) if features else []
     out = [Variant(f"without_{key}", key, "remove", bit, {k: v for k, v in effects.items() if k != key}, image.mark)
            for bit, key in enumerate(planted)]
     if planted:
@@ -152,6 +157,16 @@ def render_counterfactuals(cfg: SynthConfig, image: ImagePlan) -> Counterfactual
     """Render every variant of ``image`` (:func:`plan_variants`) and its change mask. Variants that render the same
     phenotype and mark (e.g. ``without_all_features`` of a photo with one feature) are rendered once, and all share
     the photo's :class:`~gestalt_xai.data.synthetic.renderer.Scene` (drawn once)."""
+    return _render_variants(cfg, image, features=True)
+
+
+def render_mark_counterfactuals(cfg: SynthConfig, image: ImagePlan) -> CounterfactualItem:
+    """Only the mark variant of ``image`` (``without_mark`` or ``with_mark``) and its change mask: the photos
+    ``counterfactuals.mark_sets`` selects beyond ``sets``."""
+    return _render_variants(cfg, image, features=False)
+
+
+def _render_variants(cfg: SynthConfig, image: ImagePlan, features: bool) -> CounterfactualItem:
     base, look = subject_identity(cfg, image.subject)
     scene = prepare_scene(base, look, photo_conditions(cfg, image))
     factual = _render(cfg, image, image.subject.effects, image.mark, scene)
@@ -159,7 +174,7 @@ def render_counterfactuals(cfg: SynthConfig, image: ImagePlan) -> Counterfactual
     rendered: dict[tuple[tuple[tuple[str, float], ...], bool], tuple[bytes, np.ndarray]] = {}
     layers: dict[int, np.ndarray] = {}
     jpegs, rows = {}, []
-    for v in plan_variants(image, cfg.confounder is not None and cfg.counterfactuals.mark):
+    for v in plan_variants(image, cfg.confounder is not None and cfg.counterfactuals.mark, features):
         key = (tuple(sorted((k, e) for k, e in v.effects.items() if e > 0)), v.mark)
         if key not in rendered:
             out = _render(cfg, image, v.effects, v.mark, scene)
@@ -205,28 +220,39 @@ def _files_exist(root: Path, rows: list[dict[str, Any]]) -> bool:
 
 def write_counterfactuals(cfg: SynthConfig, plan: CohortPlan, out_dir: Path, image_ids: Sequence[str],
                           done: dict[str, list[dict[str, Any]]] | None, on_item: Callable[[str, list], None] | None,
-                          render: Callable[..., Iterator[CounterfactualItem]]) -> dict[str, int]:
-    """Write the counterfactuals of ``image_ids`` into ``<out_dir>/counterfactuals/`` and return counts.
+                          render: Callable[..., Iterator[CounterfactualItem]],
+                          mark_only_ids: Sequence[str] = ()) -> dict[str, int]:
+    """Write the counterfactuals of ``image_ids`` (every variant) and of ``mark_only_ids`` (the mark variant only)
+    into ``<out_dir>/counterfactuals/`` and return counts.
 
     ``done`` maps photos whose counterfactuals an earlier run wrote to their table rows (reused when their files
-    exist); ``on_item(image_id, rows)`` is called after each newly written photo; ``render`` is the cohort's renderer
-    (its worker processes). Photos without a variant (no planted feature, no confounder) are skipped. Files of
-    photos no longer selected are removed; with none selected the folder goes.
+    exist and their variants are the ones planned now); ``on_item(image_id, rows)`` is called after each newly
+    written photo; ``render`` is the cohort's renderer (its worker processes). Photos without a variant (no planted
+    feature, no confounder) are skipped. Files of photos no longer selected are removed; with none selected the
+    folder goes.
     """
     from gestalt_xai.runs import atomic_write_bytes, write_parquet
 
     root = out_dir / COUNTERFACTUALS_DIR
     mark_variants = cfg.confounder is not None and cfg.counterfactuals.mark
-    selected = set(image_ids)
-    wanted = {im.image_id for im in plan.images if im.image_id in selected and plan_variants(im, mark_variants)}
+    full, mark_only = set(image_ids), set(mark_only_ids) - set(image_ids)
+    planned = {im.image_id: [v.name for v in plan_variants(im, mark_variants, im.image_id in full)]
+               for im in plan.images if im.image_id in full | mark_only}
+    wanted = {k for k, names in planned.items() if names}
     if not wanted:
         if root.exists():
             shutil.rmtree(root)
         return {"n_counterfactual_images": 0, "n_counterfactuals": 0, "n_counterfactuals_rendered": 0}
-    done = {k: v for k, v in (done or {}).items() if k in wanted and _files_exist(out_dir, v)}
+    done = {k: v for k, v in (done or {}).items()
+            if k in wanted and [r["variant"] for r in v] == planned[k] and _files_exist(out_dir, v)}
     todo = [im for im in plan.images if im.image_id in wanted and im.image_id not in done]
     rows = {k: list(v) for k, v in done.items()}
-    for item in render(render_counterfactuals, todo, "synth: counterfactuals", per_worker=2):
+    items = itertools.chain(
+        render(render_counterfactuals, [im for im in todo if im.image_id in full], "synth: counterfactuals",
+               per_worker=2),
+        render(render_mark_counterfactuals, [im for im in todo if im.image_id not in full],
+               "synth: mark counterfactuals", per_worker=4))
+    for item in items:
         for name, data in item.jpegs.items():
             atomic_write_bytes(out_dir / _relative(item.image_id, name), data)
         atomic_write_bytes(root / "change_masks" / f"{item.image_id}.png", item.mask_png)

@@ -176,13 +176,23 @@ Configuration:
 {json.dumps(cfg, indent=2, sort_keys=True)}
 ```
 
+## Measured on a run
+What a model trained on this cohort does with it cannot be known when the cohort is written (synth runs before any
+model exists); `python scripts/readme_results.py --run RUN` writes it here from a finished run.
+
+<!-- post-run:start -->
+(not measured yet)
+<!-- post-run:end -->
+
 ## Known limitations
 - Cartoon-like faces: flat layered drawing with analytic shading, no photographic realism, no expressions,
   glasses, occlusions or real hair. Models trained here learn these drawings, not human faces.
 - Syndromes are sets of independent, localised features. Real syndromic faces show correlated, global and subtle
   gestalt changes, ethnic and age-dependent presentation, and variability this generator does not model.
-- Proportions are a little wider and taller than average adult faces so that ears and the hairline fall outside
-  the aligned crop (the negative controls); low-set ears and high forehead are invisible to crop-based models here.
+- Proportions are a little wider and taller than average adult faces so that ears and the hairline fall mostly
+  outside the aligned crop (the negative controls). Mostly, not always: in some photos (roll, yaw, a small face)
+  the ear's or the hairline's change reaches the crop's border, which the counterfactuals' crop-space change masks
+  record, so a test of "no relevance on a negative control" must read those masks, not assume the crop misses them.
 - Skin tones, hair and eye colours span a broad range but are not calibrated to any population.
 - Identity and photo conditions are drawn independently of the syndrome, but planted features change a little
   skin area (e.g. full cheeks, synophrys), so the mean face colour carries a weak trace of them: in the test suite
