@@ -243,6 +243,9 @@ def test_explain_measures_effects_of_its_counterfactual_images_and_aggregate_loc
     assert set(loc["method"]) == {"hirescam", "saliency"} and (loc["area_share"] > 0).all()
     assert set(loc["image_id"]) <= set(cf["image_id"]) and (loc["target_group"] == "centroid:own").all()
     assert set(loc["model_id"]) == {trained.model_id, "random_init"}
+    # a control feeds the checks, never a composite
+    comp = pd.read_parquet(run.path / "aggregate" / "composites.parquet", columns=["model_id"])
+    assert set(comp["model_id"]) == {trained.model_id}
     summary = pd.read_parquet(run.path / "aggregate" / "localisation_summary.parquet")
     assert summary.groupby("model_id")["random_control"].first().to_dict() == {trained.model_id: False,
                                                                                 "random_init": True}
@@ -255,7 +258,8 @@ def test_explain_measures_effects_of_its_counterfactual_images_and_aggregate_loc
 
 @pytest.fixture(scope="module")
 def confounded_run(tmp_path_factory):
-    """A small synthetic cohort with the cheek mark on S01, counterfactuals of its train and test photos, aligned with
+    """A small synthetic cohort with the cheek mark on S01, counterfactuals of its test photos and the mark variants of
+    its train photos (``mark_sets``), aligned with
     true landmarks, and an untrained model (the effects are measured through any model) with its embeddings."""
     from conftest import _truth_landmark_table
 
@@ -268,7 +272,7 @@ def confounded_run(tmp_path_factory):
     run = Run(tmp_path_factory.mktemp("confounded") / "run")
     synth_stage(run, SynthConfig(seed=1, n_syndromes=3, n_frequent=2, frequent_subjects=(8, 9), n_controls=6,
                                  images_per_subject=(1, 2), workers=1, confounder={"syndrome": "S01", "rate": 0.8},
-                                 counterfactuals={"sets": ["train", "test"]}))
+                                 counterfactuals={"sets": ["test"], "mark_sets": ["train"]}))
     table = _truth_landmark_table(run.path, run.path / "face_coords.csv")
     align_stage(run, AlignConfig(cohort=str(run.path / "cohort"), landmarks=str(table)))
     torch.manual_seed(3)
@@ -292,6 +296,12 @@ def test_mark_effect_on_the_confounded_syndrome_per_set(confounded_run, tmp_path
     marked = set(cf.loc[cf["variant"] == "without_mark", "image_id"])
     unmarked = set(cf.loc[cf["variant"] == "with_mark", "image_id"])
     assert marked and unmarked and set(marks["image_id"]) == marked | unmarked  # train photos too, not only explained
+    # mark_sets: a training photo (in no test set) has its mark variant only, a test photo every variant
+    in_sets = images["sets"].str.split(",")
+    train_only = {i for i in cf["image_id"] if "train" in in_sets[i] and not any("test" in s for s in in_sets[i])}
+    test_photos = set(cf["image_id"]) - train_only
+    assert train_only and cf.loc[cf["image_id"].isin(train_only), "feature"].eq("mark").all()
+    assert cf.loc[cf["image_id"].isin(test_photos), "feature"].ne("mark").any()
     assert (marks.loc[marks["change"] == "remove", "image_id"].map(images["syndrome_id"]) == "S01").all()
     agg = aggregate_stage(run, AggregateConfig(figures=False, normalisations=["max-abs"], strata=["sex"]))
     table = pd.read_parquet(run.path / "aggregate" / "mark_effects.parquet")

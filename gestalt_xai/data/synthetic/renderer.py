@@ -36,9 +36,9 @@ __all__ = ["RenderedPhoto", "Scene", "prepare_scene", "render_photo", "ellipse",
 
 SUPERSAMPLE = 2
 #: the confounder mark: a mole-like dark spot on the image-right cheek (face frame, face units); large and dark enough
-#: (≈ 8 px across in the 112² crop) for the demo model to learn it as a Clever-Hans cue
+#: (≈ 10 px across in the 112² crop) for the demo model to learn it as a Clever-Hans cue
 MARK_CENTRE = (0.62, 0.74)
-MARK_RADIUS = 0.11
+MARK_RADIUS = 0.14
 
 
 @dataclass
