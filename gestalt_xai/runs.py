@@ -19,21 +19,20 @@ import logging
 import os
 import platform
 import random
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel
+
+from gestalt_xai.provenance import git_commit, package_versions, peak_memory_mb
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +56,6 @@ __all__ = [
 #: ``key`` holds the failed work unit's structured key (JSON object, sorted keys; "" when the item id says it all)
 ERROR_COLUMNS = ["stage", "item_id", "error_kind", "message", "key"]
 
-#: packages whose versions every manifest records
-MANIFEST_PACKAGES = (
-    "gestalt-xai", "torch", "torchvision", "numpy", "scipy", "pandas", "pyarrow", "scikit-learn", "scikit-image",
-    "opencv-python", "opencv-python-headless", "facenet-pytorch", "insightface", "onnx", "captum", "zennit",
-    "Pillow", "pydantic", "matplotlib", "seaborn",
-)
-
 T = TypeVar("T")
 
 
@@ -75,8 +67,12 @@ class RunLayout:
     errors: str = "errors.parquet"
     ledger: str = ".ledger"
     cohort: str = "cohort"
+    #: a synthetic cohort's counterfactual renderings (gestalt_xai.data.synthetic.truth), and their aligned crops
+    counterfactuals: str = "cohort/counterfactuals"
     aligned: str = "aligned"
     alignments: str = "aligned/alignment.parquet"
+    counterfactual_crops: str = "aligned/counterfactuals"
+    counterfactual_crop_table: str = "aligned/counterfactuals/counterfactuals.parquet"
     models: str = "models"
     embeddings: str = "embeddings.parquet"
     matching: str = "matching"
@@ -87,6 +83,14 @@ class RunLayout:
     def crop(self, image_id: str) -> str:
         """The aligned 112×112 crop of ``image_id``."""
         return f"{self.aligned}/{image_id}.png"
+
+    def counterfactual_crop(self, image_id: str, variant: str) -> str:
+        """The aligned crop of one counterfactual rendering of ``image_id``."""
+        return f"{self.counterfactual_crops}/{image_id}/{variant}.png"
+
+    def change_mask_crop(self, image_id: str) -> str:
+        """The crop-space change masks of ``image_id``'s counterfactuals (one bit per variant)."""
+        return f"{self.counterfactual_crops}/{image_id}/change_masks.png"
 
 
 #: the layout every run folder follows
@@ -269,33 +273,6 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def _package_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in MANIFEST_PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def _git_commit() -> str | None:
-    """Commit of the gestalt-xai source tree, when it is a git checkout (no network involved)."""
-    src = Path(__file__).resolve().parent.parent
-    if not (src / ".git").exists():
-        return None
-    try:
-        out = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def _peak_memory_mb() -> float:
-    # ru_maxrss is in KiB on Linux: the process' peak resident set so far
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
-
-
 # ---------------------------------------------------------------------------------------------------------- Run
 class Run:
     """A study folder (``runs/<name>/``) with its manifest, error table and per-stage subfolders.
@@ -440,6 +417,50 @@ class Run:
 
         return load_crops(self, list(image_ids))
 
+    def counterfactuals(self) -> pd.DataFrame:
+        """The counterfactual renderings with an aligned crop: ``cohort/counterfactuals/counterfactuals.parquet``'s
+        columns (:mod:`~gestalt_xai.data.synthetic.truth`) plus ``crop_path`` (absolute) and ``change_px_crop``."""
+        table = pd.concat(self._counterfactual_groups().values()) if self._counterfactual_groups() else \
+            self._counterfactual_table().iloc[:0]
+        return table[table["crop_path"].map(os.path.isfile).astype(bool)].reset_index(drop=True)
+
+    def _counterfactual_table(self) -> pd.DataFrame:
+        path = self._require(LAYOUT.counterfactual_crop_table, "align")
+
+        def load() -> pd.DataFrame:
+            table = pd.read_parquet(path).astype({"image_id": str})
+            return table.assign(crop_path=[str(self.path / LAYOUT.counterfactual_crop(i, v))
+                                           for i, v in zip(table["image_id"], table["variant"], strict=True)])
+
+        return self._cached("counterfactuals", [path], load)
+
+    def _counterfactual_groups(self) -> dict[str, pd.DataFrame]:
+        """The crop table's rows per image (cached with it): per-image look-ups cost no scan of the whole table."""
+        path = self.path / LAYOUT.counterfactual_crop_table
+        return self._cached("counterfactual_groups", [path], lambda: {
+            str(i): g for i, g in self._counterfactual_table().groupby("image_id", sort=True)})
+
+    def _counterfactual_rows(self, image_id: str) -> pd.DataFrame:
+        rows = self._counterfactual_groups().get(str(image_id))
+        if rows is None:
+            return self._counterfactual_table().iloc[:0]
+        return rows[rows["crop_path"].map(os.path.isfile).astype(bool)]
+
+    def counterfactual_crops(self, image_id: str) -> dict[str, np.ndarray]:
+        """``{variant: uint8 (112, 112, 3)}``: the aligned crops of ``image_id``'s counterfactuals."""
+        from gestalt_xai.data.aligned import read_crop
+
+        rows = self._counterfactual_rows(image_id)
+        return {v: read_crop(Path(p)) for v, p in zip(rows["variant"], rows["crop_path"], strict=True)}
+
+    def change_masks(self, image_id: str) -> dict[str, np.ndarray]:
+        """``{variant: bool (112, 112)}``: the crop-space change masks of ``image_id``'s counterfactuals."""
+        from gestalt_xai.data.synthetic.truth import decode_mask_bits
+
+        rows = self._counterfactual_rows(image_id)
+        bits = decode_mask_bits(self.path / LAYOUT.change_mask_crop(image_id)) if len(rows) else None
+        return {v: (bits >> int(b)) & 1 == 1 for v, b in zip(rows["variant"], rows["mask_bit"], strict=True)}
+
     def embeddings(self) -> pd.DataFrame:
         """``embeddings.parquet`` (image_id, model_id, flip, gray, embedding, logits; string ids)."""
         path = self._require(LAYOUT.embeddings, "embed")
@@ -504,11 +525,11 @@ class Run:
 
     def _write_manifest(self) -> None:
         m = self._manifest
-        m["gestalt_xai_version"] = _package_versions()["gestalt-xai"]
-        m["packages"] = _package_versions()
+        m["gestalt_xai_version"] = package_versions()["gestalt-xai"]
+        m["packages"] = package_versions()
         m["python"] = sys.version.split()[0]
         m["platform"] = f"{platform.system()}-{platform.machine()}"
-        m["git_commit"] = _git_commit()
+        m["git_commit"] = git_commit()
         text = json.dumps(m, indent=2, sort_keys=True, default=_json_default) + "\n"
         atomic_write_text(self.path / self.MANIFEST, text)
 
@@ -559,7 +580,7 @@ class Run:
                 "started": started.isoformat(timespec="seconds"),
                 "finished": datetime.now(UTC).isoformat(timespec="seconds"),
                 "seconds": round(time.perf_counter() - t0, 3),
-                "peak_memory_mb": _peak_memory_mb(),
+                "peak_memory_mb": peak_memory_mb(),
             }
             self._write_manifest()
 

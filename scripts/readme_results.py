@@ -6,7 +6,12 @@ Sections filled (each only when its source exists):
   GM-Arc's table layout (``matching/summary.parquet``), with the chance level of the frequent test set;
 * ``benchmarks``: the text the benchmark scripts wrote to ``benchmarks/results/*.txt`` (``make bench``).
 
-Usage: python scripts/readme_results.py [--run runs/demo] [--readme README.md]
+The demo section also holds the change-mask localisation beside the random-model control, the mark's Clever-Hans
+effect (``aggregate/``) and, when ``scripts/seed_effects.py`` has run, the feature effects beside retrained seeds;
+the same measurements go into the ``post-run`` section of the data card (``data_cards/synthetic_cohort.md`` and the
+run's ``cohort/data_card.md``), since synth runs before any model exists.
+
+Usage: python scripts/readme_results.py [--run runs/demo] [--readme README.md] [--seeds runs/demo-seeds]
 """
 
 from __future__ import annotations
@@ -74,13 +79,99 @@ def demo_section(run: Path) -> str:
             method = h["method"] + (f" [{h['layer']}]" if h["layer"] else "")
             out.append(f"| {method} | {h['target_group']} | {h['n_hits']}/{h['n_syndromes']} | {h['share']:.0%} | "
                        f"{h['chance']:.0%} |")
+    rate = _confounder_rate(manifest)
     if agg.get("spray"):
-        out += ["", f"SpRAy on the confounded syndrome {agg.get('confounded_syndrome')} (cheek mark on 80 % of its "
-                "photos):", "", "| method | clusters | sizes | splits on the cue |", "|---|---|---|---|"]
-        for sp in agg["spray"]:
-            out.append(f"| {sp['method']} | {sp['n_clusters']} | {sp['cluster_sizes']} | "
-                       f"{'yes' if sp['splits_on_cue'] else 'no'} |")
+        out += ["", f"SpRAy on the confounded syndrome {agg.get('confounded_syndrome')} (cheek mark on {rate} of its "
+                "photos; the random-model control beside):", "",
+                "| model | method | clusters | sizes | splits on the cue |", "|---|---|---|---|---|"]
+        for sp in sorted(agg["spray"], key=lambda sp: (sp.get("model_id", "") in _controls(run), sp["method"])):
+            out.append(f"| {_model(run, sp.get('model_id', ''))} | {sp['method']} | {sp['n_clusters']} | "
+                       f"{sp['cluster_sizes']} | {'yes' if sp['splits_on_cue'] else 'no'} |")
+    out += localisation_section(run, agg.get("confounded_syndrome"))
     return "\n".join(out)
+
+
+def _confounder_rate(manifest: dict) -> str:
+    conf = manifest["stages"].get("synth", {}).get("config", {}).get("confounder") or {}
+    return f"{conf.get('rate', 0):.0%}".replace("%", " %")
+
+
+def _controls(run: Path) -> dict[str, str | None]:
+    from gestalt_xai.models.declaration import random_controls
+    from gestalt_xai.runs import Run
+
+    return random_controls(Run(run))
+
+
+def _model(run: Path, model_id: str) -> str:
+    return f"{model_id} (random control)" if model_id in _controls(run) else model_id
+
+
+def _x(value: float) -> str:
+    return "–" if pd.isna(value) else f"{value:.2f}×"
+
+
+def localisation_section(run: Path, confounded: str | None) -> list[str]:
+    """The change-mask localisation (trained model beside its random control) and the mark's Clever-Hans effect."""
+    out: list[str] = []
+    summary = run / "aggregate" / "localisation_summary.parquet"
+    if summary.exists():
+        t = pd.read_parquet(summary)
+        t = t[t["target_group"] == "centroid:own"]
+        trained, control = t[~t["random_control"]], t[t["random_control"]]
+        out += ["", "Localisation against the counterfactual change masks (test photos; own-syndrome centroid "
+                "target): positive relevance inside the pixels a planted feature changes, divided by their share of "
+                "the face (a uniform map scores 1×), averaged over (photo, feature) pairs; the same on the mark in "
+                f"marked {confounded} photos; ρ = per-patient Spearman correlation of per-feature relevance mass "
+                "with the score drop when the feature is removed (patients with ≥ 3 in-crop features). Beside each, "
+                "the same architecture with random weights:", "",
+                "| method | features: trained | random | trained ÷ random | mark: trained | random | ρ trained (n) | "
+                "ρ random |", "|---|---|---|---|---|---|---|---|"]
+        for r in trained.sort_values(["method", "layer"]).to_dict("records"):
+            c = control[(control["control_of"] == r["model_id"]) & (control["method"] == r["method"])
+                        & (control["layer"] == r["layer"])]
+            c = c.iloc[0] if len(c) else pd.Series(dtype=object)
+            ratio = r["ratio_mean"] / c["ratio_mean"] if len(c) and c["ratio_mean"] > 0 else float("nan")
+            method = r["method"] + (f" [{r['layer'].split('.')[-1]}]" if r["layer"] else "")
+            rho = "–" if pd.isna(r["rho_mean"]) else f"{r['rho_mean']:+.2f} ({r['n_patients']})"
+            rho_c = "–" if not len(c) or pd.isna(c["rho_mean"]) else f"{c['rho_mean']:+.2f}"
+            out.append(f"| {method} | {_x(r['ratio_mean'])} | {_x(c.get('ratio_mean', float('nan')))} | "
+                       f"{'–' if pd.isna(ratio) else f'{ratio:.1f}'} | {_x(r['mark_ratio_mean'])} | "
+                       f"{_x(c.get('mark_ratio_mean', float('nan')))} | {rho} | {rho_c} |")
+    marks = run / "aggregate" / "mark_effects.parquet"
+    if marks.exists():
+        m = pd.read_parquet(marks)
+        m = m[m["set"].isin(["train", "test"])]
+        out += ["", f"The mark as a Clever-Hans cue: the {confounded} centroid score of a photo minus that of the same "
+                f"photo with the mark removed (marked {confounded} photos) or added (photos of other syndromes); "
+                "share of photos moved the cue's way, with its Wilson 95 % interval:", "",
+                "| model | set | edit | photos moved | share (95 % CI) | mean Δ |", "|---|---|---|---|---|---|"]
+        for r in m.sort_values(["model_id", "set", "change"], ascending=[True, False, False]).to_dict("records"):
+            edit = "mark removed: score drops" if r["change"] == "remove" else "mark added: score rises"
+            out.append(f"| {_model(run, r['model_id'])} | {r['set']} | {edit} | {r['n_expected']}/{r['n']} | "
+                       f"{r['share']:.0%} ({r['ci_low']:.0%}–{r['ci_high']:.0%}) | {r['mean_delta']:+.3f} |")
+    return out
+
+
+def seed_section(seeds: Path) -> list[str]:
+    """The feature effects beside retrained seeds (``scripts/seed_effects.py``), when that script has run."""
+    md = seeds / "seed_effects.md"
+    return ["", md.read_text().rstrip()] if md.exists() else []
+
+
+def data_card_section(run: Path, seeds: Path) -> str:
+    """The post-run section of the synthetic cohort's data card: the measured Clever-Hans effect of the mark and the
+    feature effects, from the run's own tables."""
+    manifest = json.loads((run / "manifest.json").read_text())
+    agg = manifest["stages"].get("aggregate", {}).get("results", {})
+    confounded = agg.get("confounded_syndrome")
+    train = manifest["stages"].get("train", {}).get("config", {})
+    lines = [f"Measured on `{run}` (pipeline `{manifest.get('study', {}).get('config', {}).get('name', '?')}`, model "
+             f"trained with `preset: {train.get('preset', '?')}`, seed {train.get('seed', 0)}; gestalt-xai "
+             f"{manifest.get('gestalt_xai_version')}):"]
+    lines += localisation_section(run, confounded)
+    lines += seed_section(seeds)
+    return "\n".join(lines)
 
 
 def bench_section(folder: Path) -> str:
@@ -95,10 +186,16 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=Path("runs/demo"))
     ap.add_argument("--readme", type=Path, default=Path("README.md"))
     ap.add_argument("--bench", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--seeds", type=Path, default=None, help="scripts/seed_effects.py's folder (default: <run>-seeds)")
+    ap.add_argument("--data-card", type=Path, default=Path("data_cards/synthetic_cohort.md"))
     args = ap.parse_args()
+    seeds = args.seeds or args.run.with_name(args.run.name + "-seeds")
     text = args.readme.read_text()
     if (args.run / "manifest.json").exists():
-        text = _replace(text, "demo-results", demo_section(args.run))
+        text = _replace(text, "demo-results", demo_section(args.run) + "\n" + "\n".join(seed_section(seeds)))
+        for card in (args.data_card, args.run / "cohort" / "data_card.md"):
+            if card.exists():
+                card.write_text(_replace(card.read_text(), "post-run", data_card_section(args.run, seeds)))
     if args.bench.is_dir():
         text = _replace(text, "benchmarks", bench_section(args.bench))
     args.readme.write_text(text)

@@ -18,7 +18,7 @@ from gestalt_xai.data.synthetic.renderer import render_photo
 from gestalt_xai.errors import ConfigError
 from gestalt_xai.runs import Run
 
-#: the demo configuration (pipelines/demo.yaml): ≈ 220 photos
+#: the default cohort (SynthConfig defaults, 12 syndromes): ≈ 220 photos
 DEMO = SynthConfig(seed=0, n_syndromes=12, n_frequent=4, frequent_subjects=(8, 16), rare_subjects=(2, 6),
                    images_per_subject=(1, 4), n_controls=12, canvas=(320, 400), workers=2)
 #: a tiny cohort for byte-level checks

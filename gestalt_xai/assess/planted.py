@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ import pyarrow
 from gestalt_xai.aggregate.annotate import GROUP_COLS, OWN_TARGET_GROUPS
 from gestalt_xai.aggregate.faces import ALL
 from gestalt_xai.aggregate.regions import FACE_REGIONS, top_regions
+from gestalt_xai.assess.localisation import model_label
 from gestalt_xai.data.synthetic.truth import TruthTables, load_masks, load_truth
 from gestalt_xai.errors import GestaltXAIError
 from gestalt_xai.faces.align import CROP_SIZE
@@ -252,9 +254,10 @@ def planted_hits(per_syn: pd.DataFrame, planted: dict[str, set[str]], control: s
     return pd.DataFrame(rows)
 
 
-def report_hits(hits: pd.DataFrame) -> tuple[list[dict[str, Any]], list[str]]:
+def report_hits(hits: pd.DataFrame, controls: Mapping[str, str | None] | None = None
+                ) -> tuple[list[dict[str, Any]], list[str]]:
     """Per model × method × layer × target group: the share of syndromes hit and its chance level, and one summary
-    line each."""
+    line each (a random-model control labelled as such: its hits are a chance reference)."""
     if not len(hits):
         return [], []
     out, lines = [], []
@@ -266,14 +269,17 @@ def report_hits(hits: pd.DataFrame) -> tuple[list[dict[str, Any]], list[str]]:
         d.update(share=share, n_syndromes=len(grp), n_hits=int(grp["hit"].sum()), chance=chance)
         out.append(d)
         layer = f" [{d['layer']}]" if d["layer"] else ""
-        lines.append(f"aggregate: {d['method']}{layer} ({d['model_id']}, {d['target_group']}): top-enrichment region "
+        lines.append(f"aggregate: {d['method']}{layer} ({model_label(d['model_id'], controls or {})}, "
+                     f"{d['target_group']}): top-enrichment region "
                      f"is a planted feature's region for {d['n_hits']}/{d['n_syndromes']} syndromes ({share:.0%}; "
                      f"chance {chance:.0%})")
     return out, lines
 
 
-def report_spray(analyses: list[dict[str, Any]], confounded: str | None) -> tuple[list[dict[str, Any]], list[str]]:
-    """The SpRAy analyses of the confounded syndrome (clusters, cue check) and one summary line each."""
+def report_spray(analyses: list[dict[str, Any]], confounded: str | None,
+                 controls: Mapping[str, str | None] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The SpRAy analyses of the confounded syndrome (clusters, cue check) and one summary line each (a random-model
+    control's labelled: it should not split on the cue)."""
     out, lines = [], []
     for a in analyses:
         if not a.get("confounded_syndrome"):
@@ -282,8 +288,8 @@ def report_spray(analyses: list[dict[str, Any]], confounded: str | None) -> tupl
                                    "n_clusters", "cluster_sizes", "cue_cluster", "splits_on_cue")}
         d["cue"] = a.get("cue")
         out.append(d)
-        head = f"aggregate: SpRAy {a['method']} on confounded {confounded}: {a['n_clusters']} cluster(s) " \
-               f"{a['cluster_sizes']}"
+        head = f"aggregate: SpRAy {a['method']} ({model_label(a['model_id'], controls or {})}) on confounded " \
+               f"{confounded}: {a['n_clusters']} cluster(s) {a['cluster_sizes']}"
         if a.get("cue"):
             best = next(c for c in a["cue"] if c["cluster"] == a["cue_cluster"])
             lines.append(f"{head}; cluster {best['cluster']} puts {best['cue_share']:.0%} of its positive mass on the "

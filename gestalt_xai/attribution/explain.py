@@ -12,6 +12,9 @@ through one :class:`~gestalt_xai.attribution.score_model.ScoreModel` per model g
 ensemble of all with ``ensemble=True``; TTA slots with ``tta=True``). Method families share computation (the
 gradient family: one forward+backward pass for Grad-CAM, HiResCAM, FullGrad, saliency and input×gradient).
 
+On a synthetic cohort with counterfactual renderings the stage ends with a forward-only pass measuring each
+item's score change under the counterfactual edits (:mod:`~gestalt_xai.attribution.effects`, ``maps/effects.parquet``).
+
 Resumable: a batch's maps are flushed to the store together; a rerun skips every item whose maps are all stored,
 so a killed run continues without recomputing stored maps. Per-item failures (no centroid left after excluding the
 patient's own subject, no classifier for a logit target, non-finite maps, …) become rows of ``errors.parquet``.
@@ -55,27 +58,22 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from gestalt_xai.attribution.base import UNSIGNED_METHODS, AttributionMethod, available_methods, build_methods
+from gestalt_xai.attribution.effects import explain_effects
 from gestalt_xai.attribution.gradients import DEFAULT_LAYER
 from gestalt_xai.attribution.occlusion import OcclusionParams
+from gestalt_xai.attribution.planning import ExplainSetup, batches, build_targets
 from gestalt_xai.attribution.score_model import ScoreModel
 from gestalt_xai.attribution.target_kinds import (
-    PlanContext,
     TargetKind,
     WorkItem,
     available_target_kinds,
     get_target_kind,
     plan_items,
 )
-from gestalt_xai.attribution.targets import Target, TTASlot, parse_syndrome_spec
+from gestalt_xai.attribution.targets import TTASlot, parse_syndrome_spec
 from gestalt_xai.config import StageConfig
 from gestalt_xai.errors import ConfigError, InputError, error_kind
-from gestalt_xai.models.declaration import (
-    ENSEMBLE_ID,
-    ModelDeclarations,
-    load_declared,
-    models_field,
-    resolve_models,
-)
+from gestalt_xai.models.declaration import ModelDeclarations, models_field
 from gestalt_xai.runs import LAYOUT, ErrorRow, Run
 from gestalt_xai.stages import StageResult, stage
 from gestalt_xai.store import MapKey, MapStore
@@ -177,74 +175,7 @@ def _param_default(method: str, key: str) -> Any:
     return get_method(method).Params.model_fields[key].default
 
 
-# ------------------------------------------------------------------------------------------------ loading
-def _select_images(cfg: ExplainConfig, table: pd.DataFrame, available: set[str]) -> list[str]:
-    """The patients to explain: the listed ids, the protocol's test images, the undiagnosed patients, or every
-    embedded image."""
-    if isinstance(cfg.images, list):
-        ids = [str(i) for i in cfg.images]
-        missing = [i for i in ids if i not in available]
-        if missing:
-            raise InputError(f"images {missing[:5]} have no aligned crop/embedding; check --images")
-        return ids
-    if cfg.images == "undiagnosed":
-        ids = sorted(set(table.loc[table["undiagnosed"], "image_id"]) & available)
-        if not ids:
-            log.warning("images: undiagnosed, but no embedded image of this cohort lacks a diagnosis")
-        return ids
-    if cfg.images == "test" and table["test"].any():
-        return sorted(set(table.loc[table["test"], "image_id"]) & available)
-    return sorted(set(table["image_id"]) & available)
-
-
-def _gallery_ids(cfg: ExplainConfig, table: pd.DataFrame) -> list[str]:
-    """The images references (centroids, nearest partners) are drawn from; never an undiagnosed patient."""
-    diagnosed = table[~table["undiagnosed"]]
-    if cfg.gallery == "protocol" and diagnosed["gallery"].any():
-        return sorted(diagnosed.loc[diagnosed["gallery"], "image_id"])
-    return sorted(diagnosed["image_id"])
-
-
-def _load_models(run: Run, cfg: ExplainConfig) -> list[tuple[str, torch.nn.Module, str]]:
-    """``(model_id, model, sha256)`` of every declared model (:mod:`gestalt_xai.models.declaration`), frozen."""
-    out = []
-    for declared in resolve_models(run, cfg.models):
-        model = load_declared(declared, cfg.device)
-        for q in model.parameters():
-            q.requires_grad_(False)
-        out.append((declared.model_id, model, declared.sha256()))
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ planning
-def _slots(cfg: ExplainConfig) -> list[TTASlot]:
-    from gestalt_xai.models.gestaltmatcher import tta_slots
-
-    return [(bool(f), bool(g)) for f, g in tta_slots(cfg.tta)]
-
-
-def _build_targets(batch: Sequence[WorkItem], group: Sequence[tuple[str, torch.nn.Module]],
-                   slots: Sequence[TTASlot], kind: TargetKind) -> dict[tuple[str, TTASlot], Target]:
-    """One target per (member, slot) with a reference per image; a (member, slot) missing for any image is left out
-    for the whole batch (so every image in a batch averages the same terms)."""
-    targets: dict[tuple[str, TTASlot], Target] = {}
-    for mid, _ in group:
-        for slot in slots:
-            if all((mid, slot) in it.refs for it in batch):
-                targets[(mid, slot)] = kind.build_target([it.refs[(mid, slot)] for it in batch])
-    return targets
-
-
-def _batches(items: Sequence[WorkItem], size: int) -> list[list[WorkItem]]:
-    """Batches of at most ``size`` items with references in the same (member, slot) terms, so an item's map never
-    depends on its batch (:func:`_build_targets` keeps only the terms every item of a batch has; an ensemble member
-    that lacks one item's logit class must not drop out of the others')."""
-    by_terms: dict[frozenset[tuple[str, TTASlot]], list[WorkItem]] = {}
-    for it in items:
-        by_terms.setdefault(frozenset(it.refs), []).append(it)
-    return [group[i: i + size] for group in by_terms.values() for i in range(0, len(group), size)]
-
-
 def _expected_keys(item: WorkItem, model_id: str, methods: list[tuple[AttributionMethod, list[str]]],
                    layers: Sequence[str]) -> list[MapKey]:
     keys = []
@@ -274,50 +205,34 @@ def explain_stage(run: Run, cfg: ExplainConfig) -> StageResult:
     if not cfg.methods:
         raise ConfigError("methods: give at least one attribution method")
     methods = build_methods(cfg.methods, cfg.all_method_params())
-    kind = get_target_kind(cfg.target)(cfg)
-    slots = _slots(cfg)
     store = MapStore(run.dir(LAYOUT.maps))
     errors: list[ErrorRow] = []
     with torch_threads(cfg.threads):
-        table = run.image_table()
-        images = table[["image_id", "subject_id", "syndrome_id"]]
-        embeddings = run.embeddings()
-        models = _load_models(run, cfg)
-        hashes = {mid: h for mid, _, h in models}
-        available = set(embeddings["image_id"])
-        image_ids = _select_images(cfg, table, available)
-        gallery_ids = _gallery_ids(cfg, table)
-        kind.prepare(run, models, images, embeddings, gallery_ids)
-        groups: list[tuple[str, list[tuple[str, torch.nn.Module]]]]
-        if cfg.ensemble:
-            groups = [(ENSEMBLE_ID, [(mid, m) for mid, m, _ in models])]
-        else:
-            groups = [(mid, [(mid, m)]) for mid, m, _ in models]
+        setup = ExplainSetup.build(run, cfg)
         n_items = 0
         figure_jobs: list[tuple[str, str, str]] = []
         with store.writer() as writer:
-            for group_id, group in groups:
-                model_hash = "+".join(hashes[mid] for mid, _ in group)
-                ctx = PlanContext.build(cfg, group_id, group, slots, embeddings, images, gallery_ids, errors)
-                items = plan_items(kind, ctx, image_ids)
+            for plan in setup.plans(errors):
+                group_id, items = plan.group_id, plan.items
                 todo = [it for it in items
                         if not all(writer.done(k) for k in _expected_keys(it, group_id, methods, cfg.layers))]
                 log.info("explain %s: %d items, %d already stored", group_id, len(items), len(items) - len(todo))
                 n_items += len(items)
                 figure_jobs += [(group_id, it.image_id, str(it.target)) for it in items]
-                batches = _batches(todo, cfg.batch_size)
-                for batch in progress(batches, f"explain {group_id}"):
-                    _explain_batch(run, cfg, batch, kind, group_id, group, slots, methods, model_hash, writer,
-                                   errors, load_crops, preprocess)
+                for batch in progress(batches(todo, cfg.batch_size), f"explain {group_id}"):
+                    _explain_batch(run, cfg, batch, setup.kind, group_id, plan.group, setup.slots, methods,
+                                   plan.model_hash, writer, errors, load_crops, preprocess)
                     writer.flush()
+        effects = explain_effects(run, setup, errors)
     store.compact()
     rows = errors + [ErrorRow(str(r["image_id"]), str(r["error_kind"]), str(r["message"]),
                               {c: str(r[c]) for c in ("model_id", "target", "method", "layer")})
                      for r in store.errors().to_dict("records")]
     run.write_errors(rows)
     _draw_overlays(run, cfg, store, figure_jobs)
-    return StageResult(items=n_items, extra={"n_maps": len(store)}, outputs={"maps": store.root},
-                       summary=[f"{n_items} (image, target) items, {len(store)} maps in {run.relative(store.root)}"])
+    summary = [f"{n_items} (image, target) items, {len(store)} maps in {run.relative(store.root)}", *effects.summary]
+    return StageResult(items=n_items, extra={"n_maps": len(store), **effects.extra}, summary=summary,
+                       outputs={"maps": store.root, **effects.outputs})
 
 
 def _explain_batch(run: Run, cfg: ExplainConfig, batch: list[WorkItem], kind: TargetKind, group_id: str,
@@ -335,7 +250,7 @@ def _explain_batch(run: Run, cfg: ExplainConfig, batch: list[WorkItem], kind: Ta
         errors += [error(it, "input", str(exc)) for it in batch]
         return
     x = preprocess(crops, channel_order="RGB", device=cfg.device)
-    targets = _build_targets(batch, group, slots, kind)
+    targets = build_targets(batch, group, slots, kind)
     try:
         score_model = ScoreModel(list(group), targets, slots)
     except ConfigError as exc:

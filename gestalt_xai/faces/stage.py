@@ -19,6 +19,10 @@ Bad input, each one error row that says why:
 * landmarks whose mouth lies above the eyes once the eyes are level (:func:`~gestalt_xai.faces.align.mouth_drop`
   ≤ 0, checked after the ``two_pass`` levelling and independent of the tilt, so tilted faces pass): an
   upside-down face listed by image side, which no similarity transform can align upright.
+
+A synthetic cohort's counterfactual renderings (:mod:`~gestalt_xai.data.synthetic.counterfactuals`, next to the
+cohort tables in ``<cohort>/counterfactuals/``) are never detected: each is cut with its factual photo's stored matrix,
+so factual and counterfactual crops compare pixel for pixel (:func:`_align_counterfactuals`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -53,9 +58,11 @@ from gestalt_xai.faces.align import (
     estimate_transform,
     eye_level_rotation,
     mouth_drop,
+    row_matrix,
     transform_points,
     turn_photo,
     turn_points,
+    warp_photo_to_crop,
     warp_to_crop,
     yaw_proxy,
 )
@@ -321,6 +328,81 @@ def _align_one(image_id: str, path: str, crops_dir: str) -> dict[str, Any]:
     return rec
 
 
+# -------------------------------------------------------------------------------------------- counterfactuals
+#: the names of counterfactual variants (they become file names)
+_VARIANT = re.compile(r"with(out)?_[a-z0-9_]+")
+
+
+def _align_counterfactuals(run: Run, cfg: AlignConfig, table: pd.DataFrame) -> tuple[int, list[ErrorRow]]:
+    """Cut the counterfactual renderings of every aligned photo with the factual photo's stored matrix.
+
+    Writes ``aligned/counterfactuals/<image_id>/<variant>.png`` (no metadata), ``…/<image_id>/change_masks.png``
+    (the photo-space change-mask bits brought into the crop, same bit layout: each bit warped as 0/1 with bilinear
+    interpolation and kept where ≥ 0.5, :func:`~gestalt_xai.faces.align.warp_photo_to_crop`) and
+    ``aligned/counterfactuals/counterfactuals.parquet`` (the cohort's counterfactual table restricted to the written
+    crops, plus ``change_px_crop``). A photo that failed alignment gets no counterfactual crop (its own error row says
+    why); an unreadable counterfactual file is one error row keyed by its variant. Returns the number of crops and the
+    error rows. Cheap (no detector), so every run cuts them all again: they always match the current alignment.
+    """
+    from gestalt_xai.data.synthetic.truth import (
+        COUNTERFACTUALS_DIR,
+        decode_mask_bits,
+        load_counterfactuals,
+        pack_mask_bits,
+    )
+    out = run.path / LAYOUT.counterfactual_crops
+    source = Path(cfg.cohort) if cfg.cohort else None
+    source = source if source is None or source.is_dir() else source.parent
+    errors: list[ErrorRow] = []
+    try:
+        cf = load_counterfactuals(source) if source is not None else None
+    except GestaltXAIError as exc:
+        cf, errors = None, [ErrorRow(COUNTERFACTUALS_DIR, error_kind(exc), str(exc))]
+    if cf is None or cf.empty:
+        if out.exists():
+            shutil.rmtree(out)
+        return 0, errors
+    aligned = table[table["ok"]].set_index("image_id")
+    rows, keep = [], set()
+    for image_id, group in progress(cf.groupby("image_id", sort=True), "aligning counterfactuals",
+                                    total=cf["image_id"].nunique()):
+        if image_id not in aligned.index:
+            continue
+        M = row_matrix(aligned.loc[image_id])
+        try:
+            bits = decode_mask_bits(source / COUNTERFACTUALS_DIR / "change_masks" / f"{image_id}.png")
+        except GestaltXAIError as exc:
+            errors.append(ErrorRow(image_id, error_kind(exc), str(exc), key={"counterfactual": "change_masks"}))
+            continue
+        layers = {}
+        for r in group.itertuples(index=False):
+            try:
+                if not _VARIANT.fullmatch(str(r.variant)):
+                    raise InputError(f"{image_id}: {r.variant!r} is not a counterfactual variant name")
+                photo = load_image(resolve_inside(source, r.path), max_pixels=cfg.max_pixels)
+            except GestaltXAIError as exc:
+                errors.append(ErrorRow(image_id, error_kind(exc), str(exc), key={"counterfactual": r.variant}))
+                continue
+            path = run.path / LAYOUT.counterfactual_crop(image_id, r.variant)
+            save_png(path, warp_to_crop(photo, M))
+            layers[int(r.mask_bit)] = warp_photo_to_crop((bits >> int(r.mask_bit)) & 1 == 1, M)
+            rows.append({**r._asdict(), "change_px_crop": int(layers[int(r.mask_bit)].sum())})
+            keep.add(path)
+        if layers:
+            path = run.path / LAYOUT.change_mask_crop(image_id)
+            save_png(path, pack_mask_bits(layers, (CROP_SIZE, CROP_SIZE)))
+            keep.add(path)
+    crops = pd.DataFrame(rows, columns=[*cf.columns, "change_px_crop"]).astype({"change_px_crop": "int64"})
+    write_parquet(crops, run.path / LAYOUT.counterfactual_crop_table)
+    keep.add(run.path / LAYOUT.counterfactual_crop_table)
+    for p in sorted(out.rglob("*"), reverse=True):  # crops of photos no longer aligned or listed
+        if p.is_file() and p not in keep:
+            p.unlink()
+        elif p.is_dir() and not any(p.iterdir()):
+            p.rmdir()
+    return len(crops), errors
+
+
 # ------------------------------------------------------------------------------------------------------- stage
 @stage("align", options=AlignConfig, order=20,
        summary="detect and align faces to the ArcFace 112×112 template",
@@ -381,9 +463,15 @@ def align_stage(run: Run, cfg: AlignConfig) -> StageResult:
                           "frontal": "boolean", "photo_width": "Int64", "photo_height": "Int64",
                           "orientation": "Int64", "two_pass_angle": "Float64"}).reset_index(drop=True)
     write_parquet(table, crops_dir / "alignment.parquet")
+    n_cf, cf_errors = _align_counterfactuals(run, cfg, table)
     failed = table[~table["ok"]]
-    run.write_errors(ErrorRow(r.image_id, r.error_kind or "error", r.message or "") for r in failed.itertuples())
+    run.write_errors([*(ErrorRow(r.image_id, r.error_kind or "error", r.message or "") for r in failed.itertuples()),
+                      *cf_errors])
     n_aligned = int(table["ok"].sum())
-    return StageResult(items=len(table), extra={"n_aligned": n_aligned},
+    summary = [f"aligned {n_aligned} of {len(table)} photos → {run.relative(crops_dir)}"]
+    if n_cf:
+        summary.append(f"{n_cf} counterfactual crops cut with their photos' matrices → "
+                       f"{run.relative(run.path / LAYOUT.counterfactual_crops)}")
+    return StageResult(items=len(table), extra={"n_aligned": n_aligned, "n_counterfactual_crops": n_cf},
                        outputs={"aligned": crops_dir, "alignments": crops_dir / "alignment.parquet"},
-                       summary=[f"aligned {n_aligned} of {len(table)} photos → {run.relative(crops_dir)}"])
+                       summary=summary)

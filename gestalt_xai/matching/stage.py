@@ -87,7 +87,8 @@ def summary_lines(summary: pd.DataFrame, ks: Sequence[int] = DEFAULT_KS) -> list
 class MatchConfig(StageConfig):
     """Options of ``gestalt-xai match``."""
 
-    models: list[str] | None = Field(None, description="model ids to ensemble (default: every model embedded)")
+    models: list[str] | None = Field(None, description="model ids to ensemble (default: every model embedded except "
+                                                       "random-model controls)")
     tta: bool = Field(True, description="average over the flip/gray TTA slots present (GM-Arc: on)")
     ks: list[int] = Field(default_factory=lambda: list(DEFAULT_KS), description="top-k cut-offs")
     ties: Ties = Field("id", description="tie rule for equal distances: id | pessimistic | optimistic")
@@ -120,6 +121,19 @@ def _restrict(p: Protocol, keep: set[str]) -> Protocol:
     )
 
 
+def _default_models(run: Run, table: EmbeddingTable) -> list[str] | None:
+    """Every embedded model except random-model controls (:func:`~gestalt_xai.models.declaration.random_controls`):
+    a control is a baseline for explanations, never a member of the matched ensemble unless named in ``models``."""
+    from gestalt_xai.models.declaration import random_controls
+
+    controls = set(random_controls(run))
+    embedded = sorted({s[0] for s in table.slots})
+    keep = [m for m in embedded if m not in controls]
+    if len(keep) < len(embedded):
+        log.info("match: random-model control(s) %s left out of the default ensemble", sorted(controls & set(embedded)))
+    return keep or None
+
+
 @stage("match", options=MatchConfig, order=60,
        summary="rank syndromes in the Clinical Face Phenotype Space (GMDB protocols, top-k)",
        reads=(LAYOUT.embeddings, LAYOUT.cohort), writes=(LAYOUT.matching,), aliases={"models": "--model"},
@@ -139,7 +153,7 @@ def match_stage(run: Run, cfg: MatchConfig) -> StageResult:
 
     emb = run.embeddings()
     table = EmbeddingTable.from_frame(emb)
-    slots = table.select(cfg.models, cfg.tta)
+    slots = table.select(_default_models(run, table) if cfg.models is None else cfg.models, cfg.tta)
     cohort = run.cohort()
     images = image_meta(cohort.images)
     out_dir = run.dir(LAYOUT.matching)

@@ -13,6 +13,17 @@ with what the file does not say itself::
         lookup_table: lookup_table_gmdb_v1.1.0.txt      # class index → syndrome id (GM-Arc's table)
         channel_order: RGB                              # override the format's default
       - {path: glint360k_r100.onnx, format: onnx}       # force a format instead of detecting it
+      - {path: "{run}/models/demo_r18_w0.25.safetensors", id: random_init, randomise: true}   # random control
+
+**Random-model control.** ``randomise: true`` declares the checkpoint's architecture with every weight replaced by a
+fresh seeded initialisation (``randomise_seed``, default 0; :func:`~gestalt_xai.models.gestaltmatcher.reinitialised`:
+the initialisation training from scratch starts from, BatchNorm statistics reset). Its hash
+(:meth:`DeclaredModel.sha256`) is derived from the file's hash and the seed, never the file's own, so manifests, the
+embeddings and the map store never confuse it with the trained model; without an ``id`` it is called
+``<file stem>-random<seed>``. Stages take it like any model; the embed stage records it in the manifest
+(``randomise``, ``randomise_seed``, ``source_sha256``), which is how later stages tell a control from a trained model
+(:func:`random_controls`): the match stage leaves controls out of its default ensemble, and the aggregate stage
+labels their rows and prints them beside the trained model they were drawn from.
 
 Paths may contain ``{run}`` (replaced by the run folder). Every stage derives a model's id with the same rule
 (:func:`model_id`), so the embeddings, the map store and the manifest of one declared model carry one id; stages that
@@ -26,6 +37,7 @@ resolves it (:func:`resolve_models`).
 
 from __future__ import annotations
 
+import hashlib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,11 +72,14 @@ __all__ = [
     "load_declared",
     "model_id",
     "models_field",
+    "random_controls",
     "resolve_models",
 ]
 
 #: the model id of an explained ensemble (explain ``ensemble: true``); no declared model may take it
 ENSEMBLE_ID = "ensemble"
+#: names the initialisation of a random control in its hash (change it if :func:`reinitialised` ever changes)
+RANDOMISE_SCHEME = "build_gestaltmatcher-v1"
 #: suffixes stripped from a checkpoint's file name to give its model id
 _ID_SUFFIXES = (".safetensors", ".json", ".onnx", ".pth", ".pt")
 
@@ -85,11 +100,21 @@ class ModelSpec(BaseModel):
                                                        "syndrome ids, for formats that do not store them")
     channel_order: Literal["RGB", "BGR"] | None = Field(None, description="override the format's channel order")
     trust_pickle: bool = Field(False, description="allow a GM-Arc whole-module pickle (.pth; tensors only are read)")
+    randomise: bool = Field(False, description="random-model control: the checkpoint's architecture with every "
+                                               "weight freshly initialised (seeded; BatchNorm statistics reset)")
+    randomise_seed: int = Field(0, ge=0, description="seed of the random initialisation (with randomise: true)")
 
     @model_validator(mode="before")
     @classmethod
     def _bare_path(cls, data: Any) -> Any:
         return {"path": str(data)} if isinstance(data, str | Path) else data
+
+    @model_validator(mode="after")
+    def _seed_needs_randomise(self) -> ModelSpec:
+        if "randomise_seed" in self.model_fields_set and not self.randomise:
+            raise ValueError("randomise_seed is set but randomise is not: add randomise: true for a random-model "
+                             "control")
+        return self
 
     @field_validator("path", "lookup_table")
     @classmethod
@@ -129,14 +154,19 @@ def model_id(spec: ModelSpec) -> str:
     's1_e3'
     >>> model_id(ModelSpec.model_construct(path="run/models/clf.safetensors", id="clf2"))
     'clf2'
+    >>> model_id(ModelSpec(path="{run}/models/clf.safetensors", randomise=True, randomise_seed=3))
+    'clf-random3'
     """
     if spec.id is not None:
         return spec.id
     name = Path(spec.path).name
+    stem = Path(name).stem or name
     for suffix in _ID_SUFFIXES:
         if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem or name
+            stem = name[: -len(suffix)]
+            break
+    # a random control never takes its checkpoint's id (module docstring)
+    return f"{stem}-random{spec.randomise_seed}" if getattr(spec, "randomise", False) else stem
 
 
 def _bare_paths(value: Any) -> Any:
@@ -180,7 +210,8 @@ ModelDeclarations = Annotated[
 def models_field(default: Any = "run") -> Any:
     """The ``models`` field of a stage's options (the same type and description everywhere)."""
     return Field(default, description='checkpoints (paths, or {path, id, format, lookup_table, channel_order, '
-                                      'trust_pickle}) as an ensemble, or "run" = every model in run/models')
+                                      'trust_pickle, randomise, randomise_seed}) as an ensemble, or "run" = every '
+                                      'model in run/models')
 
 
 def declares_models(options: type[BaseModel]) -> bool:
@@ -206,11 +237,31 @@ class DeclaredModel:
     spec: ModelSpec
     lookup_table: Path | None = None
 
-    def sha256(self) -> str:
-        """The checkpoint's content hash (:func:`~gestalt_xai.models.checkpoints.model_sha256`)."""
+    @property
+    def randomised(self) -> bool:
+        """Whether this is a random-model control (``randomise: true``)."""
+        return bool(getattr(self.spec, "randomise", False))
+
+    def file_sha256(self) -> str:
+        """The checkpoint file's content hash (:func:`~gestalt_xai.models.checkpoints.model_sha256`)."""
         from gestalt_xai.models.checkpoints import model_sha256
 
         return model_sha256(self.path)
+
+    def sha256(self) -> str:
+        """The model's hash: the checkpoint's content hash, or for a random control the SHA-256 of that hash and
+        its randomisation (never equal to the checkpoint's own)."""
+        sha = self.file_sha256()
+        if not self.randomised:
+            return sha
+        tag = f"{sha}|randomise|{RANDOMISE_SCHEME}|seed={self.spec.randomise_seed}"
+        return hashlib.sha256(tag.encode()).hexdigest()
+
+    def info(self) -> dict[str, Any]:
+        """What the manifest records about the declaration beyond path and hash (a control's randomisation)."""
+        if not self.randomised:
+            return {}
+        return {"randomise": True, "randomise_seed": int(self.spec.randomise_seed), "source_sha256": self.file_sha256()}
 
 
 def resolve_models(run: Run, models: list[ModelSpec] | Literal["run"]) -> list[DeclaredModel]:
@@ -254,7 +305,22 @@ def load_declared(model: DeclaredModel, device: torch.device | str = "cpu") -> G
     table that does not fit the classifier (both name the file).
     """
     from gestalt_xai.models.checkpoints import load_model
+    from gestalt_xai.models.gestaltmatcher import reinitialised
 
     spec = model.spec
-    return load_model(model.path, format=spec.format, trust_pickle=spec.trust_pickle,  # type: ignore[arg-type]
-                      channel_order=spec.channel_order, syndrome_ids=model.lookup_table, device=device).eval()
+    loaded = load_model(model.path, format=spec.format, trust_pickle=spec.trust_pickle,  # type: ignore[arg-type]
+                        channel_order=spec.channel_order, syndrome_ids=model.lookup_table, device=device).eval()
+    if model.randomised:
+        loaded = reinitialised(loaded, spec.randomise_seed)
+        loaded.config["source"]["model_sha256"] = model.sha256()
+    return loaded
+
+
+def random_controls(run: Run) -> dict[str, str | None]:
+    """The run's random-model controls as recorded by the embed stage: control id → the id of the trained model whose
+    checkpoint it was drawn from (the model recorded with that file's hash), or ``None`` when that model is not in
+    the run's manifest."""
+    models = run.manifest.get("models", {})
+    by_sha = {info.get("sha256"): mid for mid, info in sorted(models.items()) if not info.get("randomise")}
+    return {mid: by_sha.get(info.get("source_sha256")) for mid, info in sorted(models.items())
+            if info.get("randomise")}

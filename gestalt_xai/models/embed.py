@@ -197,7 +197,7 @@ def embed_stage(run: Run, cfg: EmbedConfig) -> StageResult:
         write_embeddings(final, out)
         run.write_errors(ErrorRow(i, k, m) for i, k, m in sorted(errors.values()))
         for model_id, declared in models.items():
-            info = {"path": run.relative(declared.path), "tta": cfg.tta}
+            info = {"path": run.relative(declared.path), "tta": cfg.tta, **declared.info()}
             if declared.lookup_table is not None:
                 info["lookup_table"] = run.relative(declared.lookup_table)
             known = run.manifest.get("models", {}).get(model_id)

@@ -39,6 +39,7 @@ __all__ = [
     "build_gestaltmatcher",
     "encode",
     "preprocess",
+    "reinitialised",
     "slotwise_cosine_distances",
     "to_gray_bt601",
     "tta_slots",
@@ -185,6 +186,38 @@ def build_gestaltmatcher(
     """A fresh (randomly initialised) :class:`GestaltMatcher`; ``num_classes`` defaults to ``len(syndrome_ids)``."""
     backbone = build_iresnet(arch, width, num_features=num_features, dropout=dropout, fused=fused)
     return GestaltMatcher(backbone, num_classes, syndrome_ids=syndrome_ids, channel_order=channel_order)
+
+
+def reinitialised(model: GestaltMatcher, seed: int) -> GestaltMatcher:
+    """The random-model control of ``model``: its architecture with every weight freshly initialised.
+
+    The fresh model is :func:`build_gestaltmatcher` with the same architecture (arch, width, fused layout, embedding
+    size, dropout, classes, syndrome ids, channel order) under ``torch.manual_seed(seed)`` — the initialisation
+    :func:`gestalt_xai.models.train._build_model` starts training from scratch with (``TrainConfig.seed == seed``
+    gives the same weights): kaiming-normal convolutions, BatchNorm weight 1 / bias 0 with reset running statistics
+    (mean 0, variance 1), PyTorch's default PReLU and linear layers. The global RNG is left as it was
+    (``torch.random.fork_rng``). Used as the model-randomisation sanity check of saliency maps (Adebayo et al.,
+    NeurIPS 2018): an explanation that looks the same for this model explains the input, not the model.
+
+    >>> m = build_gestaltmatcher("r18", width=0.125, num_classes=2).eval()
+    >>> r = reinitialised(m, seed=0)
+    >>> r.config["randomised"], r.arch, r.num_classes
+    ({'seed': 0}, 'r18', 2)
+    >>> bool(torch.equal(r.backbone.conv1.weight, reinitialised(m, seed=0).backbone.conv1.weight))
+    True
+    """
+    cfg = model.backbone.config
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = build_gestaltmatcher(cfg.arch, width=cfg.width, num_classes=model.num_classes,
+                                     syndrome_ids=model.syndrome_ids, channel_order=model.channel_order,
+                                     fused=cfg.fused, dropout=cfg.dropout, num_features=cfg.num_features)
+    if model.classifier is not None and fresh.classifier is not None:
+        fresh.classifier[0].p = model.classifier[0].p
+    fresh.config.update({k: v for k, v in model.config.items() if k not in ("randomised",)})
+    fresh.config["randomised"] = {"seed": int(seed)}
+    return fresh.to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------- preprocessing

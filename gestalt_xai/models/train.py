@@ -101,7 +101,7 @@ DEMO_PRESET: dict[str, Any] = {
     "model_id": "demo_r18_w0.25",
     "arch": "r18",
     "width": 0.25,
-    "epochs": 12,
+    "epochs": 20,
     "batch_size": 32,
     "lr_backbone": 2e-3,
     "lr_embedding": 2e-3,

@@ -4,9 +4,10 @@ Modules, one concept each:
 
 - :mod:`.face_model`: face shape parameters, geometry in a face-centred frame, projection, 5/68 landmarks
 - :mod:`.identity`: random identities (shape, skin/eye/hair colour, age-like proportions) and photo conditions
-- :mod:`.renderer`: the OpenCV painter that turns a face into a raw JPEG photo
+- :mod:`.renderer`: the OpenCV painter that turns a face into a raw JPEG photo (on a :mod:`.canvas`)
 - :mod:`.phenotypes`: the HPO-coded feature catalogue, truth-mask regions and syndrome design
 - :mod:`.cohort`: :class:`SynthConfig` and :func:`synth_stage` (GMDB files + ``truth/``)
+- :mod:`.counterfactuals`: the same photos with planted features removed or the mark changed, and change masks
 - :mod:`.truth`: reading the ground truth back (:func:`load_truth`, :func:`load_masks`)
 - :mod:`.preview`: the montage of one face per syndrome; :mod:`.data_card`: the generated datasheet
 """

@@ -9,6 +9,10 @@ Class sizes follow GMDB's long tail: ``n_frequent`` syndromes with more than six
 decreasing from ``frequent_subjects[1]`` to ``frequent_subjects[0]``) and the rest rare, with 2–6 subjects each.
 Unaffected controls form their own class (``S00``).
 
+With ``counterfactuals`` (default: the test photos), a second pass renders each selected photo again with planted
+features removed and the mark removed or added (:mod:`.counterfactuals`) into ``counterfactuals/``, beside the
+cohort tables and never in them.
+
 With ``undiagnosed: N``, N test subjects of frequent syndromes (one per syndrome, :func:`undiagnosed_subjects`) are
 written to the cohort tables without a diagnosis (label ``unknown``, split set ``undiagnosed``): the demo's new
 patients, ranked against the gallery and explained towards their suggestions. Their true syndrome stays in
@@ -18,12 +22,15 @@ the option (splits are drawn on the true labels first).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -43,7 +50,7 @@ from gestalt_xai.data.synthetic.phenotypes import (
     rasterise_regions,
 )
 from gestalt_xai.data.synthetic.renderer import MARK_CENTRE, MARK_RADIUS, RenderedPhoto, render_photo
-from gestalt_xai.data.synthetic.truth import MAX_FEATURE_BITS, encode_mask_bits
+from gestalt_xai.data.synthetic.truth import COUNTERFACTUALS_DIR, MAX_FEATURE_BITS, encode_mask_bits
 from gestalt_xai.faces.align import CROP_SIZE
 from gestalt_xai.runs import LAYOUT, Run
 from gestalt_xai.stages import CliAction, StageResult, stage
@@ -52,6 +59,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ConfounderConfig",
+    "CounterfactualConfig",
     "SynthConfig",
     "SubjectPlan",
     "ImagePlan",
@@ -60,6 +68,7 @@ __all__ = [
     "plan_cohort",
     "undiagnosed_subjects",
     "render_image",
+    "planted_features",
     "synth_stage",
     "generate_cohort",
 ]
@@ -74,6 +83,18 @@ class ConfounderConfig(StageConfig):
     syndrome: str = Field("S01", description="syndrome id whose photos carry the mark at `rate`")
     rate: float = Field(0.8, ge=0.0, le=1.0, description="share of that syndrome's photos with the mark")
     base_rate: float = Field(0.0, ge=0.0, le=1.0, description="share of all other photos with the mark")
+
+
+class CounterfactualConfig(StageConfig):
+    """Which photos get counterfactual renderings (:mod:`~gestalt_xai.data.synthetic.counterfactuals`)."""
+
+    sets: list[Literal["test", "train", "val", "all"]] = Field(
+        ["test"], description="photos to render counterfactuals of: test (frequent_test, rare_test and undiagnosed "
+                              "photos), train, val, all; [] for none")
+    mark: bool = Field(True, description="also render without_mark / with_mark (when the cohort has a confounder)")
+    mark_sets: list[Literal["test", "train", "val", "all"]] | None = Field(
+        None, description="photos that get the mark variants (without_mark / with_mark) only, beyond those of sets "
+                          "(e.g. [train] to measure the Clever-Hans effect on training photos too); null: none")
 
 
 class SynthConfig(StageConfig):
@@ -96,6 +117,9 @@ class SynthConfig(StageConfig):
     undiagnosed: int = Field(0, ge=0, description="test subjects of frequent syndromes (one per syndrome, at most "
                                                   "n_frequent) written without a diagnosis (label unknown); their "
                                                   "true syndrome stays in truth/")
+    counterfactuals: CounterfactualConfig = Field(
+        default_factory=CounterfactualConfig, description="counterfactual renderings (features removed, mark removed "
+                                                          "or added) of some photos, beside the cohort tables")
     workers: int = Field(2, ge=1, le=64, description="rendering processes (does not change the output)")
 
     @field_validator("frequent_subjects", "rare_subjects", "images_per_subject", "features_per_syndrome", "canvas",
@@ -231,6 +255,11 @@ def photo_conditions(cfg: SynthConfig, image: ImagePlan) -> PhotoConditions:
     return sample_photo(_rng(cfg.seed, 3, image.index), cfg.canvas, cfg.jpeg_quality)
 
 
+def planted_features(effects: dict[str, float]) -> list[str]:
+    """The planted features (effect > 0) in catalogue order: feature ``i`` has bit ``i`` in the mask images."""
+    return [k for k in PHENOTYPES if effects.get(k, 0.0) > 0]
+
+
 def _crop_fraction(mask: np.ndarray, lm5: np.ndarray) -> float:
     from gestalt_xai.faces.align import estimate_transform, transform_points
 
@@ -279,7 +308,7 @@ def render_image(cfg: SynthConfig, image: ImagePlan, keep_photo: bool = False) -
     size = (photo.height, photo.width)
     regions = feature_regions(base, effects)
     masks, rows = [], []
-    for bit, key in enumerate(k for k in PHENOTYPES if k in regions):
+    for bit, key in enumerate(planted_features(effects)):
         polys, margin = regions[key]
         m = rasterise_regions(polys, margin, shape, photo.pose, size)
         masks.append(m)
@@ -315,9 +344,34 @@ def _init_worker(cfg_json: str) -> None:
     _WORKER_CFG = SynthConfig.model_validate_json(cfg_json)
 
 
-def _render_worker(image: ImagePlan) -> RenderedItem:
+def _call_in_worker(fn: Callable[[SynthConfig, ImagePlan], Any], image: ImagePlan) -> Any:
     assert _WORKER_CFG is not None
-    return render_image(_WORKER_CFG, image)
+    return fn(_WORKER_CFG, image)
+
+
+@contextlib.contextmanager
+def _renderer(cfg: SynthConfig) -> Iterator[Callable[..., Iterator[Any]]]:
+    """``render(fn, images, label, per_worker)`` yields ``fn(cfg, image)`` for each image, in order: in ``cfg.workers``
+    processes (spawned on first use with at least ``per_worker`` images each, then shared by later calls) or here."""
+    from gestalt_xai.progress import progress
+
+    pool: Any = None
+    with contextlib.ExitStack() as stack:
+        def render(fn: Callable[[SynthConfig, ImagePlan], Any], images: Sequence[ImagePlan], label: str,
+                   per_worker: int = 8) -> Iterator[Any]:
+            nonlocal pool
+            if pool is None and min(cfg.workers, len(images) // per_worker, os.cpu_count() or 1) > 1:
+                import multiprocessing as mp
+
+                # spawn, not fork: forking a process whose OpenCV/torch thread pools are live can deadlock the children
+                n = min(cfg.workers, os.cpu_count() or 1)
+                pool = stack.enter_context(mp.get_context("spawn").Pool(n, initializer=_init_worker,
+                                                                        initargs=(cfg.model_dump_json(),)))
+            results = (pool.imap(functools.partial(_call_in_worker, fn), images, chunksize=max(1, per_worker // 2))
+                       if pool is not None else (fn(cfg, im) for im in images))
+            yield from progress(results, label, total=len(images))
+
+        yield render
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -370,14 +424,18 @@ def _syndrome_json(plan: CohortPlan) -> dict[str, Any]:
 
 
 def generate_cohort(cfg: SynthConfig, out_dir: str | Path, done: dict[str, dict[str, Any]] | None = None,
-                    on_item: Any = None) -> dict[str, Any]:
-    """Render the cohort of ``cfg`` into ``out_dir`` (GMDB files, ``images/``, ``truth/``); return a summary.
+                    on_item: Any = None, counterfactuals_done: dict[str, list[dict[str, Any]]] | None = None,
+                    on_counterfactuals: Any = None) -> dict[str, Any]:
+    """Render the cohort of ``cfg`` into ``out_dir`` (GMDB files, ``images/``, ``truth/``, ``counterfactuals/``);
+    return a summary.
 
     ``done`` maps image ids already rendered (by an interrupted run) to their truth records, which are reused;
     ``on_item(image_id, record)`` is called after each newly written photo (the stage records it in its ledger).
+    ``counterfactuals_done`` and ``on_counterfactuals(image_id, rows)`` do the same for the counterfactual renderings
+    (:func:`~gestalt_xai.data.synthetic.counterfactuals.write_counterfactuals`).
     """
     from gestalt_xai.data.cohort import UNDIAGNOSED, gmdb_splits, write_gmdb
-    from gestalt_xai.progress import progress
+    from gestalt_xai.data.synthetic.counterfactuals import select_images, write_counterfactuals
     from gestalt_xai.runs import atomic_write_bytes, atomic_write_text, write_parquet
 
     out = Path(out_dir)
@@ -395,37 +453,37 @@ def generate_cohort(cfg: SynthConfig, out_dir: str | Path, done: dict[str, dict[
         if on_item is not None:
             on_item(item.image_id, item.record)
 
-    workers = min(cfg.workers, max(1, len(todo) // 8), os.cpu_count() or 1)
-    if workers > 1:
-        import multiprocessing as mp
+    with _renderer(cfg) as render:
+        for item in render(render_image, todo, "synth: rendering"):
+            store(item)
 
-        # spawn, not fork: forking a process whose OpenCV/torch thread pools are live can deadlock the children
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg.model_dump_json(),)) as pool:
-            for item in progress(pool.imap(_render_worker, todo, chunksize=4), "synth: rendering", total=len(todo)):
-                store(item)
-    else:
-        for im in progress(todo, "synth: rendering", total=len(todo)):
-            store(render_image(cfg, im))
-
-    images, features = _tables(plan, list(records.values()))
-    meta = images[["image_id", "subject_id", "syndrome_id"]].copy()
-    meta["age"] = images["age"].map(_age_years)
-    splits = gmdb_splits(meta, seed=cfg.seed)  # on the true labels: the undiagnosed option moves no one else
-    hidden = undiagnosed_subjects(plan, splits, meta)
-    images["undiagnosed"] = images["subject_id"].isin(hidden)
-    meta.loc[images["undiagnosed"].to_numpy(), "syndrome_id"] = UNDIAGNOSED
-    truth = out / "truth"
-    write_parquet(images, truth / "images.parquet")
-    write_parquet(features, truth / "features.parquet")
-    write_parquet(catalogue_table(), truth / "catalogue.parquet")
-    atomic_write_text(truth / "syndromes.json", json.dumps(_syndrome_json(plan), indent=2, sort_keys=True) + "\n")
-    names = [(CONTROL_ID, CONTROL_NAME)] if cfg.n_controls else []
-    names += [(s.syndrome_id, s.name) for s in plan.syndromes]
-    syn = pd.DataFrame(names, columns=["syndrome_id", "syndrome_name"])
-    write_gmdb(out, meta, syn, cfg.version, seed=cfg.seed, splits=splits)
+        images, features = _tables(plan, list(records.values()))
+        meta = images[["image_id", "subject_id", "syndrome_id"]].copy()
+        meta["age"] = images["age"].map(_age_years)
+        splits = gmdb_splits(meta, seed=cfg.seed)  # on the true labels: the undiagnosed option moves no one else
+        hidden = undiagnosed_subjects(plan, splits, meta)
+        images["undiagnosed"] = images["subject_id"].isin(hidden)
+        meta.loc[images["undiagnosed"].to_numpy(), "syndrome_id"] = UNDIAGNOSED
+        truth = out / "truth"
+        write_parquet(images, truth / "images.parquet")
+        write_parquet(features, truth / "features.parquet")
+        write_parquet(catalogue_table(), truth / "catalogue.parquet")
+        atomic_write_text(truth / "syndromes.json",
+                          json.dumps(_syndrome_json(plan), indent=2, sort_keys=True) + "\n")
+        names = [(CONTROL_ID, CONTROL_NAME)] if cfg.n_controls else []
+        names += [(s.syndrome_id, s.name) for s in plan.syndromes]
+        syn = pd.DataFrame(names, columns=["syndrome_id", "syndrome_name"])
+        write_gmdb(out, meta, syn, cfg.version, seed=cfg.seed, splits=splits)
+        # second pass: the splits exist only now
+        chosen = select_images(cfg.counterfactuals.sets, splits, images["image_id"],
+                               images.loc[images["undiagnosed"], "image_id"])
+        undiagnosed = images.loc[images["undiagnosed"], "image_id"]
+        mark_only = select_images(cfg.counterfactuals.mark_sets or [], splits, images["image_id"], undiagnosed)
+        cf = write_counterfactuals(cfg, plan, out, chosen, counterfactuals_done, on_counterfactuals, render,
+                                   mark_only_ids=mark_only)
     return {"n_images": len(plan.images), "n_subjects": len(plan.subjects), "n_syndromes": len(plan.syndromes),
-            "n_rendered": len(todo), "n_confounded": int(images["confounder"].sum()), "n_undiagnosed": len(hidden)}
+            "n_rendered": len(todo), "n_confounded": int(images["confounder"].sum()), "n_undiagnosed": len(hidden),
+            **cf}
 
 
 def _preview_action(cfg: SynthConfig, value: Path, run_dir: Path) -> list[str]:
@@ -452,18 +510,34 @@ def _data_card_action(cfg: SynthConfig, value: Path, run_dir: Path) -> list[str]
 def synth_stage(run: Run, cfg: SynthConfig) -> StageResult:
     """Write the synthetic cohort of ``cfg`` into ``<run>/cohort/`` (resumable, deterministic).
 
-    GMDB-format tables and raw photos go to ``cohort/``, the ground truth to ``cohort/truth/``, the data card to
-    ``cohort/data_card.md``; the result's ``extra`` holds the counts of images, subjects and syndromes.
+    GMDB-format tables and raw photos go to ``cohort/``, the ground truth to ``cohort/truth/``, the counterfactual
+    renderings to ``cohort/counterfactuals/``, the data card to ``cohort/data_card.md``; the result's ``extra`` holds
+    the counts of images, subjects, syndromes and counterfactuals. Finished photos and counterfactuals are recorded in
+    two ledgers, so a rerun renders only what is missing, and changing the ``counterfactuals`` options never renders
+    a photo of the cohort again.
     """
     out = run.dir(LAYOUT.cohort)
-    ledger = run.ledger(cfg, ignore=("workers", "undiagnosed"))  # neither changes a rendered photo
+    unchanged = ("workers", "undiagnosed", "counterfactuals")  # none changes a rendered photo
+    ledger = run.ledger(cfg, ignore=unchanged)
     done = {k: v["record"] for k, v in ledger.done().items() if "record" in v}
-    summary = generate_cohort(cfg, out, done, on_item=lambda i, r: ledger.add(i, {"record": r}))
+    # a counterfactual depends on the photo's options and on whether mark variants are made, not on the sets
+    cf_options = {**cfg.model_dump(mode="json", exclude=set(unchanged)), "mark": cfg.counterfactuals.mark}
+    cf_ledger = run.ledger(cf_options, instance=f"{run.active_stage}.counterfactuals")
+    cf_done = {k: v["rows"] for k, v in cf_ledger.done().items() if "rows" in v}
+    summary = generate_cohort(cfg, out, done, on_item=lambda i, r: ledger.add(i, {"record": r}),
+                              counterfactuals_done=cf_done,
+                              on_counterfactuals=lambda i, rows: cf_ledger.add(i, {"rows": rows}))
     from gestalt_xai.data.synthetic.data_card import write_data_card
 
     write_data_card(out, out / "data_card.md")
     hidden = f", {summary['n_undiagnosed']} left undiagnosed" if summary["n_undiagnosed"] else ""
-    line = (f"{summary['n_images']} photos of {summary['n_subjects']} subjects ({summary['n_syndromes']} syndromes "
-            f"+ controls{hidden}) → {run.relative(out)}")
+    lines = [f"{summary['n_images']} photos of {summary['n_subjects']} subjects ({summary['n_syndromes']} syndromes "
+             f"+ controls{hidden}) → {run.relative(out)}"]
+    if summary["n_counterfactual_images"]:
+        lines.append(f"{summary['n_counterfactuals']} counterfactual renderings of "
+                     f"{summary['n_counterfactual_images']} photos ({', '.join(cfg.counterfactuals.sets)}"
+                     + (f"; the mark only: {', '.join(cfg.counterfactuals.mark_sets)}"
+                        if cfg.counterfactuals.mark_sets else "") + ") → "
+                     f"{run.relative(out / COUNTERFACTUALS_DIR)}")
     return StageResult(items=summary["n_images"], extra={k: v for k, v in summary.items() if k != "n_images"},
-                       outputs={"cohort": out}, summary=[line])
+                       outputs={"cohort": out}, summary=lines)

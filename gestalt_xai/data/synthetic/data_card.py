@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gestalt_xai.data.synthetic.truth import load_truth
+from gestalt_xai.data.synthetic.truth import TruthTables, load_truth
 from gestalt_xai.runs import atomic_write_text
 
 __all__ = ["write_data_card", "data_card_text"]
@@ -24,6 +24,33 @@ def _md_table(df: pd.DataFrame) -> str:
     for row in df.itertuples(index=False):
         lines.append("| " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines)
+
+
+def _counterfactual_text(truth: TruthTables) -> str:
+    """What counterfactual renderings the cohort holds, how many, and how small their change masks are."""
+    cf = truth.counterfactuals
+    if cf.empty:
+        return "None in this cohort (`counterfactuals: {sets: []}`)."
+    sets = ", ".join(truth.syndromes["config"].get("counterfactuals", {}).get("sets", []))
+    region = truth.features.set_index(["image_id", "feature"])["mask_px"]
+    rows = []
+    for variant, g in cf.groupby("variant", sort=True):
+        feature = g["feature"].iloc[0]
+        if variant == "without_mark":
+            reg = f"{np.median([truth.masks(i)['confounder'].sum() for i in g['image_id']]):.0f} (mark)"
+        elif feature in ("all", "mark"):
+            reg = "–"
+        else:
+            reg = f"{region.loc[list(zip(g['image_id'], g['feature'], strict=True))].median():.0f}"
+        rows.append({"variant": variant, "photos": len(g), "median change mask (px)": f"{g['change_px'].median():.0f}",
+                     "median region mask (px)": reg})
+    return (f"**{len(cf)} counterfactual renderings of {cf['image_id'].nunique()} photos** (sets: {sets}) in "
+            f"`counterfactuals/`, beside the cohort tables and listed in none of them: each photo again with the "
+            f"identical identity, pose, light, camera, noise and JPEG draws and one change — a planted feature removed "
+            f"(`without_<feature>`), all removed (`without_all_features`), the confounder mark removed "
+            f"(`without_mark`) or added (`with_mark`). The change mask of a rendering is the set of pixels it "
+            f"changes (more than one 8-bit level in a channel before sensor noise and JPEG): a subset of the "
+            f"feature's region mask, usually much smaller. Photo pixels:\n\n{_md_table(pd.DataFrame(rows))}")
 
 
 def data_card_text(run_or_cohort_dir: str | Path) -> str:
@@ -142,18 +169,30 @@ is the share of the feature's truth mask that falls inside the 112×112 ArcFace 
 
 Confounder: {conf_text}
 
+Counterfactuals: {_counterfactual_text(truth)}
+
 Configuration:
 ```json
 {json.dumps(cfg, indent=2, sort_keys=True)}
 ```
+
+## Measured on a run
+What a model trained on this cohort does with it cannot be known when the cohort is written (synth runs before any
+model exists); `python scripts/readme_results.py --run RUN` writes it here from a finished run.
+
+<!-- post-run:start -->
+(not measured yet)
+<!-- post-run:end -->
 
 ## Known limitations
 - Cartoon-like faces: flat layered drawing with analytic shading, no photographic realism, no expressions,
   glasses, occlusions or real hair. Models trained here learn these drawings, not human faces.
 - Syndromes are sets of independent, localised features. Real syndromic faces show correlated, global and subtle
   gestalt changes, ethnic and age-dependent presentation, and variability this generator does not model.
-- Proportions are a little wider and taller than average adult faces so that ears and the hairline fall outside
-  the aligned crop (the negative controls); low-set ears and high forehead are invisible to crop-based models here.
+- Proportions are a little wider and taller than average adult faces so that ears and the hairline fall mostly
+  outside the aligned crop (the negative controls). Mostly, not always: in some photos (roll, yaw, a small face)
+  the ear's or the hairline's change reaches the crop's border, which the counterfactuals' crop-space change masks
+  record, so a test of "no relevance on a negative control" must read those masks, not assume the crop misses them.
 - Skin tones, hair and eye colours span a broad range but are not calibrated to any population.
 - Identity and photo conditions are drawn independently of the syndrome, but planted features change a little
   skin area (e.g. full cheeks, synophrys), so the mean face colour carries a weak trace of them: in the test suite

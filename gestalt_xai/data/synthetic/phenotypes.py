@@ -121,7 +121,10 @@ def _philtrum(g: FaceGeometry) -> list[np.ndarray]:
 
 
 def _upper_lip(g: FaceGeometry) -> list[np.ndarray]:
-    return [np.vstack([g["mouth_upper_outer"][:, :2], g["mouth_stomion"][::-1, :2]])]
+    top = g["mouth_ym"][0, 1] - g.shape.upper_lip
+    # the philtral groove and columns end on the vermilion border, so they move with it
+    philtrum_end = np.array([[-0.13, top - 0.08], [0.13, top - 0.08], [0.13, top + 0.01], [-0.13, top + 0.01]])
+    return [np.vstack([g["mouth_upper_outer"][:, :2], g["mouth_stomion"][::-1, :2]]), philtrum_end]
 
 
 def _mouth(g: FaceGeometry) -> list[np.ndarray]:
@@ -140,7 +143,9 @@ def _philtrum_and_mouth(g: FaceGeometry) -> list[np.ndarray]:
 def _lower_jaw(g: FaceGeometry) -> list[np.ndarray]:
     s = g.shape
     c = g["contour"][:, :2]
-    keep = c[c[:, 1] > s.gonion_y - 0.25]
+    # the outline is a Catmull-Rom spline (face_model._lower_contour): moving the chin bends it up to the control
+    # point at y = 0.80 above the gonion
+    keep = c[c[:, 1] > min(0.75, s.gonion_y - 0.25)]
     # the chin/jaw outline plus the cast shadow on the neck below it
     below = keep + [0.0, 0.22]
     return [keep, np.vstack([keep, below[::-1]])]
@@ -151,10 +156,20 @@ def _cheeks(g: FaceGeometry) -> list[np.ndarray]:
     c = g["contour"][:, :2]
     out = []
     for side in (-1, 1):
-        band = c[(c[:, 1] > 0.15) & (c[:, 1] < s.gonion_y + 0.15) & (np.sign(c[:, 0]) == side)]
+        # from ear level down: the spline segment between ear level and the first bulging control point moves too
+        band = c[(c[:, 1] > -0.05) & (c[:, 1] < s.gonion_y + 0.15) & (np.sign(c[:, 0]) == side)]
         band = band[np.argsort(band[:, 1])]  # top → bottom along the outline, then back up on the inside
         inner = np.array([[side * 0.60, s.gonion_y + 0.10], [side * 0.60, 0.30]])
         out.append(np.vstack([band, inner]))
+        # the outline is a Catmull-Rom spline (face_model._lower_contour): moving the gonion control point bends it
+        # down to the chin's control point, and the jaw's cast shadow on the neck moves with it
+        jaw = c[(c[:, 1] > s.gonion_y - 0.10) & (c[:, 1] < s.chin_y - 0.07) & (np.sign(c[:, 0]) == side)]
+        if len(jaw) > 1:
+            out.append(np.vstack([jaw - [0.0, 0.10], (jaw + [0.0, 0.22])[::-1]]))
+        # the fullness highlight and the shadow below it (renderer), which reach past the outline onto the background
+        cf = s.cheek_full
+        out.append(ellipse(side * (0.95 + 0.10 * cf), 0.70, 0.32, 0.36, n=_ELLIPSE_POINTS))
+        out.append(ellipse(side * (1.10 + 0.12 * cf), 1.00, 0.26, 0.28, n=_ELLIPSE_POINTS))
     return out
 
 

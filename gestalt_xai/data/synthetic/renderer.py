@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 
+from gestalt_xai.data.synthetic.canvas import Canvas, cov_in
 from gestalt_xai.data.synthetic.face_model import (
     FaceGeometry,
     FaceShape,
@@ -29,12 +31,14 @@ from gestalt_xai.data.synthetic.face_model import (
 )
 from gestalt_xai.data.synthetic.identity import Appearance, PhotoConditions
 
-__all__ = ["RenderedPhoto", "render_photo", "ellipse", "SUPERSAMPLE", "MARK_CENTRE", "MARK_RADIUS", "encode_jpeg"]
+__all__ = ["RenderedPhoto", "Scene", "prepare_scene", "render_photo", "ellipse", "SUPERSAMPLE", "MARK_CENTRE",
+           "MARK_RADIUS", "encode_jpeg"]
 
 SUPERSAMPLE = 2
-#: the confounder mark: a small dark spot on the image-right cheek (face frame, face units)
+#: the confounder mark: a mole-like dark spot on the image-right cheek (face frame, face units); large and dark enough
+#: (≈ 10 px across in the 112² crop) for the demo model to learn it as a Clever-Hans cue
 MARK_CENTRE = (0.62, 0.74)
-MARK_RADIUS = 0.065
+MARK_RADIUS = 0.14
 
 
 @dataclass
@@ -47,6 +51,9 @@ class RenderedPhoto:
     landmarks68: np.ndarray  # (68, 2)
     geometry: FaceGeometry
     photo: PhotoConditions
+    #: H×W×3 float32 in 8-bit units (0..255, not clipped): the photo after down-sampling, exposure, white balance
+    #: and blur, before sensor noise, rounding and JPEG; only when :func:`render_photo` is asked for it
+    clean: np.ndarray | None = None
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
@@ -60,74 +67,6 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     if not ok:  # pragma: no cover - cv2 fails only on invalid arrays
         raise RuntimeError("JPEG encoding failed")
     return buf.tobytes()
-
-
-class _Canvas:
-    """A float RGB canvas with region-of-interest painting of feathered, anti-aliased shapes."""
-
-    def __init__(self, h: int, w: int) -> None:
-        self.h, self.w = h, w
-        self.img = np.zeros((h, w, 3), np.float32)
-
-    def alpha(self, polys: list[np.ndarray], feather: float = 0.0, pad: float = 0.0,
-              lines: float = 0.0) -> tuple[tuple[slice, slice], np.ndarray] | None:
-        """Coverage of filled polygons (or polylines of width ``lines``) in their bounding box."""
-        allp = np.vstack(polys)
-        m = int(math.ceil(3 * feather + lines + pad)) + 2
-        x0 = max(int(math.floor(allp[:, 0].min())) - m, 0)
-        y0 = max(int(math.floor(allp[:, 1].min())) - m, 0)
-        x1 = min(int(math.ceil(allp[:, 0].max())) + m, self.w)
-        y1 = min(int(math.ceil(allp[:, 1].max())) + m, self.h)
-        if x1 <= x0 or y1 <= y0:
-            return None
-        a = np.zeros((y1 - y0, x1 - x0), np.uint8)
-        pts = [np.round((p - [x0, y0]) * 16).astype(np.int32) for p in polys]
-        if lines > 0:
-            cv2.polylines(a, pts, False, 255, thickness=max(1, int(round(lines))), lineType=cv2.LINE_AA, shift=4)
-        else:
-            cv2.fillPoly(a, pts, 255, lineType=cv2.LINE_AA, shift=4)
-        af = a.astype(np.float32) * (1.0 / 255.0)
-        if feather > 0.3:
-            af = cv2.GaussianBlur(af, (0, 0), feather)
-        return (slice(y0, y1), slice(x0, x1)), af
-
-    def paint(self, cov: tuple[tuple[slice, slice], np.ndarray] | None, colour: np.ndarray | tuple[float, ...],
-              opacity: float = 1.0) -> None:
-        if cov is None or opacity <= 0:
-            return
-        roi, a = cov
-        a = a * opacity
-        region = self.img[roi]
-        if callable(colour):
-            col = colour(roi)  # a field evaluated in the covered region only
-        elif isinstance(colour, np.ndarray) and colour.ndim == 3:
-            col = colour if colour.shape[:2] == a.shape else colour[roi]  # region-local or canvas-sized field
-        else:
-            col = np.asarray(colour, np.float32)
-        region += (col - region) * a[..., None]
-
-    def multiply(self, cov: tuple[tuple[slice, slice], np.ndarray] | None, factor: np.ndarray | tuple[float, ...],
-                 opacity: float = 1.0) -> None:
-        """Darken/tint by ``factor`` where covered (shadows keep the texture underneath)."""
-        if cov is None or opacity <= 0:
-            return
-        roi, a = cov
-        f = np.asarray(factor, np.float32)
-        self.img[roi] *= 1.0 + (f - 1.0) * (a * opacity)[..., None]
-
-
-def _cov_in(cov: tuple[tuple[slice, slice], np.ndarray] | None, roi: tuple[slice, slice]) -> np.ndarray:
-    """Coverage ``cov`` re-cut to the region ``roi`` (zero where ``cov`` does not reach)."""
-    out = np.zeros((roi[0].stop - roi[0].start, roi[1].stop - roi[1].start), np.float32)
-    if cov is None:
-        return out
-    (cy, cx), a = cov
-    y0, y1 = max(cy.start, roi[0].start), min(cy.stop, roi[0].stop)
-    x0, x1 = max(cx.start, roi[1].start), min(cx.stop, roi[1].stop)
-    if y1 > y0 and x1 > x0:
-        out[y0 - roi[0].start:y1 - roi[0].start, x0 - roi[1].start:x1 - roi[1].start] = \
-            a[y0 - cy.start:y1 - cy.start, x0 - cx.start:x1 - cx.start]
-    return out
 
 
 def _light_vector(photo: PhotoConditions) -> np.ndarray:
@@ -146,7 +85,7 @@ def _face_coords(pose: Pose, roi: tuple[slice, slice], ss: int, step: int = 1) -
     return X.astype(np.float32), Y.astype(np.float32)
 
 
-def _shade_fields(shape: FaceShape, photo: PhotoConditions, X: np.ndarray, Y: np.ndarray,
+def _shade_fields(shape: _Frame, photo: PhotoConditions, X: np.ndarray, Y: np.ndarray,
                   rng: np.random.Generator, px_per_u: float) -> tuple[np.ndarray, np.ndarray]:
     """Lambert + specular shading of the ellipsoidal head, and a multiplicative skin texture field."""
     L = _light_vector(photo)
@@ -207,57 +146,61 @@ def _pts(xy: np.ndarray, z: float | np.ndarray = 0.0) -> np.ndarray:
     return np.column_stack([xy, zz])
 
 
-def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mark: bool = False) -> RenderedPhoto:
-    """Render one raw photo of a face.
+class _Frame(NamedTuple):
+    """The only parts of a face the scene is drawn from (no phenotype changes them)."""
 
-    Parameters
-    ----------
-    shape:
-        Face shape, phenotypes already applied (see :func:`gestalt_xai.data.synthetic.phenotypes.apply_features`).
-    look:
-        Colours and styles of the identity.
-    photo:
-        Canvas, pose, light, background and camera nuisance.
-    mark:
-        Paint the confounder mark (a small dark spot on the image-right cheek).
+    face_half_w: float
+    crown_y: float
+    gonion_y: float
 
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from gestalt_xai.data.synthetic.identity import sample_identity, sample_photo
-    >>> rng = np.random.default_rng(0)
-    >>> shape, look = sample_identity(rng)
-    >>> out = render_photo(shape, look, sample_photo(rng))
-    >>> out.rgb.dtype, out.landmarks5.shape
-    (dtype('uint8'), (5, 2))
+
+@dataclass(frozen=True, eq=False)
+class Scene:
+    """What a photo's rendering shares with every phenotype of the same identity in the same photo, and with or
+    without the mark: background, shirt and hair behind the head already painted, the skin, hair and lip colour
+    fields, the skin texture and hair streaks, and the sensor noise. Every random draw of a rendering is made here.
+
+    Make it once with :func:`prepare_scene` and hand it to :func:`render_photo` (``scene=``) to render several
+    phenotypes of one photo (counterfactuals) for the price of their painting only; the pixels are those of
+    rendering each from scratch. Its arrays are read-only.
     """
+
+    key: tuple
+    canvas: np.ndarray
+    skin: np.ndarray
+    texture: np.ndarray
+    streak: np.ndarray
+    hair: np.ndarray
+    lip: np.ndarray
+    noise: np.ndarray
+
+
+def _scene_key(shape: FaceShape, look: Appearance, photo: PhotoConditions) -> tuple:
+    return (_Frame(shape.face_half_w, shape.crown_y, shape.gonion_y), look, photo)
+
+
+def prepare_scene(shape: FaceShape, look: Appearance, photo: PhotoConditions) -> Scene:
+    """The :class:`Scene` of a photo of ``shape``'s identity (only its face width, crown and gonion heights are
+    read: no phenotype changes them)."""
+    frame, look, photo = key = _scene_key(shape, look, photo)
     ss = SUPERSAMPLE
-    g = build_geometry(shape)
-    P = g.parts
     pose = photo.pose
     H, W = photo.height * ss, photo.width * ss
     px_u = pose.scale * ss  # super-sampled pixels per face unit
-    cv = _Canvas(H, W)
+    cv = Canvas(H, W)
     rng_tex = np.random.default_rng([look.texture_seed, 1])
     rng_photo = np.random.default_rng([photo.noise_seed, 2])
 
     def pp(points3: np.ndarray) -> np.ndarray:
         return project(points3, pose, ss)
 
-    def pz(xy: np.ndarray, dz: float = 0.0) -> np.ndarray:
-        """Project 2-D face-frame points lying on the face surface (+ dz)."""
-        from gestalt_xai.data.synthetic.face_model import surface_z
-
-        xy = np.asarray(xy, np.float64).reshape(-1, 2)
-        return pp(_pts(xy, surface_z(shape, xy[:, 0]) + dz))
-
     u = px_u  # shorthand for feather widths in face units
-    hw = shape.face_half_w
+    hw = frame.face_half_w
     vol = look.hair_volume
     # the region where the person is: fixed by identity and pose only (never by a phenotype), so the random
     # texture fields drawn inside it are the same with and without any planted feature
-    box = np.array([[-(hw + vol + 0.6), shape.crown_y - vol - 0.2], [hw + vol + 0.6, shape.crown_y - vol - 0.2],
-                    [hw + vol + 0.6, shape.gonion_y + 2.0], [-(hw + vol + 0.6), shape.gonion_y + 2.0]])
+    box = np.array([[-(hw + vol + 0.6), frame.crown_y - vol - 0.2], [hw + vol + 0.6, frame.crown_y - vol - 0.2],
+                    [hw + vol + 0.6, frame.gonion_y + 2.0], [-(hw + vol + 0.6), frame.gonion_y + 2.0]])
     corners = np.vstack([pp(_pts(box, 0.0)), pp(_pts(box, 1.2))])
     fx0, fy0 = np.floor(corners.min(axis=0)).astype(int)
     fx1, fy1 = np.ceil(corners.max(axis=0)).astype(int)
@@ -277,7 +220,7 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
         return cv2.resize(a, (rw, rh), interpolation=cv2.INTER_LINEAR)
 
     X, Y = _face_coords(pose, froi, ss, step=2)
-    fields, texture_r = _shade_fields(shape, photo, X, Y, rng_tex, px_u / 2)
+    fields, texture_r = _shade_fields(frame, photo, X, Y, rng_tex, px_u / 2)
     shade_r, spec_r = fields
     skin = np.asarray(look.skin, np.float32)
     skin_r = up(_skin_field(skin, shade_r, spec_r, texture_r))
@@ -305,13 +248,13 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
     streak = cv2.GaussianBlur(streak, (1, 0), sigmaX=0.6, sigmaY=max(1.0, 0.15 * px_u / 2))
     streak = cv2.resize(streak, (rw, rh), interpolation=cv2.INTER_LINEAR)
     streak /= streak.std() + 1e-6
-    hair_shade = np.clip(0.55 + 0.6 * np.clip(-(Y - shape.crown_y) / 3.0 * L[1] + X / hw * 0.3 * L[0], -0.5, 0.6),
+    hair_shade = np.clip(0.55 + 0.6 * np.clip(-(Y - frame.crown_y) / 3.0 * L[1] + X / hw * 0.3 * L[0], -0.5, 0.6),
                          0.3, 1.2)
     hair_field = full(hair[None, None, :] * (hair_shade * (1.0 + 0.18 * streak))[..., None])
     streak = full(streak)
 
     # ---- shirt and shoulders
-    sy = shape.gonion_y + 1.15  # shoulders: identity only
+    sy = frame.gonion_y + 1.15  # shoulders: identity only
     shoulder = np.array([[-0.75, sy], [-1.9, sy + 0.45], [-2.9, sy + 1.0], [-3.3, sy + 4.0], [3.3, sy + 4.0],
                          [2.9, sy + 1.0], [1.9, sy + 0.45], [0.75, sy]])
     shirt = np.asarray(photo.shirt, np.float32)
@@ -322,12 +265,90 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
 
     # ---- hair behind the head
     if look.hair_style != "short":
-        bottom = shape.gonion_y + (0.15 if look.hair_style == "medium" else 1.5)  # identity only
-        back = np.vstack([np.column_stack([(hw + vol + 0.08) * np.cos(a), (shape.crown_y - vol) * np.sin(a)])
+        bottom = frame.gonion_y + (0.15 if look.hair_style == "medium" else 1.5)  # identity only
+        back = np.vstack([np.column_stack([(hw + vol + 0.08) * np.cos(a), (frame.crown_y - vol) * np.sin(a)])
                           for a in [np.linspace(0, np.pi, 40)]])
         back = np.vstack([[[hw + vol + 0.02, bottom]], back, [[-(hw + vol + 0.02), bottom]]])
         back_field = hair_field * 0.72
         cv.paint(cv.alpha([pp(_pts(back, -0.3))], feather=0.02 * u), back_field)
+
+    lip = np.asarray(look.lip, np.float32)
+    lip_field = full(lip[None, None, :] * np.clip(shade_r, 0, 1.1)[..., None] * texture_r[..., None])
+    # the sensor noise: the next draws of the photo's stream, whatever is painted in between
+    noise = rng_photo.standard_normal((photo.height, photo.width, 3), dtype=np.float32)
+    arrays = (cv.img, skin_field, texture, streak, hair_field, lip_field, noise)
+    for arr in arrays:
+        arr.flags.writeable = False
+    return Scene(key, *arrays)
+
+
+def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mark: bool = False,
+                 clean: bool = False, scene: Scene | None = None) -> RenderedPhoto:
+    """Render one raw photo of a face.
+
+    Parameters
+    ----------
+    shape:
+        Face shape, phenotypes already applied (see :func:`gestalt_xai.data.synthetic.phenotypes.apply_features`).
+    look:
+        Colours and styles of the identity.
+    photo:
+        Canvas, pose, light, background and camera nuisance.
+    mark:
+        Paint the confounder mark (a small dark spot on the image-right cheek).
+    clean:
+        Also return the photo before sensor noise and JPEG (:attr:`RenderedPhoto.clean`), the image counterfactual
+        change masks are computed on (:mod:`~gestalt_xai.data.synthetic.counterfactuals`). It costs nothing extra:
+        the same array is computed either way.
+    scene:
+        The photo's :class:`Scene` (:func:`prepare_scene`), to render several phenotypes of one photo without
+        drawing it again; made here when omitted.
+
+    Every random draw (skin and hair texture, background blotches, sensor noise) is made in the :class:`Scene`,
+    which depends on the identity (``look.texture_seed``) and the photo (``photo.noise_seed``) only and is drawn
+    over a region fixed by the identity and the pose, so a photo rendered with other phenotypes or without the mark
+    consumes exactly the same draws: what differs between the two photos is what the phenotypes paint.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gestalt_xai.data.synthetic.identity import sample_identity, sample_photo
+    >>> rng = np.random.default_rng(0)
+    >>> shape, look = sample_identity(rng)
+    >>> out = render_photo(shape, look, sample_photo(rng))
+    >>> out.rgb.dtype, out.landmarks5.shape
+    (dtype('uint8'), (5, 2))
+    """
+    if scene is None:
+        scene = prepare_scene(shape, look, photo)
+    elif scene.key != _scene_key(shape, look, photo):
+        raise ValueError("the scene was prepared for another identity or photo (prepare_scene)")
+    ss = SUPERSAMPLE
+    g = build_geometry(shape)
+    P = g.parts
+    pose = photo.pose
+    H, W = photo.height * ss, photo.width * ss
+    px_u = pose.scale * ss  # super-sampled pixels per face unit
+    cv = Canvas(H, W, scene.canvas.copy())
+    skin_field, texture, streak, hair_field, lip_field = scene.skin, scene.texture, scene.streak, scene.hair, scene.lip
+
+    def pp(points3: np.ndarray) -> np.ndarray:
+        return project(points3, pose, ss)
+
+    def pz(xy: np.ndarray, dz: float = 0.0) -> np.ndarray:
+        """Project 2-D face-frame points lying on the face surface (+ dz)."""
+        from gestalt_xai.data.synthetic.face_model import surface_z
+
+        xy = np.asarray(xy, np.float64).reshape(-1, 2)
+        return pp(_pts(xy, surface_z(shape, xy[:, 0]) + dz))
+
+    u = px_u  # shorthand for feather widths in face units
+    hw = shape.face_half_w
+    vol = look.hair_volume
+    skin = np.asarray(look.skin, np.float32)
+    hair = np.asarray(look.hair, np.float32)
+    L = _light_vector(photo)
+    sy = shape.gonion_y + 1.15  # shoulders: identity only
 
     # ---- head silhouette (coverage used by the neck shadow and the face)
     head_outline = np.vstack([P["skull"][:, :2], P["contour"][:, :2]])
@@ -343,7 +364,7 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
         (ny_, nx_), na = neck_cov
         dy = int(round(0.16 * u))
         shifted = (slice(max(ny_.start - dy, 0), max(ny_.stop - dy, 1)), nx_)
-        sh = _cov_in(head_cov, shifted)
+        sh = cov_in(head_cov, shifted)
         pad = na.shape[0] - sh.shape[0]
         if pad > 0:
             sh = np.vstack([np.zeros((pad, sh.shape[1]), np.float32), sh])
@@ -432,8 +453,6 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
         cv.multiply(cv.alpha([pz(col, 0.1)], feather=0.015 * u, lines=0.025 * u), (1.14, 1.12, 1.11), 0.9 * pd_)
 
     # ---- lips
-    lip = np.asarray(look.lip, np.float32)
-    lip_field = full(lip[None, None, :] * np.clip(shade_r, 0, 1.1)[..., None] * texture_r[..., None])
     up = np.vstack([P["mouth_upper_outer"][:, :2], P["mouth_stomion"][::-1, :2]])
     lo = np.vstack([P["mouth_stomion"][:, :2], P["mouth_lower_outer"][:, :2]])
     ll = shape.lower_lip
@@ -470,7 +489,7 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
         iris_cov = cv.alpha([ellipse(pc[0], pc[1], r, r)], feather=0.5)
         if iris_cov is not None:
             roi, ia = iris_cov
-            clip = _cov_in(fis, roi)
+            clip = cov_in(fis, roi)
             ia = ia * clip
             yy, xx = np.mgrid[roi[0], roi[1]].astype(np.float32)
             rr = np.sqrt((xx - pc[0]) ** 2 + (yy - pc[1]) ** 2) / max(r, 1.0)
@@ -482,16 +501,16 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
             pr = r * 0.40
             pa = cv.alpha([ellipse(pc[0], pc[1], pr, pr)], feather=0.4)
             if pa is not None:
-                cv.paint((pa[0], pa[1] * _cov_in(fis, pa[0])), (0.03, 0.03, 0.035))
+                cv.paint((pa[0], pa[1] * cov_in(fis, pa[0])), (0.03, 0.03, 0.035))
             cl = pc + np.array([0.35 * r * L[0] / (abs(L[0]) + 0.5), -0.35 * r])
             ca = cv.alpha([ellipse(cl[0], cl[1], r * 0.16, r * 0.16)], feather=0.4)
             if ca is not None:
-                cv.paint((ca[0], ca[1] * _cov_in(fis, ca[0])), (0.97, 0.97, 0.97), 0.85)
+                cv.paint((ca[0], ca[1] * cov_in(fis, ca[0])), (0.97, 0.97, 0.97), 0.85)
         # upper-lid shadow on the eyeball, lashes, lower lid, crease
         lid_shadow = np.vstack([upper[:, :2], upper[::-1, :2] + [0, shape.eye_open * 0.28]])
         sh = cv.alpha([pp(_pts(lid_shadow, upper[0, 2]))], feather=0.02 * u)
         if sh is not None:
-            cv.multiply((sh[0], sh[1] * _cov_in(fis, sh[0])), (0.62, 0.60, 0.60), 0.8)
+            cv.multiply((sh[0], sh[1] * cov_in(fis, sh[0])), (0.62, 0.60, 0.60), 0.8)
         lash_col = np.minimum(hair * 0.6, 0.12)
         cv.paint(cv.alpha([pp(upper)], feather=0.006 * u, lines=0.028 * u), lash_col, 0.95)
         outer_half = upper[len(upper) // 2:]
@@ -545,7 +564,7 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
     # ---- confounder mark
     if mark:
         mc = ellipse(MARK_CENTRE[0], MARK_CENTRE[1], MARK_RADIUS, MARK_RADIUS * 0.9)
-        cv.paint(cv.alpha([pz(mc, 0.0)], feather=0.012 * u), skin * 0.38, 0.92)
+        cv.paint(cv.alpha([pz(mc, 0.0)], feather=0.012 * u), skin * 0.20, 0.97)
 
     # ---- camera: down-sample, exposure/white balance, blur, noise, JPEG
     img = cv2.resize(cv.img, (photo.width, photo.height), interpolation=cv2.INTER_AREA)
@@ -554,10 +573,12 @@ def render_photo(shape: FaceShape, look: Appearance, photo: PhotoConditions, mar
     img *= np.asarray(photo.white_balance, np.float32) * (photo.exposure * metering)
     if photo.blur_sigma > 0.25:
         img = cv2.GaussianBlur(img, (0, 0), photo.blur_sigma)
-    img = img * 255.0 + rng_photo.standard_normal(img.shape, dtype=np.float32) * np.float32(photo.noise_sigma)
+    before_noise = img * 255.0
+    img = before_noise + scene.noise * np.float32(photo.noise_sigma)
     rgb8 = np.clip(np.round(img), 0, 255).astype(np.uint8)
     jpeg = encode_jpeg(rgb8, photo.jpeg_quality)
     decoded = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)[..., ::-1].copy()
     lm5 = project(landmarks5(g), pose)
     lm68 = project(landmarks68(g), pose)
-    return RenderedPhoto(rgb=decoded, jpeg=jpeg, landmarks5=lm5, landmarks68=lm68, geometry=g, photo=photo)
+    return RenderedPhoto(rgb=decoded, jpeg=jpeg, landmarks5=lm5, landmarks68=lm68, geometry=g, photo=photo,
+                         clean=before_noise if clean else None)
