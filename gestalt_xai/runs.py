@@ -79,6 +79,7 @@ class RunLayout:
     ranks: str = "matching/ranks.parquet"
     maps: str = "maps"
     aggregate: str = "aggregate"
+    assess: str = "assess"
 
     def crop(self, image_id: str) -> str:
         """The aligned 112×112 crop of ``image_id``."""
