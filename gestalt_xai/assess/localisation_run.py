@@ -223,7 +223,8 @@ def localisation_tables(run: Run, store: Any, rows: pd.DataFrame, *, truth: Trut
     pending: tuple[tuple[Any, ...], list[tuple[Mapping[str, Any], np.ndarray]]] = ((), [])
     # grouped by target too (one map per image and key); a subject's targets of one model, method and layer come
     # one after the other, and are paired once all have come
-    for key, subject, items in stream_subject_maps(store, annotated, [*_MAP_GROUP, "target"], block_maps):
+    wanted = annotated if localiser is not None or atlases else annotated.iloc[:0]  # a real cohort: nothing to read
+    for key, subject, items in stream_subject_maps(store, wanted, [*_MAP_GROUP, "target"], block_maps):
         n_maps += len(items)
         if localiser is not None:
             for row, m in items:
