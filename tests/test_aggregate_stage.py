@@ -1,6 +1,7 @@
 """The aggregate stage end to end on a constructed run: cohort tables, aligned crops and a map store whose maps
 have known answers (each syndrome's evidence planted in one facial region; a confounded syndrome whose maps split
-between its feature and a cue), with a minimal synthetic-cohort truth. No trained model involved."""
+between its feature and a cue), with a minimal synthetic-cohort truth. No trained model involved. The planted-region
+check the assess stage runs on the stage's region scores (assess/planted.py) is checked here too."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 
 from gestalt_xai.aggregate.stage import AggregateConfig, aggregate_stage, composite_array, load_composites
+from gestalt_xai.assess.planted import planted_region_table
 from gestalt_xai.data.cohort import Cohort, save_run_cohort
 from gestalt_xai.data.images import save_png
 from gestalt_xai.faces.regions import LABEL, template_atlas
@@ -108,8 +110,11 @@ def test_stage_writes_tables_and_figures(aggregated):
     run, result = aggregated
     out = run.path / "aggregate"
     for name in ("composites", "region_maps", "region_subjects", "region_syndromes", "faces", "spray",
-                 "spray_members", "pairs", "planted_hits"):
+                 "spray_members", "pairs"):
         assert (out / f"{name}.parquet").exists(), name
+    # the checks against the truth are the assess stage's
+    assert not [p.name for p in out.glob("*.parquet") if p.name.startswith(("planted", "localisation", "mark"))]
+    assert not {"planted_hits", "localisation"} & set(result.extra["results"])
     figs = {p.name for p in (out / "figures").rglob("*.png")}
     assert any(n.startswith("composites__m0__centroid-own") for n in figs)
     assert any(n.startswith("regions__") for n in figs) and any(n.startswith("composite_faces__") for n in figs)
@@ -133,11 +138,14 @@ def test_stage_composites_count_subjects_not_images(aggregated):
 
 def test_stage_region_scores_find_planted_regions(aggregated):
     run, result = aggregated
-    hits = pd.read_parquet(run.path / "aggregate" / "planted_hits.parquet")
+    tables, lines = planted_region_table(run)
+    hits = tables["planted_hits"]
     sal = hits[hits["method"] == "saliency"].set_index("syndrome_id")
     assert sal["hit"].all(), sal
-    reported = {h["method"]: h["share"] for h in result.extra["results"]["planted_hits"]}
-    assert reported["saliency"] == 1.0
+    assert sorted(sal.index) == ["S01", "S02", "S03"]  # the control syndrome S00 has nothing to hit
+    reported = tables["planted_hits_summary"].set_index("method")
+    assert reported.loc["saliency", "share"] == 1.0 and reported.loc["saliency", "n_syndromes"] == 3
+    assert any("saliency" in line and "3/3 syndromes (100%" in line for line in lines), lines
     per_syn = pd.read_parquet(run.path / "aggregate" / "region_syndromes.parquet")
     keys = ["syndrome_id", "method", "target_group", "atlas"]
     sums = per_syn[per_syn["syndrome_id"] != "ALL"].groupby(keys)["share"].sum()
@@ -179,8 +187,8 @@ def test_figure_formats_option(aggregated, tmp_path):
 def test_stage_returns_its_summary_lines(aggregated):
     run, result = aggregated
     lines = result.summary
-    assert any("saliency" in line and "3/3 syndromes (100%" in line for line in lines), lines
-    assert run.manifest["stages"]["aggregate"]["summary"] == lines
+    assert run.manifest["stages"]["aggregate"].get("summary", []) == lines  # only SpRAy lines: none here
+    assert not any("syndromes (" in line or "localisation" in line for line in lines), lines
 
 
 @pytest.mark.parametrize("broken", ["features.parquet", "syndromes.json"])
@@ -194,10 +202,13 @@ def test_unreadable_truth_is_reported_not_taken_for_a_real_cohort(aggregated, tm
     rows = errors[errors["stage"] == "aggregate"]
     assert list(rows["item_id"]) == [f"cohort/truth/{broken}"] and list(rows["error_kind"]) == ["input"]
     assert any(f"cohort/truth/{broken}" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
-    # the run goes on, without checks against the truth
+    # the run goes on, without what needs the truth
     assert (copy.path / "aggregate" / "composites.parquet").exists()
-    assert not (copy.path / "aggregate" / "planted_hits.parquet").exists()
-    assert result.extra["results"]["planted_hits"] == [] and result.extra["results"]["control_id"] is None
+    assert result.extra["results"]["spray"] == [] and result.extra["results"]["control_id"] is None
+    # and so does the assess side's planted-region check, reporting the same file
+    assess_errors: list = []
+    assert planted_region_table(copy, errors=assess_errors) == ({}, [])
+    assert [e.item_id for e in assess_errors] == [f"cohort/truth/{broken}"]
 
 
 def test_real_cohort_without_truth_has_no_truth_errors(aggregated, tmp_path, caplog):
@@ -208,7 +219,9 @@ def test_real_cohort_without_truth_has_no_truth_errors(aggregated, tmp_path, cap
     errors = copy.errors()
     assert not len(errors[errors["stage"] == "aggregate"])
     assert not [r for r in caplog.records if r.levelname == "WARNING" and "truth" in r.getMessage()]
-    assert result.extra["results"]["planted_hits"] == [] and result.extra["results"]["spray"] == []
+    assert result.extra["results"]["spray"] == []
+    assessed: list = []
+    assert planted_region_table(copy, errors=assessed) == ({}, []) and not assessed
 
 
 def test_confounder_without_a_mask_is_reported_and_still_flagged(aggregated, tmp_path):

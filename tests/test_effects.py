@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -183,8 +184,8 @@ def test_embed_match_and_explain_take_a_random_control(tiny_run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ end to end
-def test_explain_measures_effects_of_its_counterfactual_images_and_aggregate_localises(trained_run, tmp_path):
-    from gestalt_xai.aggregate.stage import AggregateConfig, aggregate_stage
+def test_explain_measures_effects_of_its_counterfactual_images_and_assess_localises(trained_run, tmp_path):
+    from gestalt_xai.assess.localisation_run import localisation_tables
     from gestalt_xai.assess.planted import confounded_syndrome, read_truth
     from gestalt_xai.attribution.effects import EFFECT_KEY
     from gestalt_xai.attribution.explain import ExplainConfig, explain_stage
@@ -232,27 +233,31 @@ def test_explain_measures_effects_of_its_counterfactual_images_and_aggregate_loc
                   instance="explain#2")
     effects = load_effects(run)
     assert set(effects["model_id"]) == {trained.model_id, "random_init"}
-    # the aggregate stage reads the maps against the change masks and the effects; a lost crop is an error row
+    # the assess side reads the maps against the region and change masks and the effects; a lost crop is an error
     lost = cf.iloc[0]
     Path(lost["crop_path"]).unlink()
-    agg = aggregate_stage(run, AggregateConfig(figures=False, normalisations=["max-abs"], strata=["sex"]))
-    errors = run.errors()
-    lost_rows = errors[(errors["stage"] == "aggregate") & (errors["item_id"] == lost["image_id"])]
-    assert lost_rows["key"].str.contains(lost["variant"]).any()
-    loc = pd.read_parquet(run.path / "aggregate" / "localisation.parquet")
+    errors: list = []
+    t0 = time.perf_counter()
+    store = run.map_store()
+    tables, lines = localisation_tables(run, store, store.index(), errors=errors)
+    local_seconds = time.perf_counter() - t0
+    assert any(e.item_id == lost["image_id"] and e.key.get("variant") == lost["variant"] for e in errors)
+    loc = tables["localisation"]
     assert set(loc["method"]) == {"hirescam", "saliency"} and (loc["area_share"] > 0).all()
-    assert set(loc["image_id"]) <= set(cf["image_id"]) and (loc["target_group"] == "centroid:own").all()
+    assert set(loc["mask_kind"]) == {"region", "change"} and (loc["target_group"] == "centroid:own").all()
+    assert set(loc.loc[loc["mask_kind"] == "change", "image_id"]) <= set(cf["image_id"])
     assert set(loc["model_id"]) == {trained.model_id, "random_init"}
-    # a control feeds the checks, never a composite
-    comp = pd.read_parquet(run.path / "aggregate" / "composites.parquet", columns=["model_id"])
-    assert set(comp["model_id"]) == {trained.model_id}
-    summary = pd.read_parquet(run.path / "aggregate" / "localisation_summary.parquet")
+    # a change mask lies inside its feature's region mask: never the larger of the two
+    px = loc.pivot_table(index=["image_id", "model_id", "method", "feature"], columns="mask_kind", values="mask_px")
+    assert (px.dropna()["change"] <= px.dropna()["region"]).all() and len(px.dropna())
+    assert len(tables["localisation_patients"]) and set(tables["localisation_patients"]["mask_kind"]) <= {"region",
+                                                                                                        "change"}
+    summary = tables["localisation_summary"]
     assert summary.groupby("model_id")["random_control"].first().to_dict() == {trained.model_id: False,
                                                                                 "random_init": True}
-    lines = [line for line in agg.summary if line.startswith("aggregate: localisation")]
+    lines = [line for line in lines if line.startswith("assess: localisation")]
     assert lines and all("beside it the random control random_init" in line for line in lines)
-    results = agg.extra["results"]["localisation"]
-    print(f"effects pass {seconds:.2f} s, localisation {results['seconds']:.2f} s, {len(effects)} effect rows, "
+    print(f"effects pass {seconds:.2f} s, localisation {local_seconds:.2f} s, {len(effects)} effect rows, "
           f"{len(loc)} localisation rows")
 
 
@@ -282,8 +287,9 @@ def confounded_run(tmp_path_factory):
 
 
 def test_mark_effect_on_the_confounded_syndrome_per_set(confounded_run, tmp_path):
-    from gestalt_xai.aggregate.stage import AggregateConfig, aggregate_stage
     from gestalt_xai.assess.localisation import wilson_interval
+    from gestalt_xai.assess.localisation_run import localisation_tables
+    from gestalt_xai.assess.planted import confounder_check
     from gestalt_xai.attribution.explain import ExplainConfig, explain_stage
     from gestalt_xai.runs import Run
 
@@ -303,17 +309,26 @@ def test_mark_effect_on_the_confounded_syndrome_per_set(confounded_run, tmp_path
     assert train_only and cf.loc[cf["image_id"].isin(train_only), "feature"].eq("mark").all()
     assert cf.loc[cf["image_id"].isin(test_photos), "feature"].ne("mark").any()
     assert (marks.loc[marks["change"] == "remove", "image_id"].map(images["syndrome_id"]) == "S01").all()
-    agg = aggregate_stage(run, AggregateConfig(figures=False, normalisations=["max-abs"], strata=["sex"]))
-    table = pd.read_parquet(run.path / "aggregate" / "mark_effects.parquet")
+    store = run.map_store()
+    local, _ = localisation_tables(run, store, store.index())
+    checks, lines = confounder_check(run, local["localisation"])
+    table = checks["mark_effects"]
     removal = marks[(marks["change"] == "remove")
                     & marks["image_id"].map(images["sets"]).str.split(",").map(lambda s: "train" in s)]
     row = table[(table["set"] == "train") & (table["change"] == "remove")].iloc[0]
     assert (row["n"], row["n_expected"]) == (len(removal), int((removal["delta"] > 0).sum()))
     assert row["mean_delta"] == pytest.approx(removal["delta"].mean())
     assert (row["ci_low"], row["ci_high"]) == pytest.approx(wilson_interval(row["n_expected"], row["n"]))
-    assert any(line.startswith("aggregate: Clever Hans (m, train set)") for line in agg.summary)
-    print("\n".join(line for line in agg.summary if "Clever" in line or "localisation" in line))
-    # the mark's own localisation rows: marked S01 photos only, with the without_mark change mask
-    loc = pd.read_parquet(run.path / "aggregate" / "localisation.parquet")
+    assert any(line.startswith("assess: Clever Hans (m, train set)") for line in lines)
+    print("\n".join(lines))
+    # the mark's own localisation rows: marked S01 photos only, against its region and its change mask
+    loc = local["localisation"]
     on_mark = loc[loc["feature"] == "mark"]
     assert len(on_mark) and set(on_mark["image_id"]) <= marked and (on_mark["syndrome_id"] == "S01").all()
+    assert set(on_mark["mask_kind"]) == {"region", "change"} and (on_mark["variant"] == "without_mark").all()
+    # the confounder table: the mark's mass per mask kind (no SpRAy without the aggregate stage)
+    conf = checks["confounder"].set_index("method").loc["saliency"]
+    assert conf["n_mark_change"] == (on_mark["mask_kind"] == "change").sum()
+    assert conf["mark_rma_region"] == pytest.approx(on_mark.loc[on_mark["mask_kind"] == "region", "rma"].mean())
+    assert any(line.startswith("assess: confounder saliency (m, centroid:own) on S01") and "no SpRAy" in line
+               for line in lines)

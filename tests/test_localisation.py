@@ -1,4 +1,5 @@
-"""Localisation against change masks (assess/localisation.py) on hand-made maps, masks and effects."""
+"""The localisation tables' building blocks (assess/localisation.py) on hand-made maps, masks and effects: the ratio
+against change masks, the Localiser, rank correlations, summaries and the mark's effect."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from scipy import stats
 
 from gestalt_xai.assess.localisation import (
     Localiser,
+    area_share,
+    change_mask_source,
     face_region,
     localisation_summary,
     mark_effects,
-    mask_shares,
     rank_correlations,
+    relevance_mass_accuracy,
     spearman_by_group,
     wilson_interval,
 )
@@ -40,17 +43,19 @@ def test_ratio_is_one_over_area_when_all_mass_is_inside_and_one_for_a_uniform_ma
     masks = np.stack([nose, mouth])
     inside = np.where(nose, 2.0, -0.5)  # all positive mass in the nose mask; negative relevance elsewhere
     uniform = np.ones((112, 112))
-    mass, area = mask_shares(np.stack([inside, uniform]), masks)
+    mass = relevance_mass_accuracy(np.stack([inside, uniform])[:, None], masks, FACE)  # all pairs: (2 maps, 2 masks)
+    area = area_share(masks, FACE)
     assert area == pytest.approx([nose.sum() / FACE.sum(), mouth.sum() / FACE.sum()])
     assert mass[0] == pytest.approx([1.0, 0.0])
     assert mass[0, 0] / area[0] == pytest.approx(1 / area[0])
     assert mass[1] / area == pytest.approx([1.0, 1.0])  # the uniform-map reference
     # relevance outside the face does not count, and a mask's part outside the face does not either
     background = ~FACE
-    mass_bg, area_bg = mask_shares(np.stack([inside + 50.0 * background]), np.stack([nose | background, mouth]))
-    assert mass_bg[0] == pytest.approx(mass[0]) and area_bg == pytest.approx(area)
+    mass_bg = relevance_mass_accuracy(inside + 50.0 * background, np.stack([nose | background, mouth]), FACE)
+    area_bg = area_share(np.stack([nose | background, mouth]), FACE)
+    assert mass_bg == pytest.approx(mass[0]) and area_bg == pytest.approx(area)
     # no positive mass in the face: no share
-    assert np.isnan(mask_shares(np.stack([-uniform]), masks)[0]).all()
+    assert np.isnan(relevance_mass_accuracy(-uniform, masks, FACE)).all()
 
 
 def _variants(image_id: str, features: list[str], marked: bool = False) -> list[dict[str, object]]:
@@ -75,24 +80,27 @@ def _row(image_id, syndrome, target_group="centroid:own", method="hirescam"):
 def test_localiser_rows_own_targets_in_crop_features_and_the_mark_on_the_confounded_syndrome():
     variants = pd.DataFrame(_variants("a", ["nose", "mouth", "ear"], marked=True) + _variants("b", ["nose", "mouth"]))
     errors: list = []
-    loc = Localiser(variants, lambda i: MASKS, "S01", errors)
+    loc = Localiser({"change": change_mask_source(variants, lambda i: MASKS)}, "S01", errors)
     m = np.where(MASKS["without_nose"], 1.0, 0.0) + np.where(MASKS["without_mark"], 1.0, 0.0)
     loc.add(_row("a", "S01"), m)
     loc.add(_row("b", "S02"), m)
     loc.add(_row("b", "S02", target_group="centroid:S01"), m)  # not an own target: no rows
     table = loc.table()
-    assert not errors
+    assert not errors and set(table["mask_kind"]) == {"change"}
     a = table[table.image_id == "a"].set_index("feature")
     assert sorted(a.index) == ["mark", "mouth", "nose"]  # the ear's mask lies outside the face
     share_nose = MASKS["without_nose"].sum() / (MASKS["without_nose"].sum() + MASKS["without_mark"].sum())
-    assert a.loc["nose", "mass_share"] == pytest.approx(share_nose)
+    assert a.loc["nose", "rma"] == pytest.approx(share_nose)
     assert a.loc["nose", "ratio"] == pytest.approx(share_nose * FACE.sum() / MASKS["without_nose"].sum())
-    assert a.loc["mouth", "ratio"] == 0.0 and a.loc["mark", "variant"] == "without_mark"
+    # the nose ties with the mark at the top: both rank metrics share the tie
+    assert a.loc["nose", "rra"] == pytest.approx(share_nose) and a.loc["nose", "pointing"] == pytest.approx(share_nose)
+    assert a.loc["mouth", "ratio"] == 0.0 and a.loc["mouth", "pointing"] == 0.0
+    assert a.loc["mark", "variant"] == "without_mark" and a.loc["nose", "mask_px"] == MASKS["without_nose"].sum()
     assert sorted(table[table.image_id == "b"]["feature"]) == ["mouth", "nose"]  # not the confounded syndrome
     # an image whose change masks cannot be read is an error row, not a crash
-    broken = Localiser(variants, lambda i: {}, "S01", errors)
+    broken = Localiser({"change": change_mask_source(variants, lambda i: {})}, "S01", errors)
     broken.add(_row("a", "S01"), m)
-    assert not len(broken.table()) and errors[0].item_id == "a"
+    assert not len(broken.table()) and errors[0].item_id == "a" and "change masks" in errors[0].message
 
 
 def test_spearman_by_group_matches_scipy_and_has_the_sign_of_the_relation():
@@ -118,10 +126,11 @@ def test_rank_correlations_per_patient_and_patients_with_too_few_features():
     for image_id, feats, sign in (("p1", ["f1", "f2", "f3", "f4"], 1), ("p2", ["f1", "f2"], 1),
                                   ("p3", ["f1", "f2", "f3"], -1)):
         for k, f in enumerate(feats):
-            rows.append({**_row(image_id, "S"), "feature": f, "variant": f"without_{f}", "mass_share": 0.1 * k})
+            rows.append({**_row(image_id, "S"), "feature": f, "variant": f"without_{f}", "rma": 0.1 * k,
+                         "mask_kind": "change"})
             effects.append({"image_id": image_id, "model_id": "m", "target": "centroid:S", "variant": f"without_{f}",
                             "delta": sign * (0.01 * k ** 2)})
-    rows.append({**_row("p1", "S"), "feature": "mark", "variant": "without_mark", "mass_share": 0.9})
+    rows.append({**_row("p1", "S"), "feature": "mark", "variant": "without_mark", "rma": 0.9, "mask_kind": "change"})
     out = rank_correlations(pd.DataFrame(rows), pd.DataFrame(effects)).set_index("image_id")
     assert out.loc["p1", "rho"] == pytest.approx(1.0) and out.loc["p1", "n_features"] == 4  # the mark left out
     assert np.isnan(out.loc["p2", "rho"]) and out.loc["p2", "n_features"] == 2
@@ -138,20 +147,31 @@ def test_wilson_interval_equals_scipys(k, n):
 def test_summary_puts_the_random_control_beside_the_trained_model_and_the_mark_effect_per_set():
     feats = []
     for model, inside in (("trained", 3.0), ("random_init", 1.0)):
-        for i in range(4):
-            for f, r in (("nose", inside), ("mouth", inside + 1), ("mark", 2 * inside)):
-                feats.append({**_row(f"i{i}", "S01"), "model_id": model, "feature": f, "ratio": r,
-                              "mass_share": 0.1, "variant": f"without_{f}"})
+        for kind, scale in (("change", 1.0), ("region", 0.5)):
+            for i in range(4):
+                for f, r in (("nose", inside), ("mouth", inside + 1), ("mark", 2 * inside)):
+                    feats.append({**_row(f"i{i}", "S01"), "model_id": model, "feature": f, "mask_kind": kind,
+                                  "ratio": scale * r, "rma": 0.1 * scale * r, "area_share": 0.1, "rra": 0.2,
+                                  "pointing": float(i % 2), "variant": f"without_{f}"})
     feats = pd.DataFrame(feats)
     patients = pd.DataFrame([{"model_id": m, "method": "hirescam", "layer": "", "target_group": "centroid:own",
-                              "rho": rho} for m, rho in (("trained", 0.5), ("trained", np.nan), ("random_init", 0.0))])
+                              "mask_kind": "change", "rho": rho}
+                             for m, rho in (("trained", 0.5), ("trained", np.nan), ("random_init", 0.0))])
     table, lines = localisation_summary(feats, patients, {"random_init": "trained"}, "S01")
-    t = table.set_index("model_id")
-    assert t.loc["trained", "ratio_mean"] == pytest.approx(3.5) and t.loc["trained", "mark_ratio_mean"] == 6.0
-    assert t.loc["trained", "n_patients"] == 1 and t.loc["trained", "n_patients_all"] == 2
-    assert t.loc["random_init", "random_control"] and t.loc["random_init", "control_of"] == "trained"
+    t = table.set_index(["model_id", "mask_kind"])
+    assert t.loc[("trained", "change"), "ratio_mean"] == pytest.approx(3.5)
+    assert t.loc[("trained", "change"), "mark_ratio_mean"] == 6.0
+    assert t.loc[("trained", "region"), "ratio_mean"] == pytest.approx(1.75)
+    assert t.loc[("trained", "change"), "rma_mean"] == pytest.approx(0.35)
+    assert t.loc[("trained", "change"), "chance"] == pytest.approx(0.1)
+    assert t.loc[("trained", "change"), "pointing_mean"] == pytest.approx(0.5)
+    assert t.loc[("trained", "change"), "n_patients"] == 1 and t.loc[("trained", "change"), "n_patients_all"] == 2
+    assert t.loc[("trained", "region"), "n_patients"] == 0 and np.isnan(t.loc[("trained", "region"), "rho_mean"])
+    assert t.loc[("random_init", "change"), "random_control"]
+    assert t.loc[("random_init", "change"), "control_of"] == "trained"
     assert (t["uniform_ratio"] == 1.0).all()
-    assert len(lines) == 1 and "3.50×" in lines[0] and "random control random_init: features 1.50×" in lines[0]
+    assert len(lines) == 1 and "(3.50× per feature" in lines[0] and "(1.75× per feature" in lines[0]
+    assert "beside it the random control random_init: change masks RMA 0.15 (chance 0.10, 1.50×)" in lines[0]
 
     effects = pd.DataFrame([
         {"image_id": i, "model_id": "trained", "target": "centroid:S01", "variant": v, "feature": "mark",

@@ -11,8 +11,9 @@ Modules, one concept each:
 - :mod:`.regions`: positive-mass shares and enrichment per atlas region, with HPO anchors
 - :mod:`.spray`: SpRAy (downsampled maps, kNN graph, spectral embedding, eigengap) per syndrome
 - :mod:`.report`: which figures to draw (drawn by :mod:`gestalt_xai.viz`); :mod:`.stage`: :class:`AggregateConfig`
-  and :func:`aggregate_stage`, which also runs the checks against a synthetic cohort's truth
-  (:mod:`gestalt_xai.assess.planted`)
+  and :func:`aggregate_stage` (SpRAy's cue check on a confounded synthetic syndrome:
+  :func:`gestalt_xai.assess.planted.check_cue`; the other checks against a synthetic cohort's truth are the assess
+  stage's, :mod:`gestalt_xai.assess`)
 """
 
 from gestalt_xai.aggregate.composite import NORMALISATIONS, CompositeAccumulator, composite_of_maps, normalise

@@ -3,11 +3,13 @@
 Reads ``run/maps/`` (map store), ``run/cohort/`` (subjects, syndromes, sex/age/ancestry), ``run/aligned/`` (crops,
 alignment) and, for synthetic cohorts, ``run/cohort/truth/``. One streaming pass over the maps per method (one
 subject's maps in memory at a time) feeds the composites, the per-map region scores and the SpRAy features; a
-second pass forms the SpRAy cluster composites (and, with counterfactuals, scores each map against its image's
-change masks, :mod:`gestalt_xai.assess.localisation`). Every table is per model id: a random-model control
-(:func:`~gestalt_xai.models.declaration.random_controls`) has its own rows in the checks (region scores, planted hits,
-SpRAy, localisation), a chance reference labelled as a control in the summary lines, but no composites (so no
-composite figures): a control is there to be compared with, not pictured. Outputs::
+second pass forms the SpRAy cluster composites. Every table is per model id: a random-model control
+(:func:`~gestalt_xai.models.declaration.random_controls`) has its own rows in the region scores and SpRAy, a chance
+reference labelled as a control in the summary lines, but no composites (so no composite figures): a control is there
+to be compared with, not pictured. Checks of the maps against a synthetic cohort's truth — the planted-region table,
+the localisation metrics against region and change masks, contrastivity and the confounder (Clever Hans) check — are
+the assess stage's (:mod:`gestalt_xai.assess.planted`, :mod:`gestalt_xai.assess.localisation_run`); they read this
+stage's ``region_syndromes.parquet`` and ``spray.parquet``. Outputs::
 
     aggregate/composites.parquet     one row per composite: group (syndrome | ALL), stratum (all | sex:F | …),
                                      model_id, method, layer, target_group, normalisation, n_subjects, n_images,
@@ -16,13 +18,11 @@ composite figures): a control is there to be compared with, not pictured. Output
     aggregate/region_maps.parquet    per map × atlas × region: share of positive mass, area share, enrichment
     aggregate/region_subjects.parquet  per subject (images averaged), with HPO anchors
     aggregate/region_syndromes.parquet per syndrome (subjects averaged; group ALL too), rank 1 = top facial region
-    aggregate/planted_hits.parquet   synthetic cohorts: does each syndrome's top region hold a planted feature?
-    aggregate/localisation*.parquet  with counterfactuals: relevance in each feature's / the mark's change mask over
-                                     its area share, per map, per patient (ρ with Δscore) and summarised
-    aggregate/mark_effects.parquet   the mark's Clever-Hans effect on the confounded syndrome's score, per set
     aggregate/faces.parquet          composite faces: group, stratum, n_subjects, rendered (privacy guard)
     aggregate/faces/<group>__<stratum>.png   composite faces with ≥ min_subjects subjects only
-    aggregate/spray.parquet, spray_members.parquet   SpRAy analyses and cluster memberships (+ cue check)
+    aggregate/spray.parquet, spray_members.parquet   SpRAy analyses and cluster memberships; on a confounded
+                                     synthetic syndrome each cluster's relevance mass on the cue
+                                     (:func:`gestalt_xai.assess.planted.check_cue`)
     aggregate/pairs.parquet          image pairs with pair maps in both directions
     aggregate/figures/…              composite grids, difference grids, generic maps, composite faces, region
                                      heatmaps, SpRAy, pair and patient × syndrome similarity figures (PNG + SVG)
@@ -35,15 +35,15 @@ no region score, no SpRAy run, no composite face and no pair table. Their maps s
 explain stage's overlay figures); the count left out is ``results.n_undiagnosed_maps``.
 
 The stage only orders the work: each step lives with its concept (:mod:`.composite`, :mod:`.regions`,
-:mod:`.spray`, :mod:`.faces`, :mod:`.similarity`; figures: :mod:`.report` and :mod:`gestalt_xai.viz`), and the checks
-against a synthetic cohort's truth in :mod:`gestalt_xai.assess.planted`. A truth folder that exists but cannot be
-read is an error row (and a warning naming the file); the run goes on without those checks.
+:mod:`.spray`, :mod:`.faces`, :mod:`.similarity`; figures: :mod:`.report` and :mod:`gestalt_xai.viz`); what it reads
+of a synthetic cohort's truth (planted regions for figures, the control syndrome, the confounder cue for SpRAy) comes
+from :mod:`gestalt_xai.assess.planted`. A truth folder that exists but cannot be read is an error row (and a warning
+naming the file); the run goes on without what needs it.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Collection
 from typing import Any, Literal
 
@@ -64,7 +64,7 @@ from gestalt_xai.aggregate.faces import WHOLE, composite_faces, strata_of, subje
 from gestalt_xai.aggregate.regions import map_region_rows, region_tables, template_landmarks
 from gestalt_xai.aggregate.similarity import pair_table
 from gestalt_xai.aggregate.spray import downsample, spray_syndromes, spray_table
-from gestalt_xai.assess import localisation, planted
+from gestalt_xai.assess import planted
 from gestalt_xai.attribution.base import UNSIGNED_METHODS
 from gestalt_xai.config import StageConfig
 from gestalt_xai.errors import InputError
@@ -193,12 +193,11 @@ def _without_undiagnosed(index: pd.DataFrame, images: pd.DataFrame) -> tuple[pd.
 
 
 def _stream_method(store: Any, rows: pd.DataFrame, cfg: AggregateConfig, strata: dict[str, list[str]],
-                   landmarks: dict[str, np.ndarray], localiser: localisation.Localiser | None = None,
-                   controls: Collection[str] = ()
+                   landmarks: dict[str, np.ndarray], controls: Collection[str] = ()
                    ) -> tuple[GroupComposites, pd.DataFrame, dict[tuple[Any, ...], list[tuple[str, np.ndarray]]]]:
     """One streaming pass over one method's maps (one subject in memory at a time): its composites, per-map region
-    rows and SpRAy features; the ``localiser`` scores each map against its image's change masks. Maps of the random
-    ``controls`` feed the checks only (region rows, SpRAy, localisation): no composite, so no composite figure."""
+    rows and SpRAy features. Maps of the random ``controls`` feed the checks only (region rows, SpRAy): no
+    composite, so no composite figure."""
     composites = GroupComposites(cfg.normalisations)
     region_rows: list[dict[str, Any]] = []
     features: dict[tuple[Any, ...], list[tuple[str, np.ndarray]]] = {}
@@ -207,8 +206,6 @@ def _stream_method(store: Any, rows: pd.DataFrame, cfg: AggregateConfig, strata:
         syndrome = str(items[0][0]["syndrome_id"])
         for row, m in items:
             region_rows += map_region_rows(row, m, template, landmarks.get(row["image_id"]))
-            if localiser is not None:
-                localiser.add(row, m)
         if key[0] in controls:
             u, _ = subject_mean([m for _, m in items], cfg.normalisations[0])
         else:
@@ -228,9 +225,9 @@ def _stream_method(store: Any, rows: pd.DataFrame, cfg: AggregateConfig, strata:
 def aggregate_stage(run: Run, cfg: AggregateConfig) -> StageResult:
     """Run the aggregate stage on ``run``; see the module docstring for what it writes.
 
-    The result's ``extra["results"]`` (also in the manifest) holds counts, ``min_subjects`` and, for synthetic
-    cohorts, per method the share of syndromes whose highest-enrichment region is a planted feature's region, and
-    the SpRAy cue check (:mod:`gestalt_xai.assess.planted`); its summary lines say the same in words.
+    The result's ``extra["results"]`` (also in the manifest) holds counts, ``min_subjects`` and the SpRAy analyses
+    of a confounded synthetic syndrome with their cue check (:func:`gestalt_xai.assess.planted.report_spray`); its
+    summary lines say the same in words.
     """
     from gestalt_xai.aggregate.report import FigureInputs, draw_all
 
@@ -263,14 +260,13 @@ def aggregate_stage(run: Run, cfg: AggregateConfig) -> StageResult:
     strata = subject_strata(strata_table, [k for k in cfg.strata if k in strata_table.columns])
     landmarks = template_landmarks(run, planted.truth_landmarks(truth)) if cfg.landmark_regions else {}
     controls = random_controls(run)
-    localiser = localisation.run_localiser(run, set(rows["image_id"]), cue.syndrome, errors)
 
     # ---- one streaming pass per method: composites, region scores, SpRAy features; then SpRAy
     composites, region_frames = [], []
     spray_rows, spray_members, spray_results = [], [], {}
     for method in progress(sorted(rows["method"].unique()), "aggregate: methods"):
         part = rows[rows["method"] == method]
-        comp_part, regions_part, features = _stream_method(store, part, cfg, strata, landmarks, localiser, controls)
+        comp_part, regions_part, features = _stream_method(store, part, cfg, strata, landmarks, controls)
         composites.append(comp_part)
         region_frames.append(regions_part)
         a, m, r = spray_syndromes(store, part, features, normalisation=cfg.normalisations[0],
@@ -291,13 +287,7 @@ def aggregate_stage(run: Run, cfg: AggregateConfig) -> StageResult:
     write_parquet(spray_table(spray_rows), out / "spray.parquet")
     write_parquet(pd.DataFrame(spray_members), out / "spray_members.parquet")
 
-    # ---- checks against the truth
-    hits = planted.planted_hits(per_syn, planted_at, control)
-    if len(hits):
-        write_parquet(hits, out / "planted_hits.parquet")
-    summary["planted_hits"], hit_lines = planted.report_hits(hits, controls)
     summary["spray"], spray_lines = planted.report_spray(spray_rows, cue.syndrome, controls)
-    summary["localisation"], local_lines = _localisation(run, out, localiser, images, cue.syndrome, controls)
 
     # ---- composite faces (privacy guard), pairs and figures
     faces, face_table = composite_faces(run, images, strata, cfg.min_subjects, out / "faces", errors)
@@ -314,30 +304,7 @@ def aggregate_stage(run: Run, cfg: AggregateConfig) -> StageResult:
     summary.update(n_maps=int(len(rows)), n_composites=int(len(comp)), n_subjects=int(rows["subject_id"].nunique()),
                    control_id=control, confounded_syndrome=cue.syndrome)
     return StageResult(items=int(len(rows)), extra={"results": summary}, outputs={"aggregate": out},
-                       summary=hit_lines + spray_lines + local_lines)
-
-
-def _localisation(run: Run, out: Any, localiser: localisation.Localiser | None, images: pd.DataFrame,
-                  confounded: str | None, controls: dict[str, str | None]) -> tuple[dict[str, Any], list[str]]:
-    """Write the change-mask localisation tables and the mark's Clever-Hans effect (:mod:`gestalt_xai.assess.
-    localisation`) from the localiser's rows and the effects table; nothing for a run without counterfactuals."""
-    from gestalt_xai.attribution.effects import load_effects
-
-    effects = load_effects(run)
-    if localiser is None and not len(effects):
-        return {}, []
-    t0 = time.perf_counter()
-    features = localiser.table() if localiser is not None else pd.DataFrame()
-    patients = localisation.rank_correlations(features, effects) if len(features) else pd.DataFrame()
-    table, lines = localisation.localisation_summary(features, patients, controls, confounded)
-    marks, mark_lines = localisation.mark_effects(effects, images, confounded, controls)
-    for name, frame in (("localisation", features), ("localisation_patients", patients),
-                        ("localisation_summary", table), ("mark_effects", marks)):
-        if len(frame):
-            write_parquet(frame, out / f"{name}.parquet")
-    seconds = round(localiser.seconds + time.perf_counter() - t0, 3) if localiser is not None else 0.0
-    return {"n_rows": int(len(features)), "seconds": seconds, "summary": table.to_dict("records"),
-            "mark_effects": marks.to_dict("records")}, lines + mark_lines
+                       summary=spray_lines)
 
 
 def _syndrome_names(syndromes: pd.DataFrame) -> dict[str, str]:
