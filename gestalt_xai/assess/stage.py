@@ -39,7 +39,7 @@ from gestalt_xai.assess.scoring import ExplainedBatch, check_scores, explained_b
 from gestalt_xai.config import StageConfig
 from gestalt_xai.errors import InputError
 from gestalt_xai.models.declaration import random_controls
-from gestalt_xai.runs import LAYOUT, ErrorRow, Run, write_parquet
+from gestalt_xai.runs import LAYOUT, ErrorRow, Run, atomic_write_bytes, write_parquet
 from gestalt_xai.stages import StageResult, stage
 
 log = logging.getLogger(__name__)
@@ -211,3 +211,208 @@ class Parts:
                   if (p := self.root / family / f"{k}.parquet").exists()]
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# ------------------------------------------------------------------------------------------------ one batch
+#: the per-batch families (a part per batch under ``assess/parts/<family>/``)
+FAMILIES = ("faithfulness_curves", "faithfulness", "occlusion_agreement", "randomisation", "robustness")
+#: curve name → (mode, unit, order) of :func:`~gestalt_xai.assess.faithfulness.perturbation_curves`
+CURVES = {"deletion": ("deletion", "pixels", "morf"), "insertion": ("insertion", "pixels", "morf"),
+          "morf": ("deletion", "regions", "morf"), "lerf": ("deletion", "regions", "lerf")}
+
+
+def _with_items(batch: ExplainedBatch, frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (an engine's table with an ``item`` column) with the batch's image ids, model and target."""
+    if not len(frame):
+        return frame
+    items = batch.items()
+    merged = items.merge(frame, on="item", how="right", validate="one_to_many")
+    return merged.drop(columns="item")
+
+
+def _faithfulness(cfg: AssessConfig, batch: ExplainedBatch, face: np.ndarray | None,
+                  errors: list[ErrorRow]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every configured curve of every stored map of the batch (the random map beside): tidy curves and per-item
+    AUC / AOPC. Items whose rebuilt score differs from the stored one are dropped (an error row each)."""
+    from gestalt_xai.assess.faithfulness import perturbation_curves
+
+    opts = cfg.faithfulness
+    curves, areas, ok = [], [], None
+    for baseline in opts.baselines:
+        for name in opts.curves:
+            mode, unit, order = CURVES[name]
+            c = perturbation_curves(batch.score_model, batch.crops, batch.maps, mode=mode, unit=unit, order=order,
+                                    baseline=baseline, mean_face=face, steps=opts.steps,
+                                    region_size=opts.region_size, seed=cfg.seed, random_maps=opts.random_maps,
+                                    device=cfg.device)
+            if ok is None:
+                start = c.scores[0, :, 0] if mode == "deletion" else c.scores[0, :, -1]
+                ok = check_scores(batch, start, errors)
+            curves.append(c.table().assign(curve=name))
+            areas.append(c.aucs().assign(curve=name))
+    keep = set(np.flatnonzero(ok)) if ok is not None else set()
+    curves_t = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
+    areas_t = pd.concat(areas, ignore_index=True) if areas else pd.DataFrame()
+    if len(curves_t):
+        curves_t = curves_t[curves_t["item"].isin(keep)]
+        areas_t = areas_t[areas_t["item"].isin(keep)]
+    return _with_items(batch, curves_t), _with_items(batch, areas_t)
+
+
+def _assess_batch(run: Run, cfg: AssessConfig, batch: ExplainedBatch, parts: Parts, errors: list[ErrorRow],
+                  face: np.ndarray | None, randomised: set[str], jittered: set[str]) -> None:
+    """The per-batch families of one batch, each stored as a resumable part."""
+    from gestalt_xai.assess.faithfulness import occlusion_agreement
+
+    if cfg.faithfulness.enabled:
+        result: dict[str, pd.DataFrame] = {}
+
+        def curves(name: str) -> pd.DataFrame:
+            if not result:
+                result["faithfulness_curves"], result["faithfulness"] = _faithfulness(cfg, batch, face, errors)
+            return result[name]
+
+        parts.get("faithfulness_curves", batch.key, lambda: curves("faithfulness_curves"))
+        parts.get("faithfulness", batch.key, lambda: curves("faithfulness"))
+    if "occlusion" in batch.maps and len(batch.maps) > 1:
+        parts.get("occlusion_agreement", batch.key,
+                  lambda: _with_items(batch, occlusion_agreement(batch.maps, batch.maps["occlusion"])))
+    if cfg.randomisation.enabled and set(batch.image_ids) & randomised:
+        parts.get("randomisation", batch.key, lambda: _randomisation(cfg, batch, randomised))
+    if cfg.robustness.enabled and set(batch.image_ids) & jittered:
+        parts.get("robustness", batch.key, lambda: _robustness(run, cfg, batch, jittered))
+
+
+def _local_rows(index: pd.DataFrame, images: pd.DataFrame, cfg: AssessConfig, rows: pd.DataFrame) -> pd.DataFrame:
+    """Maps the localisation scores: it is cheap (no forward pass), so every test image's (not only the
+    ``max_patients`` perturbed ones) and the undiagnosed patients' (their maps towards several syndromes give the
+    contrastivity pairs), under the models / methods filters; the listed ids when ``images`` is a list."""
+    if isinstance(cfg.images, list):
+        return rows
+    wanted = images["undiagnosed"] | (images["test"] if cfg.images == "test" else ~images["undiagnosed"])
+    out = index[index["image_id"].astype(str).isin(set(images.loc[wanted, "image_id"].astype(str)))]
+    if cfg.models is not None:
+        out = out[out["model_id"].isin(cfg.models)]
+    if cfg.methods is not None:
+        out = out[out["method"].isin(cfg.methods)]
+    return out.reset_index(drop=True)
+
+
+def _localisation(run: Run, store: Any, rows: pd.DataFrame, errors: list[ErrorRow]
+                  ) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """Localisation against the planted features' region and change masks, contrastivity, the planted-region table
+    and the confounder check (:mod:`gestalt_xai.assess.localisation_run`, :mod:`gestalt_xai.assess.planted`);
+    nothing for a real cohort."""
+    from gestalt_xai.assess.localisation_run import localisation_tables
+    from gestalt_xai.assess.planted import confounder_check, planted_region_table, read_truth
+
+    truth, truth_errors = read_truth(run)
+    errors += truth_errors
+    if truth is None:
+        return {}, []
+    tables, lines = localisation_tables(run, store, rows, truth=truth, errors=errors)
+    hits, hit_lines = planted_region_table(run, truth=truth, errors=errors)
+    confounder, confounder_lines = confounder_check(run, tables.get("localisation"), truth=truth, errors=errors)
+    return {**tables, **hits, **confounder}, lines + hit_lines + confounder_lines
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+@stage("assess", options=AssessConfig, order=90,
+       summary="faithfulness curves, localisation against the truth, randomisation sanity checks, robustness",
+       reads=(LAYOUT.maps, LAYOUT.aligned, LAYOUT.cohort, LAYOUT.aggregate), writes=(LAYOUT.assess,),
+       example="gestalt-xai assess --run runs/demo --set max_patients=10",
+       tiny_options={"max_patients": 4, "faithfulness": {"steps": 4, "curves": ["deletion", "morf"]},
+                     "randomisation": {"max_patients": 2, "methods": ["gradcam", "saliency"]},
+                     "robustness": {"max_patients": 2, "draws": 1, "methods": ["saliency"]}})
+def assess_stage(run: Run, cfg: AssessConfig) -> StageResult:
+    """Run the assess stage on ``run``; see the module docstring for what it writes."""
+    from gestalt_xai.aggregate.faces import strata_of
+
+    out = run.dir(LAYOUT.assess)
+    if not (run.path / LAYOUT.maps).exists():
+        raise InputError(f"{run.path / LAYOUT.maps} not found: run `gestalt-xai explain --run {run.path}` first")
+    store = run.map_store()
+    index = store.index()
+    if not len(index):
+        raise InputError(f"the map store {run.path / LAYOUT.maps} is empty: run `gestalt-xai explain` first")
+    errors: list[ErrorRow] = []
+    images = run.image_table()
+    controls = random_controls(run)
+    patients = select_patients(images, index, cfg)
+    rows = _rows(index, patients, cfg, controls)
+    parts = Parts(run, cfg)
+    timings: dict[str, float] = {}
+
+    # ---- perturbation families: one pass over batches of stored maps with their rebuilt ScoreModels
+    t0 = time.perf_counter()
+    perturbed = rows[rows["target_kind"].isin(cfg.targets) & ~rows["model_id"].isin(controls)]
+    keys: list[str] = []
+    if len(perturbed) and (cfg.faithfulness.enabled or cfg.randomisation.enabled or cfg.robustness.enabled):
+        face = mean_face(run, images) if "mean" in cfg.faithfulness.baselines else None
+        randomised = set(patients[: cfg.randomisation.max_patients])
+        jittered = set(patients[: cfg.robustness.max_patients])
+        for batch in explained_batches(run, store, perturbed, errors, batch_size=cfg.batch_size):
+            keys.append(batch.key)
+            _assess_batch(run, cfg, batch, parts, errors, face, randomised, jittered)
+    timings["perturbation"] = time.perf_counter() - t0
+
+    tables = {family: parts.table(family, keys) for family in FAMILIES}
+    results: dict[str, Any] = {"patients": len(patients), "batches": len(keys), "reused_batches": parts.reused,
+                               "seconds": {k: round(v, 2) for k, v in parts.seconds.items()}}
+
+    # ---- localisation and the synthetic cohort's checks (every selected map, controls included)
+    t0 = time.perf_counter()
+    if cfg.localisation:
+        local, local_lines = _localisation(run, store, _local_rows(index, images, cfg, rows), errors)
+        tables.update(local)
+    else:
+        local_lines = []
+    timings["localisation"] = time.perf_counter() - t0
+
+    # ---- tidy per-item metrics, breakdowns, paired tests, summary and figures
+    from gestalt_xai.assess import report
+
+    metrics = report.item_metrics(tables, images)
+    strata_table = strata_of(images, cfg.age_bands)
+    strata_kinds = [k for k in cfg.strata if k in strata_table.columns]
+    written = {}
+    for name, frame in tables.items():
+        if len(frame):
+            write_parquet(frame, out / f"{name}.parquet")
+            written[name] = out / f"{name}.parquet"
+    if len(metrics):
+        from gestalt_xai.assess.stats import breakdown, paired_tests
+
+        write_parquet(metrics, out / "metrics.parquet")
+        strata = breakdown(metrics, "value", ["model_id", "metric", "method"], strata_table, strata=strata_kinds,
+                           seed=cfg.seed)
+        write_parquet(strata, out / "strata.parquet")
+        tests = paired_tests(metrics[~metrics["method"].eq("random")], "value", keys=["model_id", "metric"])
+        write_parquet(tests, out / "paired_tests.parquet")
+    else:
+        strata = tests = pd.DataFrame()
+    summary, lines = report.summarise(metrics, strata, tests, controls, results, _notes(cfg, tables))
+    atomic_write_bytes(out / "summary.md", summary.encode("utf-8"))
+    if cfg.figures:
+        report.draw_figures(tables, metrics, sorted(controls), out / "figures", tuple(cfg.figure_formats))
+    timings = {k: round(v, 2) for k, v in timings.items()}
+    run.write_errors(errors)
+    results["timings"] = timings
+    return StageResult(items=int(len(rows)), outputs={"assess": out, "summary": out / "summary.md"},
+                       summary=lines + local_lines, extra={"results": results})
+
+
+def _notes(cfg: AssessConfig, tables: dict[str, pd.DataFrame]) -> list[str]:
+    """What a reader of the summary must know about how the numbers were made."""
+    f = cfg.faithfulness
+    notes = [f"Faithfulness: {', '.join(f.curves)} curves, {f.steps} steps, baseline(s) {', '.join(f.baselines)}, "
+             f"regions {f.region_size}×{f.region_size} px for MoRF/LeRF, on the explained score (no softmax), "
+             f"beside {f.random_maps} seeded random map(s) per image."]
+    if len(tables.get("randomisation", ())):
+        notes.append("Randomisation: the centroid and pair references are kept from the trained model, so the same "
+                     "scalar is explained under each randomised copy (Adebayo et al., NeurIPS 2018); the column is "
+                     "ρ at the last cascading step (stem), lower = more dependent on the model.")
+    if len(tables.get("robustness", ())):
+        notes.append(f"Robustness: the five alignment landmarks jittered by ±{cfg.robustness.amplitude:g} px "
+                     f"({cfg.robustness.draws} draws per patient), maps warped back into the original crop.")
+    return notes
