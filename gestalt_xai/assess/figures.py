@@ -121,9 +121,9 @@ def draw(tables: Mapping[str, pd.DataFrame], metrics: pd.DataFrame, controls: li
     for model_id in models:
         stem = file_stem(model_id)
         if len(curves) and (part := curves[curves["model_id"] == model_id]).shape[0]:
-            out += curve_figure(part, model_id, folder / f"curves__{stem}", formats)
+            out += curve_figure(part, model_id, folder / f"curves__{stem}.png", formats)
         if len(randomisation) and (part := randomisation[randomisation["model_id"] == model_id]).shape[0]:
-            out += randomisation_figure(part, model_id, folder / f"randomisation__{stem}", formats)
+            out += randomisation_figure(part, model_id, folder / f"randomisation__{stem}.png", formats)
         if metrics["metric"].isin(["change_ratio", "region_ratio"]).any():
-            out += localisation_figure(metrics, model_id, controls, folder / f"localisation__{stem}", formats)
+            out += localisation_figure(metrics, model_id, controls, folder / f"localisation__{stem}.png", formats)
     return out

@@ -34,6 +34,8 @@ class Column:
     direction: str
     control: str = ""
     chance: str = ""
+    #: how the ``chance`` reference is labelled in the summary
+    chance_label: str = "chance"
 
 
 #: the summary's columns, in order (a column without data in the run is left out)
@@ -51,7 +53,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("delta_rank_rho", "ρ(mass, Δscore)", "higher"),
     Column("mark_ratio", "mark ratio", "higher", "value:1"),
     Column("cascading_spearman", "ρ after cascading randomisation", "lower", "value:1"),
-    Column("jitter_spearman", "ρ under ±2 px landmark jitter", "higher"),
+    Column("jitter_spearman", "ρ under landmark jitter", "higher", "chance", "jitter_spearman_nojitter",
+           "no jitter"),
 )
 
 
@@ -108,8 +111,10 @@ def _randomisation(t: pd.DataFrame) -> pd.DataFrame:
 
 
 def _robustness(t: pd.DataFrame) -> pd.DataFrame:
-    per = t.groupby(_KEY, sort=True)[["spearman", "ssim"]].mean().reset_index()
-    return _long(per, {"spearman": "jitter_spearman", "ssim": "jitter_ssim"})
+    jittered = t[t["draw"] > 0].groupby(_KEY, sort=True)[["spearman", "ssim"]].mean().reset_index()
+    control = t[t["draw"] == 0].groupby(_KEY, sort=True)[["spearman"]].mean().reset_index()
+    return pd.concat([_long(jittered, {"spearman": "jitter_spearman", "ssim": "jitter_ssim"}),
+                      _long(control, {"spearman": "jitter_spearman_nojitter"})], ignore_index=True)
 
 
 #: family table → its per-item metrics
@@ -129,13 +134,15 @@ def item_metrics(tables: Mapping[str, pd.DataFrame], images: pd.DataFrame) -> pd
               if name in tables and len(tables[name])]
     frames = [f for f in frames if len(f)]
     if not frames:
-        return pd.DataFrame(columns=["model_id", "method", "image_id", "subject_id", "target", "metric", "value"])
+        return pd.DataFrame(columns=["model_id", "target_kind", "method", "image_id", "subject_id", "target", "metric",
+                                     "value"])
     long = pd.concat(frames, ignore_index=True)
     subjects = dict(zip(images["image_id"].astype(str), images["subject_id"].astype(str), strict=True))
     long["subject_id"] = long["image_id"].astype(str).map(subjects)
     long["value"] = long["value"].astype(np.float64)
-    cols = ["model_id", "method", "image_id", "subject_id", "target", "metric", "value"]
-    return long[cols].sort_values(cols[:6], kind="stable").reset_index(drop=True)
+    long["target_kind"] = long["target"].astype(str).str.split(":").str[0]
+    cols = ["model_id", "target_kind", "method", "image_id", "subject_id", "target", "metric", "value"]
+    return long[cols].sort_values(cols[:7], kind="stable").reset_index(drop=True)
 
 
 def _mean(frame: pd.DataFrame) -> float:
@@ -145,8 +152,12 @@ def _mean(frame: pd.DataFrame) -> float:
     return float(frame.groupby("subject_id")["value"].mean().mean())
 
 
-def summary_table(metrics: pd.DataFrame, model_id: str, control_model: str | None = None) -> pd.DataFrame:
-    """Per method of ``model_id``: each column's subject-level mean, its control and its rank (1 = best)."""
+def summary_table(metrics: pd.DataFrame, model_id: str, control_model: str | None = None,
+                  target_kind: str | None = None) -> pd.DataFrame:
+    """Per method of ``model_id`` (maps of ``target_kind``, default all): each column's subject-level mean, its
+    control and its rank (1 = best)."""
+    if target_kind is not None:
+        metrics = metrics[metrics["target_kind"] == target_kind]
     part = metrics[metrics["model_id"] == model_id]
     methods = sorted(set(part["method"]) - {RANDOM})
     out = pd.DataFrame({"method": methods})
@@ -163,7 +174,7 @@ def summary_table(metrics: pd.DataFrame, model_id: str, control_model: str | Non
             out[f"{col.metric}:not_better_than_random"] = worse
         elif col.control == "chance":
             chance = part[part["metric"] == col.chance]
-            out[f"{col.metric}:chance"] = [_mean(chance[chance["method"] == m]) for m in methods]
+            out[f"{col.metric}:{col.chance_label}"] = [_mean(chance[chance["method"] == m]) for m in methods]
         elif col.control.startswith("value:"):
             out[f"{col.metric}:reference"] = float(col.control.split(":", 1)[1])
         if control_model is not None:
@@ -190,7 +201,8 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 def _cell(row: Mapping[str, Any], col: Column) -> str:
     text = _fmt(row[col.metric])
     extra = []
-    for suffix, name in ((":random", "random"), (":chance", "chance"), (":control_model", "control")):
+    for suffix, name in ((":random", "random"), (f":{col.chance_label}", col.chance_label),
+                         (":control_model", "control")):
         if f"{col.metric}{suffix}" in row:
             extra.append(f"{name} {_fmt(row[f'{col.metric}{suffix}'])}")
     flag = " ⚠" if row.get(f"{col.metric}:not_better_than_random") else ""
@@ -211,20 +223,21 @@ def summarise(metrics: pd.DataFrame, strata: pd.DataFrame, tests: pd.DataFrame, 
         md.append("")
     trained = sorted(set(metrics["model_id"]) - set(controls)) if len(metrics) else []
     reverse = {v: k for k, v in controls.items() if v is not None}
-    for model_id in trained:
-        table = summary_table(metrics, model_id, reverse.get(model_id))
+    groups = [(m, k) for m in trained for k in sorted(set(metrics.loc[metrics["model_id"] == m, "target_kind"]))]
+    for model_id, kind in groups:
+        table = summary_table(metrics, model_id, reverse.get(model_id), kind)
         cols = [c for c in COLUMNS if c.metric in table.columns]
-        md += [f"## {model_id}", "", "| rank | method | " + " | ".join(f"{c.label} ({'↑' if c.direction == 'higher' else '↓'})"
-                                                                for c in cols) + " |",
-               "|---|---|" + "---|" * len(cols)]
+        heads = " | ".join(f"{c.label} ({'↑' if c.direction == 'higher' else '↓'})" for c in cols)
+        md += [f"## {model_id}, {kind} targets", "", f"| rank | method | {heads} |", "|---|---|" + "---|" * len(cols)]
         for i, row in enumerate(table.to_dict("records"), 1):
             md.append(f"| {i} | {row['method']} | " + " | ".join(_cell(row, c) for c in cols) + " |")
             flagged = [c.label for c in cols if row.get(f"{c.metric}:not_better_than_random")]
             if flagged:
-                lines.append(f"{model_id}: {row['method']} does no better than a random map on {', '.join(flagged)}")
+                lines.append(f"{model_id} ({kind}): {row['method']} does no better than a random map on "
+                             f"{', '.join(flagged)}")
         md.append("")
         if len(table):
-            lines.insert(0, f"{model_id}: methods by mean rank: " + ", ".join(table["method"]))
+            lines.insert(0, f"{model_id} ({kind}): methods by mean rank: " + ", ".join(table["method"]))
     if len(tests):
         sig = tests[tests["p_holm"] < 0.05] if "p_holm" in tests.columns else tests.iloc[:0]
         md += ["## Paired tests between methods", "",

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -108,8 +107,10 @@ class AssessConfig(StageConfig):
     localisation: bool = Field(True, description="localisation against planted features (synthetic cohorts)")
     randomisation: RandomisationOptions = Field(default_factory=RandomisationOptions)
     robustness: RobustnessOptions = Field(default_factory=RobustnessOptions)
-    strata: list[Literal["sex", "age_band", "ancestry"]] = Field(
-        default_factory=lambda: ["sex", "age_band", "ancestry"], description="breakdowns (when the cohort has them)")
+    strata: list[Literal["sex", "age_band", "ancestry", "skin_tone"]] = Field(
+        default_factory=lambda: ["sex", "age_band", "ancestry", "skin_tone"],
+        description="breakdowns (when the cohort has them; skin tone: a synthetic cohort's rendered tone, by fifths "
+                    "light → dark)")
     age_bands: list[float] = Field(default_factory=lambda: [0.0, 2.0, 5.0, 10.0, 18.0])
     batch_size: int = Field(16, ge=1, description="explained items per batch")
     figures: bool = True
@@ -259,6 +260,53 @@ def _faithfulness(cfg: AssessConfig, batch: ExplainedBatch, face: np.ndarray | N
     return _with_items(batch, curves_t), _with_items(batch, areas_t)
 
 
+def _subset(batch: ExplainedBatch, ids: set[str], methods: list[str]
+            ) -> tuple[np.ndarray, Any, np.ndarray, dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """The batch rows of images ``ids``: ``(rows, score model, crops, maps of methods, their parameters)``."""
+    rows = np.array([i for i, image_id in enumerate(batch.image_ids) if image_id in ids], np.int64)
+    params_all = batch.setup.cfg.all_method_params()
+    params = {m: params_all[m] for m in methods if m in params_all}
+    return (rows, batch.score_model.select(rows.tolist()), batch.crops[rows],
+            {m: batch.maps[m][rows] for m in methods}, params)
+
+
+def _renumber(frame: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
+    """An engine table on a subset: its ``item`` back to the batch's numbering."""
+    return frame.assign(item=rows[frame["item"].to_numpy(np.int64)]) if len(frame) else frame
+
+
+def _randomisation(cfg: AssessConfig, batch: ExplainedBatch, patients: set[str]) -> pd.DataFrame:
+    """Model-parameter randomisation (:func:`gestalt_xai.assess.randomisation.randomisation_maps`) of the batch's
+    patients among ``patients``, for the configured methods the batch has maps of; references kept."""
+    from gestalt_xai.assess.randomisation import randomisation_maps
+
+    methods = [m for m in cfg.randomisation.methods if m in batch.maps]
+    if not methods:
+        return pd.DataFrame()
+    rows, score_model, crops, maps, params = _subset(batch, patients, methods)
+    frames = [randomisation_maps(score_model, crops, maps, methods=methods, method_params=params,
+                                 layers=batch.setup.cfg.layers, mode=mode, seed=cfg.seed)
+              for mode in cfg.randomisation.modes]
+    return _with_items(batch, _renumber(pd.concat(frames, ignore_index=True), rows))
+
+
+def _robustness(run: Run, cfg: AssessConfig, batch: ExplainedBatch, patients: set[str]) -> pd.DataFrame:
+    """Landmark jitter (:func:`gestalt_xai.assess.robustness.landmark_jitter`) of the batch's patients among
+    ``patients`` for the configured methods the batch has maps of."""
+    from gestalt_xai.assess.robustness import landmark_jitter, load_jitter_inputs
+
+    methods = [m for m in cfg.robustness.methods if m in batch.maps]
+    if not methods:
+        return pd.DataFrame()
+    rows, score_model, _, maps, params = _subset(batch, patients, methods)
+    ids = [batch.image_ids[i] for i in rows]
+    photos, landmarks, matrices = load_jitter_inputs(run, ids)
+    table = landmark_jitter(score_model, photos, landmarks, matrices, maps, methods=methods, method_params=params,
+                            layers=batch.setup.cfg.layers, image_ids=ids, amplitude=cfg.robustness.amplitude,
+                            draws=cfg.robustness.draws, seed=cfg.seed, device=cfg.device)
+    return _with_items(batch, _renumber(table.drop(columns=["image_id"], errors="ignore"), rows))
+
+
 def _assess_batch(run: Run, cfg: AssessConfig, batch: ExplainedBatch, parts: Parts, errors: list[ErrorRow],
                   face: np.ndarray | None, randomised: set[str], jittered: set[str]) -> None:
     """The per-batch families of one batch, each stored as a resumable part."""
@@ -326,8 +374,6 @@ def _localisation(run: Run, store: Any, rows: pd.DataFrame, errors: list[ErrorRo
                      "robustness": {"max_patients": 2, "draws": 1, "methods": ["saliency"]}})
 def assess_stage(run: Run, cfg: AssessConfig) -> StageResult:
     """Run the assess stage on ``run``; see the module docstring for what it writes."""
-    from gestalt_xai.aggregate.faces import strata_of
-
     out = run.dir(LAYOUT.assess)
     if not (run.path / LAYOUT.maps).exists():
         raise InputError(f"{run.path / LAYOUT.maps} not found: run `gestalt-xai explain --run {run.path}` first")
@@ -373,7 +419,7 @@ def assess_stage(run: Run, cfg: AssessConfig) -> StageResult:
     from gestalt_xai.assess import report
 
     metrics = report.item_metrics(tables, images)
-    strata_table = strata_of(images, cfg.age_bands)
+    strata_table = _strata_table(run, images, cfg)
     strata_kinds = [k for k in cfg.strata if k in strata_table.columns]
     written = {}
     for name, frame in tables.items():
@@ -384,10 +430,11 @@ def assess_stage(run: Run, cfg: AssessConfig) -> StageResult:
         from gestalt_xai.assess.stats import breakdown, paired_tests
 
         write_parquet(metrics, out / "metrics.parquet")
-        strata = breakdown(metrics, "value", ["model_id", "metric", "method"], strata_table, strata=strata_kinds,
-                           seed=cfg.seed)
+        strata = breakdown(metrics, "value", ["model_id", "target_kind", "metric", "method"], strata_table,
+                           strata=strata_kinds, seed=cfg.seed)
         write_parquet(strata, out / "strata.parquet")
-        tests = paired_tests(metrics[~metrics["method"].eq("random")], "value", keys=["model_id", "metric"])
+        tests = paired_tests(metrics[~metrics["method"].eq("random")], "value",
+                             keys=["model_id", "target_kind", "metric"])
         write_parquet(tests, out / "paired_tests.parquet")
     else:
         strata = tests = pd.DataFrame()
@@ -400,6 +447,24 @@ def assess_stage(run: Run, cfg: AssessConfig) -> StageResult:
     results["timings"] = timings
     return StageResult(items=int(len(rows)), outputs={"assess": out, "summary": out / "summary.md"},
                        summary=lines + local_lines, extra={"results": results})
+
+
+def _strata_table(run: Run, images: pd.DataFrame, cfg: AssessConfig) -> pd.DataFrame:
+    """Per subject: sex, age band, ancestry (:func:`gestalt_xai.aggregate.faces.strata_of`, when the cohort has
+    them) and, for a synthetic cohort, the rendered skin tone's fifth (``0.0-0.2`` light … ``0.8-1.0`` dark)."""
+    from gestalt_xai.aggregate.faces import strata_of
+    from gestalt_xai.assess.planted import read_truth
+
+    table = strata_of(images, cfg.age_bands)
+    truth, _ = read_truth(run)  # an unreadable truth is reported by the localisation step
+    tones = getattr(truth, "images", None)
+    if tones is not None and "skin_tone" in tones.columns:
+        first = (tones.sort_values("image_id").groupby(tones["subject_id"].astype(str))["skin_tone"].first())
+        edges = np.linspace(0, 1, 6)
+        band = np.clip(np.searchsorted(edges, first.to_numpy(float), side="right") - 1, 0, 4)
+        labels = {s: f"{edges[b]:.1f}-{edges[b + 1]:.1f}" for s, b in zip(first.index, band, strict=True)}
+        table["skin_tone"] = table["subject_id"].astype(str).map(labels)
+    return table
 
 
 def _notes(cfg: AssessConfig, tables: dict[str, pd.DataFrame]) -> list[str]:
