@@ -74,6 +74,7 @@ class RunLayout:
     counterfactual_crops: str = "aligned/counterfactuals"
     counterfactual_crop_table: str = "aligned/counterfactuals/counterfactuals.parquet"
     models: str = "models"
+    permuted_labels: str = "controls/permuted_labels"  # train's permute_labels control: never read as a run model
     embeddings: str = "embeddings.parquet"
     matching: str = "matching"
     ranks: str = "matching/ranks.parquet"

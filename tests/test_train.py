@@ -227,3 +227,41 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     assert all(torch.equal(clean[k], resumed[k]) for k in clean)
     hist = pd.read_parquet(run.path / "models" / "resume_history.parquet")
     assert hist["epoch"].tolist() == [1, 2, 3]
+
+
+def test_permuted_labels_control_lands_outside_models(tmp_path):
+    """The data-randomisation control: labels permuted per subject with its seed, the checkpoint in
+    controls/permuted_labels (never listed as a run model), the option in the manifest, same seed → same bytes."""
+    from gestalt_xai.data.cohort import load_run_cohort
+    from gestalt_xai.models.declaration import resolve_models
+    from gestalt_xai.models.train import permute_subject_labels
+    from gestalt_xai.runs import LAYOUT
+
+    run = make_tiny_run(tmp_path / "a", n_subjects=(4, 4, 4))
+    train = select_training_data(load_run_cohort(run), run, tiny_config()).train
+    perm = permute_subject_labels(train, 3)
+    assert perm.groupby("subject_id")["syndrome_id"].nunique().max() == 1  # a subject's photos share a label
+    per_subject = perm.drop_duplicates("subject_id").set_index("subject_id")["syndrome_id"]
+    truth = train.drop_duplicates("subject_id").set_index("subject_id")["syndrome_id"]
+    assert sorted(per_subject) == sorted(truth)  # the same labels, other subjects
+    changed = int((perm["syndrome_id"] != train["syndrome_id"]).sum())
+    assert (per_subject != truth.loc[per_subject.index]).mean() > 0.3 and changed > 0
+    assert perm.equals(permute_subject_labels(train, 3)) and not perm.equals(permute_subject_labels(train, 4))
+
+    train_stage(run, tiny_config(epochs=1))
+    cfg = tiny_config(epochs=1, permute_labels=3)
+    result = train_stage(run, cfg, instance="train-permuted")
+    out = result.outputs["model"]
+    assert out == run.path / LAYOUT.permuted_labels / "tiny-permuted3.safetensors" and out.is_file()
+    assert not list((run.path / LAYOUT.permuted_labels).glob(".*.state.pt"))
+    assert [m.model_id for m in run.models()] == ["tiny"]
+    assert [m.model_id for m in resolve_models(run, "run")] == ["tiny"]
+    assert set(run.manifest["models"]) == {"tiny"}  # a control is not one of the run's models
+    record = run.manifest["stages"]["train-permuted"]
+    assert record["config"]["permute_labels"] == 3
+    assert record["control"]["n_relabelled"] == changed and record["control"]["path"] == run.relative(out)
+
+    # same seed in a fresh run → the same bytes
+    run_b = make_tiny_run(tmp_path / "b", n_subjects=(4, 4, 4))
+    out_b = train_stage(run_b, cfg, instance="train-permuted").outputs["model"]
+    assert out_b.read_bytes() == out.read_bytes()

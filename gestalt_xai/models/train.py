@@ -30,6 +30,14 @@ the class list = ``syndrome_ids`` in class-index order = sorted syndrome ids), `
 (one row per epoch) and ``<model_id>_curve.png``. Training state is kept after every epoch
 (``.<model_id>.state.pt``), so an interrupted run resumes at the next epoch; a finished model with the same
 configuration is not retrained. Same seed → same weights on CPU.
+
+**Data-randomisation control.** ``permute_labels: <seed>`` trains on the training set with its labels permuted
+across *subjects* (:func:`permute_subject_labels`: a subject's photos keep one shared label, each class keeps its
+number of subjects; validation keeps the true labels, so its accuracy shows chance level) — the model of Adebayo et
+al.'s data randomisation test (NeurIPS 2018). Its files go to ``run/controls/permuted_labels/`` as
+``<model_id>-permuted<seed>.*`` (``LAYOUT.permuted_labels``), never to ``run/models/``: no later stage (embed, explain,
+:func:`~gestalt_xai.models.declaration.resolve_models`) picks it up, and it is not recorded among the run's models;
+the stage's manifest entry records the option and the checkpoint (``extra.control``).
 """
 
 from __future__ import annotations
@@ -70,6 +78,7 @@ __all__ = [
     "demo_train_config",
     "evaluate_classifier",
     "parameter_groups",
+    "permute_subject_labels",
     "select_training_data",
     "train_model",
     "train_small_model",
@@ -162,6 +171,8 @@ class TrainConfig(StageConfig):
     class_caps: dict[str, int] | None = Field(None, description="per-class caps (override max_per_class)")
     cap_unit: Literal["subject", "image"] = "subject"
 
+    permute_labels: int | None = Field(None, ge=0, description="data-randomisation control: train on labels "
+                                       "permuted across subjects with this seed, saved in controls/permuted_labels")
     save: Literal["last", "best"] = Field("last", description="keep the last epoch (GM-Arc) or the best val top-5")
     seed: int = 0
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
@@ -179,9 +190,14 @@ class TrainConfig(StageConfig):
         return data
 
     def resolved_model_id(self) -> str:
-        if self.model_id:
-            return self.model_id
-        return f"gm_{self.arch}" + ("" if self.width == 1.0 else f"_w{self.width:g}")
+        """``model_id`` (default ``gm_<arch>[_w<width>]``); ``-permuted<seed>`` appended for a permuted-label
+        control."""
+        base = self.model_id or f"gm_{self.arch}" + ("" if self.width == 1.0 else f"_w{self.width:g}")
+        return base if self.permute_labels is None else f"{base}-permuted{self.permute_labels}"
+
+    def output_dir(self, run: Run) -> Path:
+        """Where the model goes: ``run/models``, or ``run/controls/permuted_labels`` for a permuted-label control."""
+        return run.dir(LAYOUT.models if self.permute_labels is None else LAYOUT.permuted_labels)
 
     def resolved_lrs(self) -> dict[str, float]:
         big = self.arch == "r100"
@@ -204,6 +220,24 @@ def demo_train_config(**overrides: Any) -> TrainConfig:
     backbone, and no shrink-zoom (the planted phenotypes are small). ``overrides`` replace preset values.
     """
     return TrainConfig(preset="demo", **overrides)
+
+
+def permute_subject_labels(train: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """``train`` (``image_id, subject_id, syndrome_id``) with the subjects' labels permuted (module docstring).
+
+    The labels of the subjects, in sorted subject order, are shuffled with ``numpy.random.default_rng(seed)``; every
+    image takes its subject's new label.
+
+    >>> t = pd.DataFrame({"image_id": list("abcd"), "subject_id": ["s1", "s1", "s2", "s3"],
+    ...                   "syndrome_id": ["A", "A", "B", "C"]})
+    >>> p = permute_subject_labels(t, 0)
+    >>> per_subject = p.groupby("subject_id")["syndrome_id"]
+    >>> int(per_subject.nunique().max()), sorted(per_subject.first())
+    (1, ['A', 'B', 'C'])
+    """
+    labels = train.groupby("subject_id", sort=True)["syndrome_id"].first()
+    new = dict(zip(labels.index, np.random.default_rng(seed).permutation(labels.to_numpy()), strict=True))
+    return train.assign(syndrome_id=train["subject_id"].map(new))
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -312,7 +346,8 @@ def _resolve_device(name: str) -> torch.device:
 def train_model(run: Run, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module, pd.DataFrame]:
     """Train (or resume training) on ``data``; returns the model to save and the per-epoch history.
 
-    Epoch state is written to ``run/models/.<model_id>.state.pt`` after each epoch (see the module docstring).
+    Epoch state is written to ``.<model_id>.state.pt`` beside the model (:meth:`TrainConfig.output_dir`) after each
+    epoch (see the module docstring). ``data`` is trained on as given (the stage permutes its labels).
     """
     with torch_threads(cfg.threads):
         return _train_model(run, data, cfg)
@@ -376,7 +411,7 @@ def _train_model(run: Run, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module
         num_workers=cfg.num_workers,
     )
 
-    state_path = run.dir("models") / f".{model_id}.state.pt"
+    state_path = cfg.output_dir(run) / f".{model_id}.state.pt"
     chash = _config_hash(cfg, data)
     history: list[dict[str, Any]] = []
     best: tuple[float, dict[str, torch.Tensor]] | None = None
@@ -469,7 +504,8 @@ def _train_model(run: Run, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module
        example="gestalt-xai train --run runs/demo --preset demo",
        tiny_options={"preset": "demo", "epochs": 2, "threads": 2})
 def train_stage(run: Run, cfg: TrainConfig) -> StageResult:
-    """Train on the run's cohort (``train`` set; validation on ``val``); save in ``run/models/``.
+    """Train on the run's cohort (``train`` set; validation on ``val``); save in ``run/models/`` (a permuted-label
+    control in ``run/controls/permuted_labels/``, module docstring).
 
     The result's outputs name ``<model_id>.safetensors``. A finished model with the same configuration and data is
     kept (not retrained); an interrupted training resumes at its next epoch.
@@ -480,13 +516,21 @@ def train_stage(run: Run, cfg: TrainConfig) -> StageResult:
     model_id = cfg.resolved_model_id()
     cohort = run.cohort()
     data = select_training_data(cohort, run, cfg)
+    n_relabelled = 0
+    if cfg.permute_labels is not None:
+        true_labels = data.train["syndrome_id"].to_numpy()
+        data.train = permute_subject_labels(data.train, cfg.permute_labels)
+        n_relabelled = int((data.train["syndrome_id"].to_numpy() != true_labels).sum())
     chash = _config_hash(cfg, data)
-    models_dir = run.dir(LAYOUT.models)
+    models_dir = cfg.output_dir(run)
     out = models_dir / f"{model_id}.safetensors"
     meta = models_dir / f"{model_id}.json"
     result = StageResult(items=len(data.train), outputs={"model": out, "description": meta},
                          extra={"model_id": model_id, "n_train": len(data.train), "n_val": len(data.val),
                                 "n_classes": len(data.classes), "n_missing_crops": data.n_missing_crops})
+    if cfg.permute_labels is not None:
+        result.extra["control"] = {"kind": "permuted_labels", "permute_labels": cfg.permute_labels,
+                                   "path": run.relative(out), "n_relabelled": n_relabelled}
     if out.exists() and meta.exists():
         info = json.loads(meta.read_text(encoding="utf-8"))
         if info.get("training", {}).get("config_hash") == chash:
@@ -508,19 +552,12 @@ def train_stage(run: Run, cfg: TrainConfig) -> StageResult:
     save_model(model, out, extra={"training": training})
     write_parquet(history, models_dir / f"{model_id}_history.parquet")
     plot_history(history, models_dir / f"{model_id}_curve.png", f"{model_id} ({cfg.arch}, width {cfg.width:g})")
-    run.record_model(
-        model_id,
-        sha256_file(out),
-        {
-            "path": str(out.relative_to(run.path)),
-            "source": "trained",
-            "arch": cfg.arch,
-            "width": cfg.width,
-            "n_classes": len(data.classes),
-            "epochs": cfg.epochs,
-            "seed": cfg.seed,
-        },
-    )
+    if cfg.permute_labels is not None:  # a control is no model of the run (module docstring)
+        result.extra["control"]["sha256"] = sha256_file(out)
+    else:
+        run.record_model(model_id, sha256_file(out), {
+            "path": str(out.relative_to(run.path)), "source": "trained", "arch": cfg.arch, "width": cfg.width,
+            "n_classes": len(data.classes), "epochs": cfg.epochs, "seed": cfg.seed})
     state = models_dir / f".{model_id}.state.pt"
     if state.exists():
         state.unlink()
