@@ -56,16 +56,20 @@ Quantus
 -------
 Quantus 0.6 ``PixelFlipping`` gives the same deletion curves (tests/test_assess_faithfulness.py,
 benchmarks/assess.py) once its conventions are matched: ``softmax=False`` (its default applies a softmax);
-``normalise=False`` (default: divide by max |R|, order-preserving) and ``abs=False`` (default); the map broadcast
-to the 3 channels and ``features_in_step = 3·112²/S`` — a Quantus feature is one channel value of one pixel, its
-default ``features_in_step=1`` makes 37 632 steps per image, and its flattened channel-major order keeps a pixel's
-three tied copies adjacent so they leave together; maps without ties (its ``np.argsort(-a)`` orders ties
-arbitrarily); ``perturb_baseline`` an explicit array (its ``"black"`` is each image's current minimum, not pixel 0,
-and a baseline is a per-step value array of shape ``(B, features_in_step)``, so a blurred or mean-face baseline
-image needs a custom ``perturb_func``); a model returning class scores ``(B, C)``: the ScoreModel wrapped to
-``(B, 1)``, "class" 0, one Quantus batch holding the whole batch (targets are per row). Its curve omits ``f(x_0)``
-and its AUC is ``np.trapz(dx=1)`` over its ``S`` points; ours is over the fraction with ``f(x_0)``:
-``AUC_ours = (AUC_quantus + (f(x_0) + f(x_1))/2) / S``. It has no region unit (``RegionPerturbation`` is separate).
+``normalise=False`` (default: divide by max |R|, order-preserving) and ``abs=False`` (default); a Quantus feature is
+one channel value of one pixel, and its default ``features_in_step=1`` makes 37 632 steps per image, so a step of
+``112²/S`` whole pixels is ``features_in_step = 3·112²/S`` with the map repeated over the channels (its flattened
+channel-major order keeps a pixel's three tied copies adjacent, so they leave together); it requires
+``features_in_step`` to divide H·W, which 3·784 does not (112² has no factor 3), so it gets each image as one
+channel ``(3·112, 112)`` (the channel planes stacked: the same flat order) and the wrapped model reshapes it back;
+maps without ties (its ``np.argsort(-a)`` orders ties arbitrarily); ``perturb_baseline`` an explicit array (its
+``"black"`` is each image's current minimum, not pixel 0, and a baseline is a per-step value array of shape
+``(B, features_in_step)``, so a blurred or mean-face baseline image needs a custom ``perturb_func``); a model
+returning class scores ``(B, C)``: the ScoreModel wrapped to ``(B, 1)``, "class" 0 (``y_batch`` zeros), one Quantus
+batch holding the whole batch (our targets are per row). Its curve omits ``f(x_0)`` and its AUC is
+``np.trapz(dx=1)`` over its ``S`` points; ours is over the fraction with ``f(x_0)``:
+``AUC_ours = (AUC_quantus + (f(x_0) + f(x_1))/2) / S``. It has no region unit (``RegionPerturbation`` is a separate
+metric with its own patches and AOPC).
 """
 
 from __future__ import annotations
