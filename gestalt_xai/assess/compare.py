@@ -253,12 +253,28 @@ def emd(a: np.ndarray, b: np.ndarray, size: int = 16, mask: np.ndarray | None = 
 def compare_maps(a: np.ndarray, b: np.ndarray, metrics: Iterable[str] = ("spearman", "spearman_abs", "ssim"),
                  mask: np.ndarray | None = None, k: float = 0.1, size: int = 16) -> dict[str, np.ndarray]:
     """The comparison ``metrics`` of each pair ``a[i], b[i]`` of maps ``(N, H, W)``: ``{name: values (N,)}``,
-    equal to the per-pair functions (``k`` for ``topk_iou``, ``size`` for ``emd``).
+    equal to the per-pair functions (``k`` for ``topk_iou``, ``size`` for ``emd``). ``mask`` is one ``(H, W)`` mask
+    for every pair or one per pair ``(N, H, W)`` (e.g. the pixels a re-warped map is valid in); pairs sharing a mask
+    are computed together.
 
     >>> a = np.random.default_rng(0).normal(size=(3, 8, 8))
     >>> {k: v.round(3).tolist() for k, v in compare_maps(a, 2 * a, ("spearman", "pearson")).items()}
     {'spearman': [1.0, 1.0, 1.0], 'pearson': [1.0, 1.0, 1.0]}
     """
+    if mask is not None and np.asarray(mask).ndim == 3:
+        masks = np.asarray(mask, bool)
+        if masks.shape != np.shape(a):
+            raise ValueError(f"per-pair masks {masks.shape} do not match maps {np.shape(a)}")
+        a, b = np.asarray(a), np.asarray(b)
+        groups: dict[bytes, list[int]] = {}
+        for i, m in enumerate(masks):
+            groups.setdefault(np.packbits(m).tobytes(), []).append(i)
+        out = {name: np.full(len(a), np.nan) for name in metrics}
+        for rows in groups.values():
+            part = compare_maps(a[rows], b[rows], metrics, masks[rows[0]], k, size)
+            for name, values in part.items():
+                out[name][rows] = values
+        return out
     a, b = _pairs(a, b, mask, 3)
     out = {}
     for name in metrics:
