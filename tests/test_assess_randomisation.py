@@ -71,6 +71,13 @@ def test_groups_cover_the_model_and_the_full_cascade_is_the_random_control():
         next(randomised_models([model], groups=["layer9"]))
     with pytest.raises(ConfigError, match="mode"):
         next(randomised_models([model], mode="bottom_up"))  # type: ignore[arg-type]
+    # an ensemble: every member randomised in the same step, each from its own fresh initialisation
+    other = build_gestaltmatcher("r18", width=0.125, fused=True).eval()  # BN-folded, no classifier
+    name, (c1, c2) = next(randomised_models([model, other], mode="independent", groups=["stem"]))
+    assert torch.equal(c2.backbone.conv1.weight, reinitialised(other, 0).backbone.conv1.weight)
+    assert torch.equal(c1.backbone.conv1.weight, reinitialised(model, 0).backbone.conv1.weight)
+    with pytest.raises(ConfigError, match="different layer groups"):
+        next(randomised_models([model, nn.Sequential(nn.Linear(2, 2))]))
 
     # any other module: parameterised children in reverse order, reset_parameters() under the seed; global RNG kept
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))

@@ -33,8 +33,9 @@ them too. Only one step's copies exist at a time. All copies are in eval mode.
 trained :class:`~gestalt_xai.attribution.score_model.ScoreModel` through ``with_models``, which keeps its targets —
 so centroid and pair references are the **trained** model's embeddings (column ``references``: ``"trained model"``)
 and a logit target reads the randomised classifier. The randomised model's score of each item is in column ``score``
-(step 0: the trained model's). Each method runs once per step and batch (the gradient family: one forward+backward
-for Grad-CAM, HiResCAM, FullGrad, saliency and input×gradient), on the same copies for every method.
+(step 0: the trained model's; one gradient-free forward per step and batch). Each method runs once per step and
+batch (the gradient family: one forward+backward for Grad-CAM, HiResCAM, FullGrad, saliency and input×gradient), on
+the same copies for every method.
 
 **Data randomisation.** ``gestalt-xai train --set permute_labels=<seed>`` trains a model on labels permuted across
 subjects (:func:`gestalt_xai.models.train.permute_subject_labels`), stored in ``run/controls/permuted_labels/`` so no

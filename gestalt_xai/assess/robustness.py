@@ -53,7 +53,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gestalt_xai.assess.compare import compare_maps
 from gestalt_xai.assess.metric import metric
 from gestalt_xai.attribution.base import build_methods, get_method
 from gestalt_xai.attribution.effects import effect_scores
@@ -266,6 +265,7 @@ def landmark_jitter(score_model: ScoreModel, photos: Sequence[np.ndarray], landm
                                        device=device)
 
     # every method on the jittered crops, through the same score model (row owner[k]'s target)
+    from gestalt_xai.assess.compare import compare_maps
     from gestalt_xai.models.gestaltmatcher import preprocess
 
     new: dict[tuple[str, str], np.ndarray] = {}
@@ -313,6 +313,8 @@ def pair_baseline(maps: Mapping[Any, np.ndarray], image_ids: Sequence[str], *, s
     given ids that does not depend on their order). Returns ``item, image_id, partner_id, method, layer`` and the
     :data:`METRICS_USED` columns; empty for fewer than two images.
     """
+    from gestalt_xai.assess.compare import compare_maps
+
     ids = [str(i) for i in image_ids]
     methods = list(dict.fromkeys(k[0] if isinstance(k, tuple) else k for k in maps))
     originals = _original_maps(maps, methods, list(layers or [DEFAULT_LAYER]))
