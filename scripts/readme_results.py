@@ -7,8 +7,8 @@ Sections filled (each only when its source exists):
 * ``benchmarks``: the text the benchmark scripts wrote to ``benchmarks/results/*.txt`` (``make bench``).
 
 The demo section also holds the change-mask localisation beside the random-model control, the mark's Clever-Hans
-effect (``aggregate/``) and, when ``scripts/seed_effects.py`` has run, the feature effects beside retrained seeds;
-the same measurements go into the ``post-run`` section of the data card (``data_cards/synthetic_cohort.md`` and the
+effect and the assess stage's summary (all from ``assess/``) and, when ``scripts/seed_effects.py`` has run, the
+feature effects beside retrained seeds; the same measurements go into the ``post-run`` section of the data card (``data_cards/synthetic_cohort.md`` and the
 run's ``cohort/data_card.md``), since synth runs before any model exists.
 
 Usage: python scripts/readme_results.py [--run runs/demo] [--readme README.md] [--seeds runs/demo-seeds]
@@ -71,11 +71,14 @@ def demo_section(run: Path) -> str:
         chance = f"1/{n_classes} = {100 / n_classes:.1f} %"
         out += ["", f"Macro top-k in %. Chance top-1 on the frequent test set: {chance}."]
     agg = manifest["stages"].get("aggregate", {}).get("results", {})
-    if agg.get("planted_hits"):
-        out += ["", "Syndromes whose highest-enrichment region is one of their planted features' regions (aggregate "
-                "stage; chance = top region drawn uniformly from the 14 face regions):", "",
+    hits_path = run / "assess" / "planted_hits_summary.parquet"
+    if hits_path.exists():
+        hits = pd.read_parquet(hits_path).to_dict("records")
+        out += ["", "Syndromes whose highest-enrichment region (aggregate stage's region scores) is one of their "
+                "planted features' regions (assess stage; chance = top region drawn uniformly from the face "
+                "regions):", "",
                 "| model | method | target | hits | share | chance |", "|---|---|---|---|---|---|"]
-        for h in sorted(agg["planted_hits"], key=lambda h: (h.get("model_id", "") in _controls(run), h["method"])):
+        for h in sorted(hits, key=lambda h: (h.get("model_id", "") in _controls(run), h["method"])):
             method = h["method"] + (f" [{h['layer']}]" if h["layer"] else "")
             out.append(f"| {_model(run, h.get('model_id', ''))} | {method} | {h['target_group']} | "
                        f"{h['n_hits']}/{h['n_syndromes']} | {h['share']:.0%} | {h['chance']:.0%} |")
@@ -91,7 +94,19 @@ def demo_section(run: Path) -> str:
             out.append(f"| {_model(run, sp.get('model_id', ''))} | {sp['method']} | {sp['n_clusters']} | "
                        f"{sp['cluster_sizes']} | {'yes' if sp['splits_on_cue'] else 'no'} |")
     out += localisation_section(run, agg.get("confounded_syndrome"))
+    out += assess_section(run)
     return "\n".join(out)
+
+
+def assess_section(run: Path) -> list[str]:
+    """The assess stage's per-method tables (``assess/summary.md``, written by the stage from the run)."""
+    path = run / "assess" / "summary.md"
+    if not path.exists():
+        return []
+    text = path.read_text().split("\n", 2)[-1].replace("\n## ", "\n#### ")
+    return ["", "The assess stage's summary (`assess/summary.md`: faithfulness curves beside a random map, "
+            "localisation beside chance and the random-weight control, cascading randomisation, landmark jitter):",
+            text.rstrip()]
 
 
 def _confounder_rate(manifest: dict) -> str:
@@ -117,10 +132,10 @@ def _x(value: float) -> str:
 def localisation_section(run: Path, confounded: str | None) -> list[str]:
     """The change-mask localisation (trained model beside its random control) and the mark's Clever-Hans effect."""
     out: list[str] = []
-    summary = run / "aggregate" / "localisation_summary.parquet"
+    summary = run / "assess" / "localisation_summary.parquet"
     if summary.exists():
         t = pd.read_parquet(summary)
-        t = t[t["target_group"] == "centroid:own"]
+        t = t[(t["target_group"] == "centroid:own") & (t["mask_kind"] == "change")]
         trained, control = t[~t["random_control"]], t[t["random_control"]]
         out += ["", "Localisation against the counterfactual change masks (test photos; own-syndrome centroid "
                 "target): positive relevance inside the pixels a planted feature changes, divided by their share of "
@@ -141,7 +156,7 @@ def localisation_section(run: Path, confounded: str | None) -> list[str]:
             out.append(f"| {method} | {_x(r['ratio_mean'])} | {_x(c.get('ratio_mean', float('nan')))} | "
                        f"{'–' if pd.isna(ratio) else f'{ratio:.1f}'} | {_x(r['mark_ratio_mean'])} | "
                        f"{_x(c.get('mark_ratio_mean', float('nan')))} | {rho} | {rho_c} |")
-    marks = run / "aggregate" / "mark_effects.parquet"
+    marks = run / "assess" / "mark_effects.parquet"
     if marks.exists():
         m = pd.read_parquet(marks)
         m = m[m["set"].isin(["train", "test"])]
