@@ -8,8 +8,8 @@ Sections filled (each only when its source exists):
 
 The demo section also holds the change-mask localisation beside the random-model control, the mark's Clever-Hans
 effect and the assess stage's summary (all from ``assess/``) and, when ``scripts/seed_effects.py`` has run, the
-feature effects beside retrained seeds; the same measurements go into the ``post-run`` section of the data card (``data_cards/synthetic_cohort.md`` and the
-run's ``cohort/data_card.md``), since synth runs before any model exists.
+feature effects beside retrained seeds; the same measurements go into the ``post-run`` section of the data card
+(``data_cards/synthetic_cohort.md`` and the run's ``cohort/data_card.md``), since synth runs before any model exists.
 
 Usage: python scripts/readme_results.py [--run runs/demo] [--readme README.md] [--seeds runs/demo-seeds]
 """
