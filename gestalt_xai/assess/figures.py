@@ -67,14 +67,15 @@ def randomisation_figure(table: pd.DataFrame, model_id: str, path: Path, formats
     colours = _colours(list(table["method"].unique()))
     for ax, mode in zip(axes[0], modes, strict=True):
         part = table[table["mode"] == mode]
-        labels = part.drop_duplicates("step").sort_values("step")["group"].astype(str).tolist()
+        ticks = part.drop_duplicates("step").sort_values("step")
         for method, rows in part.groupby("method", sort=True):
             for col, style in (("spearman", "-"), ("spearman_abs", ":")):
                 b = _band(rows, "step", col)
                 ax.plot(b["step"], b["mean"], style, color=colours[str(method)], lw=1.3,
                         label=str(method) if col == "spearman" else None)
         ax.axhline(0, color="0.6", lw=0.8)
-        ax.set_xticks(range(len(labels)), labels, rotation=40, ha="right", fontsize=7)
+        ax.set_xticks(ticks["step"].tolist(), ticks["group"].astype(str).tolist(), rotation=40, ha="right",
+                      fontsize=7)
         ax.set_ylim(-0.3, 1.05)
         ax.set_ylabel("Spearman ρ with the trained model's map", fontsize=8)
         ax.set_title(f"{mode} randomisation (solid ρ, dotted ρ of |·|)", fontsize=9)
