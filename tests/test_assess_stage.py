@@ -100,3 +100,23 @@ def test_patients_cover_the_syndromes(explained: Run) -> None:
 def test_wrong_options_name_the_field(explained: Run, options: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         assess_stage(explained, options)
+
+
+def test_data_randomisation_compares_with_the_permuted_label_model(explained: Run, tmp_path) -> None:
+    from gestalt_xai.models.train import demo_train_config, train_stage
+
+    run = Run(shutil.copytree(explained.path, tmp_path / "run"))
+    trained = train_stage(run, demo_train_config(epochs=1, threads=2, permute_labels=0), instance="train-permuted")
+    path = run.relative(trained.outputs["model"]) if "model" in trained.outputs else None
+    assert path is not None and "controls/permuted_labels" in str(path)
+    options = {**OPTIONS, "faithfulness": {"enabled": False}, "robustness": {"enabled": False},
+               "randomisation": {**OPTIONS["randomisation"], "permuted_model": str(path)}}
+    assess_stage(run, options)
+    table = pd.read_parquet(run.path / "assess" / "randomisation.parquet")
+    data = table[table["mode"] == "data"]
+    assert set(data["references"]) == {"permuted model"} and data["image_id"].nunique() == 2
+    assert (data["spearman"] < 0.95).all()  # another model's map, not the stored one
+    summary = (run.path / "assess" / "summary.md").read_text()
+    assert "permuted-label model" in summary
+    with pytest.raises(ConfigError, match="permuted_model"):
+        assess_stage(run, {**options, "randomisation": {"permuted_model": "controls/none.safetensors"}})

@@ -53,6 +53,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("delta_rank_rho", "ρ(mass, Δscore)", "higher"),
     Column("mark_ratio", "mark ratio", "higher", "value:1"),
     Column("cascading_spearman", "ρ after cascading randomisation", "lower", "value:1"),
+    Column("data_spearman", "ρ with the permuted-label model", "lower", "value:1"),
     Column("jitter_spearman", "ρ under landmark jitter", "higher", "chance", "jitter_spearman_nojitter",
            "no jitter"),
 )
@@ -102,12 +103,16 @@ def _patients(t: pd.DataFrame) -> pd.DataFrame:
 
 
 def _randomisation(t: pd.DataFrame) -> pd.DataFrame:
+    frames = []
     part = t[t["mode"] == "cascading"]
-    if not len(part):
-        return pd.DataFrame()
-    last = part[part["step"] == part["step"].max()]
-    return _long(last, {"spearman": "cascading_spearman", "spearman_abs": "cascading_spearman_abs",
-                        "ssim": "cascading_ssim"})
+    if len(part):
+        last = part[part["step"] == part["step"].max()]
+        frames.append(_long(last, {"spearman": "cascading_spearman", "spearman_abs": "cascading_spearman_abs",
+                                   "ssim": "cascading_ssim"}))
+    data = t[t["mode"] == "data"]
+    if len(data):
+        frames.append(_long(data, {"spearman": "data_spearman", "ssim": "data_ssim"}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def _robustness(t: pd.DataFrame) -> pd.DataFrame:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -36,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gestalt_xai.assess.scoring import ExplainedBatch, check_scores, explained_batches
 from gestalt_xai.config import StageConfig
-from gestalt_xai.errors import InputError
+from gestalt_xai.errors import ConfigError, InputError
 from gestalt_xai.models.declaration import random_controls
 from gestalt_xai.runs import LAYOUT, ErrorRow, Run, atomic_write_bytes, write_parquet
 from gestalt_xai.stages import StageResult, stage
@@ -260,6 +261,21 @@ def _faithfulness(cfg: AssessConfig, batch: ExplainedBatch, face: np.ndarray | N
     return _with_items(batch, curves_t), _with_items(batch, areas_t)
 
 
+def _permuted_model(run: Run, cfg: AssessConfig) -> dict[str, Any] | None:
+    """The permuted-label control (``randomisation.permuted_model``, ``{run}`` expanded; a path relative to the run
+    folder), loaded once, with a cache of its per-instance setups."""
+    if not cfg.randomisation.enabled or cfg.randomisation.permuted_model is None:
+        return None
+    from gestalt_xai.models.checkpoints import load_model
+
+    given = cfg.randomisation.permuted_model.replace("{run}", str(run.path))
+    path = Path(given) if Path(given).is_absolute() else run.path / given
+    if not path.exists():
+        raise ConfigError(f"randomisation.permuted_model: {path} not found (train one with `gestalt-xai train --set "
+                          "permute_labels=0`; it is written under controls/permuted_labels/)")
+    return {"model": load_model(path), "setups": {}}
+
+
 def _subset(batch: ExplainedBatch, ids: set[str], methods: list[str]
             ) -> tuple[np.ndarray, Any, np.ndarray, dict[str, np.ndarray], dict[str, dict[str, Any]]]:
     """The batch rows of images ``ids``: ``(rows, score model, crops, maps of methods, their parameters)``."""
@@ -275,9 +291,11 @@ def _renumber(frame: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
     return frame.assign(item=rows[frame["item"].to_numpy(np.int64)]) if len(frame) else frame
 
 
-def _randomisation(cfg: AssessConfig, batch: ExplainedBatch, patients: set[str]) -> pd.DataFrame:
+def _randomisation(run: Run, cfg: AssessConfig, batch: ExplainedBatch, patients: set[str],
+                   permuted: dict[str, Any] | None) -> pd.DataFrame:
     """Model-parameter randomisation (:func:`gestalt_xai.assess.randomisation.randomisation_maps`) of the batch's
-    patients among ``patients``, for the configured methods the batch has maps of; references kept."""
+    patients among ``patients``, for the configured methods the batch has maps of; references kept. With a
+    ``permuted`` model (``randomisation.permuted_model``), the data-randomisation rows too (mode ``data``)."""
     from gestalt_xai.assess.randomisation import randomisation_maps
 
     methods = [m for m in cfg.randomisation.methods if m in batch.maps]
@@ -287,7 +305,38 @@ def _randomisation(cfg: AssessConfig, batch: ExplainedBatch, patients: set[str])
     frames = [randomisation_maps(score_model, crops, maps, methods=methods, method_params=params,
                                  layers=batch.setup.cfg.layers, mode=mode, seed=cfg.seed)
               for mode in cfg.randomisation.modes]
+    if permuted is not None:
+        frames.append(_data_randomisation(run, batch, permuted, rows, crops, maps, methods, params))
     return _with_items(batch, _renumber(pd.concat(frames, ignore_index=True), rows))
+
+
+def _data_randomisation(run: Run, batch: ExplainedBatch, permuted: dict[str, Any], rows: np.ndarray,
+                        crops: np.ndarray, maps: dict[str, np.ndarray], methods: list[str],
+                        params: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """The permuted-label model's maps of the same (image, target) items against the trained model's stored maps
+    (:func:`gestalt_xai.assess.randomisation.data_randomisation_maps`), its references its own (centroids of the
+    gallery embedded through it: :func:`~gestalt_xai.assess.randomisation.control_setup`)."""
+    from gestalt_xai.assess.randomisation import control_setup, data_randomisation_maps
+    from gestalt_xai.attribution.planning import build_targets
+    from gestalt_xai.attribution.score_model import ScoreModel
+
+    key = (batch.instance, batch.model_id)
+    if key not in permuted["setups"]:
+        permuted["setups"][key] = control_setup(run, batch.setup, batch.model_id, permuted["model"])
+    setup = permuted["setups"][key]
+    wanted = [(batch.image_ids[i], batch.targets[i]) for i in rows]
+    items = {(it.image_id, str(it.target)): it for plan in setup.plans([], sorted({i for i, _ in wanted}))
+             for it in plan.items if plan.group_id == batch.model_id}
+    found = [items.get(w) for w in wanted]
+    keep = [i for i, it in enumerate(found) if it is not None]
+    if not keep:
+        return pd.DataFrame()
+    group = [(mid, m) for mid, m, _ in setup.models if mid == batch.model_id]
+    batch_items = [found[i] for i in keep]
+    score_model = ScoreModel(group, build_targets(batch_items, group, setup.slots, setup.kind), setup.slots)
+    table = data_randomisation_maps(score_model, crops[keep], {m: v[keep] for m, v in maps.items()},
+                                    methods=methods, method_params=params, layers=batch.setup.cfg.layers)
+    return table.assign(item=np.asarray(keep, np.int64)[table["item"].to_numpy(np.int64)])
 
 
 def _robustness(run: Run, cfg: AssessConfig, batch: ExplainedBatch, patients: set[str]) -> pd.DataFrame:
@@ -308,7 +357,8 @@ def _robustness(run: Run, cfg: AssessConfig, batch: ExplainedBatch, patients: se
 
 
 def _assess_batch(run: Run, cfg: AssessConfig, batch: ExplainedBatch, parts: Parts, errors: list[ErrorRow],
-                  face: np.ndarray | None, randomised: set[str], jittered: set[str]) -> None:
+                  face: np.ndarray | None, randomised: set[str], jittered: set[str],
+                  permuted: dict[str, Any] | None) -> None:
     """The per-batch families of one batch, each stored as a resumable part."""
     from gestalt_xai.assess.faithfulness import occlusion_agreement
 
@@ -326,7 +376,7 @@ def _assess_batch(run: Run, cfg: AssessConfig, batch: ExplainedBatch, parts: Par
         parts.get("occlusion_agreement", batch.key,
                   lambda: _with_items(batch, occlusion_agreement(batch.maps, batch.maps["occlusion"])))
     if cfg.randomisation.enabled and set(batch.image_ids) & randomised:
-        parts.get("randomisation", batch.key, lambda: _randomisation(cfg, batch, randomised))
+        parts.get("randomisation", batch.key, lambda: _randomisation(run, cfg, batch, randomised, permuted))
     if cfg.robustness.enabled and set(batch.image_ids) & jittered:
         parts.get("robustness", batch.key, lambda: _robustness(run, cfg, batch, jittered))
 
@@ -396,10 +446,11 @@ def assess_stage(run: Run, cfg: AssessConfig) -> StageResult:
     if len(perturbed) and (cfg.faithfulness.enabled or cfg.randomisation.enabled or cfg.robustness.enabled):
         face = mean_face(run, images) if "mean" in cfg.faithfulness.baselines else None
         randomised = set(patients[: cfg.randomisation.max_patients])
+        permuted = _permuted_model(run, cfg)
         jittered = set(patients[: cfg.robustness.max_patients])
         for batch in explained_batches(run, store, perturbed, errors, batch_size=cfg.batch_size):
             keys.append(batch.key)
-            _assess_batch(run, cfg, batch, parts, errors, face, randomised, jittered)
+            _assess_batch(run, cfg, batch, parts, errors, face, randomised, jittered, permuted)
     timings["perturbation"] = time.perf_counter() - t0
 
     tables = {family: parts.table(family, keys) for family in FAMILIES}
