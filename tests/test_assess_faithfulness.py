@@ -109,6 +109,9 @@ def test_region_perturbation_morf_lerf_and_abpc(toy):
     assert (gap[0] > gap[1:]).all()
     # region order: summed relevance, so the true map's region curve is the region-optimal one
     assert (morf.scores[0] <= morf.scores[1:] + 1e-4).all()
+    # LeRF deletion keeps the most relevant regions of x: the MoRF insertion images, read backwards
+    ins = perturbation_curves(score, images, maps, mode="insertion", **kw)
+    np.testing.assert_allclose(lerf.scores, ins.scores[..., ::-1], atol=1e-6)
 
 
 def test_one_forward_per_distinct_image(toy):
@@ -197,3 +200,23 @@ def test_pixel_flipping_matches_quantus():
     s = ours.scores[0]
     expected = (pixel_flipping(return_auc_per_sample=True) + (s[:, 0] + s[:, 1]) / 2) / steps
     np.testing.assert_allclose(ours.aucs()["auc"], expected, atol=1e-5, rtol=0)
+
+
+def test_occlusion_agreement_per_item_and_method():
+    from gestalt_xai.assess.compare import spearman, ssim
+    from gestalt_xai.assess.faithfulness import occlusion_agreement
+
+    rng = np.random.default_rng(0)
+    occ = rng.normal(size=(3, 16, 16))
+    other = rng.normal(size=(3, 16, 16))
+    maps = {"monotone": np.exp(occ), "negated": -occ, "other": other, "occlusion": occ}
+    table = occlusion_agreement(maps, occ)
+    assert list(table.columns) == ["item", "method", "spearman", "ssim"]
+    assert set(table["method"]) == {"monotone", "negated", "other"}  # occlusion is not compared with itself
+    by = table.set_index(["method", "item"])
+    np.testing.assert_allclose(by.loc["monotone", "spearman"], 1.0)
+    np.testing.assert_allclose(by.loc["negated", "spearman"], -1.0)
+    for i in range(3):  # per item, the one implementation of assess.compare
+        assert by.loc[("other", i), "spearman"] == pytest.approx(spearman(other[i], occ[i]))
+        assert by.loc[("other", i), "ssim"] == pytest.approx(ssim(other[i], occ[i]))
+    assert occlusion_agreement({"occlusion": occ}, occ).empty

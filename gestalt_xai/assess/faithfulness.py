@@ -20,7 +20,9 @@ A curve is ``f(x_k)`` over the fraction ``n_k/n ∈ [0, 1]`` changed. Its area (
 (:func:`aopc_morf`), low for LeRF (:func:`aopc_lerf`); ``AOPC_MoRF − AOPC_LeRF`` is the mean gap between the two
 curves, ABPC (Schulz et al., ICLR 2020; :func:`abpc`). Scores are not divided by ``f(x)``: methods are compared on
 the same images, always beside the random-map baseline. Unlike Samek et al. (L = 100 small regions filled with
-uniform noise) our curves run to complete removal, with the baselines below.
+uniform noise) our curves run to complete removal, with the baselines below. LeRF deletion at step ``k`` keeps
+``x`` on the most relevant ``n − n_k`` units: it is MoRF insertion at step ``S − k`` (same unit and baseline, ``S``
+dividing ``n``), so either curve gives the other read backwards.
 
 Ties in a map (flat Grad-CAM areas, zero maps, equal region sums) are broken by a seeded random permutation: the
 units of each item are shuffled by ``np.random.default_rng(seed)`` — the same permutation for every method of an
