@@ -282,23 +282,31 @@ def landmark_jitter(score_model: ScoreModel, photos: Sequence[np.ndarray], landm
     if missing := sorted(set(originals) - set(new)):
         raise ValueError(f"the methods returned no map for {missing}; check layers {layers}")
 
-    m_orig = matrices[owner_a]
+    # one mask per (image, draw), shared by every method: valid after the warp back, and for the interpolation-only
+    # control (the original map there and back) valid both ways
+    m_orig, k = matrices[owner_a], len(owner_a)
+    ones = np.ones((k, CROP_SIZE, CROP_SIZE), np.float32)
+    valid_there = _rewarp(ones, m_orig, m_jit_a)[1]
+    mask = to_original_frame(valid_there.astype(np.float32), m_orig, m_jit_a)[0] >= _VALID
+    keys = list(new)
+    a, b = [], []
+    for key in keys:
+        original = originals[key][owner_a]
+        round_trip = to_original_frame(_rewarp(original, m_orig, m_jit_a)[0], m_orig, m_jit_a)[0]
+        a += [original, original]
+        b += [to_original_frame(new[key], m_orig, m_jit_a)[0], round_trip]
+    # one call: pairs sharing a mask (the methods and the control of one image and draw) are compared together
+    values = compare_maps(np.concatenate(a), np.concatenate(b), metrics=METRICS_USED,
+                          mask=np.tile(mask, (2 * len(keys), 1, 1)))
     frames: list[pd.DataFrame] = []
-    for (method, layer), recomputed in new.items():
-        original = originals[(method, layer)][owner_a]
-        back, valid = to_original_frame(recomputed, m_orig, m_jit_a)
-        # interpolation-only control: the original map there and back (valid where both footprints were inside)
-        there, valid_there = _rewarp(original, m_orig, m_jit_a)
-        round_trip, _ = to_original_frame(there, m_orig, m_jit_a)
-        mask = valid & (to_original_frame(valid_there.astype(np.float32), m_orig, m_jit_a)[0] >= _VALID)
-        moved = compare_maps(original, back, metrics=METRICS_USED, mask=mask)
-        interp = compare_maps(original, round_trip, metrics=METRICS_USED, mask=mask)
+    for j, (method, layer) in enumerate(keys):
+        moved, interp = slice(2 * j * k, (2 * j + 1) * k), slice((2 * j + 1) * k, (2 * j + 2) * k)
         frames.append(pd.DataFrame({
             "item": owner_a, "image_id": [image_ids[i] for i in owner], "method": method, "layer": layer,
             "draw": draw_of, "max_shift_px": shift, "max_shift_crop_px": np.asarray(shift) * scale[owner_a],
-            "valid_fraction": mask.reshape(len(mask), -1).mean(1),
-            **{m: np.asarray(moved[m], np.float64) for m in METRICS_USED},
-            **{f"interp_{m}": np.asarray(interp[m], np.float64) for m in METRICS_USED},
+            "valid_fraction": mask.reshape(k, -1).mean(1),
+            **{m: np.asarray(values[m][moved], np.float64) for m in METRICS_USED},
+            **{f"interp_{m}": np.asarray(values[m][interp], np.float64) for m in METRICS_USED},
             "score": scores[owner_a], "jitter_score": jit_scores}))
     table = pd.concat(frames, ignore_index=True)[JITTER_COLUMNS]
     log.info("landmark jitter: %d images × %d draws (+%d control) × %d maps", n, draws, int(control), len(new))
