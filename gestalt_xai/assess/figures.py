@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gestalt_xai.assess.stats import subject_means
 from gestalt_xai.viz import _plt, file_stem, save_figure
 
 __all__ = ["draw", "curve_figure", "randomisation_figure", "localisation_figure"]
@@ -97,8 +98,8 @@ def localisation_figure(metrics: pd.DataFrame, model_id: str, controls: list[str
         methods = sorted(set(part.loc[part["model_id"] == model_id, "method"]))
         xs = np.arange(len(methods))
         for offset, mid, hatch in ((-0.2, model_id, ""), *((0.2, c, "//") for c in controls[:1])):
-            means = [part[(part["model_id"] == mid) & (part["method"] == m)].groupby("subject_id")["value"].mean()
-                     for m in methods]
+            rows = [part[(part["model_id"] == mid) & (part["method"] == m)] for m in methods]
+            means = [subject_means(r["value"], r["subject_id"]) for r in rows]
             ax.bar(xs + offset, [s.mean() if len(s) else np.nan for s in means], width=0.4, hatch=hatch,
                    color="C0" if not hatch else "0.8", edgecolor="0.3", label=mid)
         ax.axhline(1.0, color="C3", lw=1, ls="--", label="chance (uniform map)")

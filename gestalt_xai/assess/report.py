@@ -74,11 +74,10 @@ def _long(frame: pd.DataFrame, columns: Mapping[str, str]) -> pd.DataFrame:
 
 def _faithfulness(t: pd.DataFrame) -> pd.DataFrame:
     first = t["baseline"].iloc[0] if len(t) else ""
-    baselines = list(dict.fromkeys(t["baseline"]))
     frames = []
     for (curve, baseline), part in t.groupby(["curve", "baseline"], sort=False):
         name, col = _CURVE_METRIC[str(curve)]
-        suffix = "" if baseline == (baselines[0] if baselines else first) else f"@{baseline}"
+        suffix = "" if baseline == first else f"@{baseline}"
         frames.append(_long(part, {col: name + suffix}))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -152,9 +151,10 @@ def item_metrics(tables: Mapping[str, pd.DataFrame], images: pd.DataFrame) -> pd
 
 def _mean(frame: pd.DataFrame) -> float:
     """Mean over subjects of subject means (images of one subject are not independent)."""
-    if not len(frame):
-        return float("nan")
-    return float(frame.groupby("subject_id")["value"].mean().mean())
+    from gestalt_xai.assess.stats import subject_means
+
+    means = subject_means(frame["value"], frame["subject_id"])
+    return float(means.mean()) if len(means) else float("nan")
 
 
 def summary_table(metrics: pd.DataFrame, model_id: str, control_model: str | None = None,

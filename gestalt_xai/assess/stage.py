@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from gestalt_xai.assess.planted import read_truth
 from gestalt_xai.assess.scoring import ExplainedBatch, check_scores, explained_batches
 from gestalt_xai.config import StageConfig
 from gestalt_xai.errors import ConfigError, InputError
@@ -396,16 +397,14 @@ def _local_rows(index: pd.DataFrame, images: pd.DataFrame, cfg: AssessConfig, ro
     return out.reset_index(drop=True)
 
 
-def _localisation(run: Run, store: Any, rows: pd.DataFrame, errors: list[ErrorRow]
+def _localisation(run: Run, store: Any, rows: pd.DataFrame, truth: Any, errors: list[ErrorRow]
                   ) -> tuple[dict[str, pd.DataFrame], list[str]]:
     """Localisation against the planted features' region and change masks, contrastivity, the planted-region table
     and the confounder check (:mod:`gestalt_xai.assess.localisation_run`, :mod:`gestalt_xai.assess.planted`);
     nothing for a real cohort."""
     from gestalt_xai.assess.localisation_run import localisation_tables
-    from gestalt_xai.assess.planted import confounder_check, planted_region_table, read_truth
+    from gestalt_xai.assess.planted import confounder_check, planted_region_table
 
-    truth, truth_errors = read_truth(run)
-    errors += truth_errors
     if truth is None:
         return {}, []
     tables, lines = localisation_tables(run, store, rows, truth=truth, errors=errors)
@@ -459,8 +458,10 @@ def assess_stage(run: Run, cfg: AssessConfig) -> StageResult:
 
     # ---- localisation and the synthetic cohort's checks (every selected map, controls included)
     t0 = time.perf_counter()
+    truth, truth_errors = read_truth(run)
     if cfg.localisation:
-        local, local_lines = _localisation(run, store, _local_rows(index, images, cfg, rows), errors)
+        errors += truth_errors
+        local, local_lines = _localisation(run, store, _local_rows(index, images, cfg, rows), truth, errors)
         tables.update(local)
     else:
         local_lines = []
@@ -470,7 +471,7 @@ def assess_stage(run: Run, cfg: AssessConfig) -> StageResult:
     from gestalt_xai.assess import report
 
     metrics = report.item_metrics(tables, images)
-    strata_table = _strata_table(run, images, cfg)
+    strata_table = _strata_table(images, truth, cfg)
     strata_kinds = [k for k in cfg.strata if k in strata_table.columns]
     written = {}
     for name, frame in tables.items():
@@ -500,14 +501,12 @@ def assess_stage(run: Run, cfg: AssessConfig) -> StageResult:
                        summary=lines + local_lines, extra={"results": results})
 
 
-def _strata_table(run: Run, images: pd.DataFrame, cfg: AssessConfig) -> pd.DataFrame:
+def _strata_table(images: pd.DataFrame, truth: Any, cfg: AssessConfig) -> pd.DataFrame:
     """Per subject: sex, age band, ancestry (:func:`gestalt_xai.aggregate.faces.strata_of`, when the cohort has
     them) and, for a synthetic cohort, the rendered skin tone's fifth (``0.0-0.2`` light … ``0.8-1.0`` dark)."""
     from gestalt_xai.aggregate.faces import strata_of
-    from gestalt_xai.assess.planted import read_truth
 
     table = strata_of(images, cfg.age_bands)
-    truth, _ = read_truth(run)  # an unreadable truth is reported by the localisation step
     tones = getattr(truth, "images", None)
     if tones is not None and "skin_tone" in tones.columns:
         first = (tones.sort_values("image_id").groupby(tones["subject_id"].astype(str))["skin_tone"].first())
