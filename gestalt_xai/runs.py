@@ -22,7 +22,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Run",
     "Ledger",
+    "Parts",
     "ErrorRow",
     "StageRecord",
     "ERROR_COLUMNS",
@@ -81,6 +82,7 @@ class RunLayout:
     maps: str = "maps"
     aggregate: str = "aggregate"
     assess: str = "assess"
+    eyetracking: str = "experiments/eyetracking"
 
     def crop(self, image_id: str) -> str:
         """The aligned 112×112 crop of ``image_id``."""
@@ -608,3 +610,37 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
+
+
+class Parts:
+    """Resumable per-unit result tables of one stage: ``<root>/<family>/<key>.parquet``, each recorded in the
+    stage's ledger under its options' fingerprint (``ignore``: options that change no number), so an interrupted
+    run resumes without recomputing finished units and a rerun with other options recomputes them."""
+
+    def __init__(self, run: Run, cfg: BaseModel, root: str | Path, ignore: tuple[str, ...] = ()) -> None:
+        self.root = Path(root)
+        self.ledger = run.ledger(cfg, ignore=ignore)
+        self.done = set(self.ledger.done())
+        self.reused = 0
+        self.seconds: dict[str, float] = {}
+
+    def get(self, family: str, key: str, compute: Callable[[], pd.DataFrame]) -> None:
+        """Compute and store the family's table for unit ``key`` unless a finished one is recorded."""
+        item = f"{family}/{key}"
+        path = self.root / family / f"{key}.parquet"
+        if item in self.done and path.exists():
+            self.reused += 1
+            return
+        t0 = time.perf_counter()
+        table = compute()
+        self.seconds[family] = self.seconds.get(family, 0.0) + time.perf_counter() - t0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_parquet(table, path)
+        self.ledger.add(item, {"rows": int(len(table))})
+
+    def table(self, family: str, keys: Iterable[str]) -> pd.DataFrame:
+        """The family's parts of the units ``keys`` (this run's units only), concatenated in key order."""
+        frames = [pd.read_parquet(p) for k in sorted(set(keys))
+                  if (p := self.root / family / f"{k}.parquet").exists()]
+        frames = [f for f in frames if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,7 +39,7 @@ from gestalt_xai.assess.scoring import ExplainedBatch, check_scores, explained_b
 from gestalt_xai.config import StageConfig
 from gestalt_xai.errors import ConfigError, InputError
 from gestalt_xai.models.declaration import random_controls
-from gestalt_xai.runs import LAYOUT, ErrorRow, Run, atomic_write_bytes, write_parquet
+from gestalt_xai.runs import LAYOUT, ErrorRow, Parts, Run, atomic_write_bytes, write_parquet
 from gestalt_xai.stages import StageResult, stage
 
 log = logging.getLogger(__name__)
@@ -181,39 +180,6 @@ def mean_face(run: Run, images: pd.DataFrame, limit: int = 256) -> np.ndarray:
     ids = sorted(train["image_id"].astype(str)) or sorted(images["image_id"].astype(str))
     ids = [ids[i] for i in np.unique(np.linspace(0, len(ids) - 1, min(limit, len(ids))).round().astype(int))]
     return load_crops(run, ids).astype(np.float64).mean(0).astype(np.float32)
-
-
-# ------------------------------------------------------------------------------------------------ resumable parts
-class Parts:
-    """Per-batch result tables under ``assess/parts/<family>/``, recorded in the stage's ledger (module docstring)."""
-
-    def __init__(self, run: Run, cfg: AssessConfig) -> None:
-        self.root = run.path / LAYOUT.assess / "parts"
-        self.ledger = run.ledger(cfg, ignore=_PRESENTATION)
-        self.done = set(self.ledger.done())
-        self.reused = 0
-        self.seconds: dict[str, float] = {}
-
-    def get(self, family: str, key: str, compute: Callable[[], pd.DataFrame]) -> None:
-        """Compute and store the family's table for batch ``key`` unless a finished one is recorded."""
-        item = f"{family}/{key}"
-        path = self.root / family / f"{key}.parquet"
-        if item in self.done and path.exists():
-            self.reused += 1
-            return
-        t0 = time.perf_counter()
-        table = compute()
-        self.seconds[family] = self.seconds.get(family, 0.0) + time.perf_counter() - t0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_parquet(table, path)
-        self.ledger.add(item, {"rows": int(len(table))})
-
-    def table(self, family: str, keys: list[str]) -> pd.DataFrame:
-        """The family's parts of the batches ``keys`` (this run's batches only), concatenated in key order."""
-        frames = [pd.read_parquet(p) for k in sorted(set(keys))
-                  if (p := self.root / family / f"{k}.parquet").exists()]
-        frames = [f for f in frames if len(f)]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 # ------------------------------------------------------------------------------------------------ one batch
@@ -435,7 +401,7 @@ def assess_stage(run: Run, cfg: AssessConfig) -> StageResult:
     controls = random_controls(run)
     patients = select_patients(images, index, cfg)
     rows = _rows(index, patients, cfg, controls)
-    parts = Parts(run, cfg)
+    parts = Parts(run, cfg, run.path / LAYOUT.assess / "parts", ignore=_PRESENTATION)
     timings: dict[str, float] = {}
 
     # ---- perturbation families: one pass over batches of stored maps with their rebuilt ScoreModels
