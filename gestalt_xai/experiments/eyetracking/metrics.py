@@ -213,18 +213,20 @@ def auc_shuffled(smap: np.ndarray, xs, ys, other_xs, other_ys, n_splits: int | N
         reference=f"Peters et al., Vision Research 2005; {_BYLINSKII}; {_PYSALIENCY}")
 def nss(smap: np.ndarray, xs, ys) -> float:
     """Normalised scanpath saliency: the mean over fixations of the map's z-score (population standard deviation)
-    at the fixated pixel; a constant map scores 0 (pysaliency ``NSS``: no division by a zero deviation).
+    at the fixated pixel (pysaliency ``NSS``, averaged over fixations).
+
+    A constant map scores exactly 0. pysaliency skips the division only when ``std`` is exactly 0, which rounding
+    misses for most constants (a map of 0.3 has ``std`` ≈ 5.6e-17 and mean − 0.3 ≈ −5.6e-17, so pysaliency gives
+    NSS 1.0); here the test is ``max == min``.
 
     >>> round(nss(np.array([[0.0, 0.0], [0.0, 4.0]]), [1], [1]), 6)  # (4 - 1) / √3
     1.732051
     """
     m = _as_map(smap, "saliency map")
     cols, rows = _pixels(xs, ys, m.shape)
-    values = m[rows, cols] - m.mean()
-    std = m.std()
-    if std:
-        values = values / std
-    return float(values.mean())
+    if np.ptp(m) == 0:
+        return 0.0
+    return float(((m[rows, cols] - m.mean()) / m.std()).mean())
 
 
 @metric("cc", family="eyetracking", direction="higher", reference=f"Le Meur et al., Vision Research 2007; {_BYLINSKII}")
