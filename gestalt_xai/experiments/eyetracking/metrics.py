@@ -81,20 +81,26 @@ def _pixels(xs, ys, shape: tuple[int, int], what: str = "fixations") -> tuple[np
 
 
 # ------------------------------------------------------------------------------------------------------------ ROC
+def _count_at_least(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """``#{v ≥ θ}`` for each of the ascending ``thresholds``: each value is placed among the thresholds (a binary
+    search, so only the thresholds are sorted — AUC-Judd's few fixated values against every pixel)."""
+    below = np.bincount(np.searchsorted(thresholds, values, side="right"), minlength=len(thresholds) + 1)
+    return len(values) - np.cumsum(below)[: len(thresholds)]
+
+
 def _general_roc(positives: np.ndarray, negatives: np.ndarray, judd: bool) -> float:
     """pysaliency's ``general_roc`` AUC, vectorised: hit and false-positive rates ``#{v ≥ θ}/n`` at every threshold
     ``θ`` in descending order (``judd``: the positives' values between one above the maximum and the minimum of all
     values; else every positive and negative value), from ``(0, 0)``, integrated with the trapezoidal rule."""
-    sp, sn = np.sort(positives), np.sort(negatives)
     if judd:
-        thresholds = np.concatenate(([max(sp[-1], sn[-1]) + 1.0], positives, [min(sp[0], sn[0])]))
+        lo, hi = min(positives.min(), negatives.min()), max(positives.max(), negatives.max())
+        thresholds = np.sort(np.concatenate(([hi + 1.0], positives, [lo])))
     else:
-        thresholds = np.concatenate((positives, negatives))
-    thresholds = np.sort(thresholds)[::-1]
+        thresholds = np.sort(np.concatenate((positives, negatives)))
     hits = np.zeros(len(thresholds) + 1)
     false = np.zeros(len(thresholds) + 1)
-    hits[1:] = (len(sp) - np.searchsorted(sp, thresholds, side="left")) / len(sp)
-    false[1:] = (len(sn) - np.searchsorted(sn, thresholds, side="left")) / len(sn)
+    hits[1:] = _count_at_least(positives, thresholds)[::-1] / len(positives)
+    false[1:] = _count_at_least(negatives, thresholds)[::-1] / len(negatives)
     return float(np.trapezoid(hits, false))
 
 
