@@ -21,7 +21,7 @@ from gestalt_xai.registry import Registry
 
 __all__ = ["METRICS", "MetricInfo", "metric", "better"]
 
-Family = Literal["faithfulness", "localisation", "randomisation", "robustness", "comparison"]
+Family = Literal["faithfulness", "localisation", "randomisation", "robustness", "comparison", "eyetracking"]
 Direction = Literal["higher", "lower"]
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -39,7 +39,9 @@ class MetricInfo:
 
 
 #: the modules whose metrics are registered when :data:`METRICS` is first read
-METRIC_MODULES = ("compare", "faithfulness", "localisation", "randomisation", "robustness")
+METRIC_MODULES = ("gestalt_xai.assess.compare", "gestalt_xai.assess.faithfulness", "gestalt_xai.assess.localisation",
+                  "gestalt_xai.assess.randomisation", "gestalt_xai.assess.robustness",
+                  "gestalt_xai.experiments.eyetracking.metrics")
 
 
 def _load_builtin_metrics() -> None:
@@ -47,9 +49,9 @@ def _load_builtin_metrics() -> None:
 
     for name in METRIC_MODULES:
         try:
-            importlib.import_module(f"gestalt_xai.assess.{name}")
+            importlib.import_module(name)
         except ModuleNotFoundError as exc:  # a family not installed in this checkout; any other import error raises
-            if exc.name != f"gestalt_xai.assess.{name}":
+            if exc.name != name:
                 raise
 
 
