@@ -58,7 +58,7 @@ Formats
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +66,18 @@ import pandas as pd
 
 from gestalt_xai.errors import ConfigError, InputError
 from gestalt_xai.experiments.eyetracking.display import (
+    FIXATION_COLUMNS,
+    FIXATION_DTYPES,
+    PROBLEM_COLUMNS,
+    Problems,
+    ReadResult,
+    StimulusLookup,
+    as_table,
     base_name,
     display_row,
+    fixation_table,
     numbers,
+    parse_columns,
     pixels_per_degree,
     read_display,
     read_stimuli,
@@ -76,205 +85,15 @@ from gestalt_xai.experiments.eyetracking.display import (
 )
 
 __all__ = ["FIXATION_COLUMNS", "FIXATION_DTYPES", "PROBLEM_COLUMNS", "READERS", "STIMULUS_COLUMN_NAMES",
-           "ReadResult", "display_row", "pixels_per_degree", "read_display", "read_fixations", "read_generic_csv",
-           "read_stimuli", "stimulus_to_photo_matrix"]
+           "ReadResult", "display_row", "pixels_per_degree", "read_display", "read_eyelink_asc",
+           "read_eyelink_dataviewer", "read_fixations", "read_generic_csv", "read_pupil_core", "read_stimuli",
+           "read_tobii_tsv", "stimulus_to_photo_matrix"]
 
 log = logging.getLogger(__name__)
 
-FIXATION_COLUMNS = ["participant", "trial", "stimulus", "image_id", "fixation", "start_ms", "duration_ms", "x", "y",
-                    "photo_px_per_degree", "eye", "format", "source", "line"]
-FIXATION_DTYPES = {"participant": str, "trial": str, "stimulus": str, "image_id": str, "fixation": np.int64,
-                   "start_ms": np.float64, "duration_ms": np.float64, "x": np.float64, "y": np.float64,
-                   "photo_px_per_degree": np.float64, "eye": str, "format": str, "source": str, "line": np.int64}
-PROBLEM_COLUMNS = ["file", "line", "reason"]
 #: trial variables tried, in this order and ignoring case, for the image of a Data Viewer fixation report
 STIMULUS_COLUMN_NAMES = ["stimulus", "image", "image_file", "imagefile", "img", "picture", "stim", "trial_image"]
 EYES = {"L": "L", "LEFT": "L", "R": "R", "RIGHT": "R", "B": "B", "BOTH": "B", "BINOCULAR": "B", "": ""}
-
-
-@dataclass(frozen=True)
-class ReadResult:
-    """What a reader returns: the fixation table and the rows it could not use."""
-
-    fixations: pd.DataFrame
-    problems: pd.DataFrame
-
-
-class _Problems:
-    """Problems of one file, collected as (line, reason)."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.lines: list[np.ndarray] = []
-        self.reasons: list[np.ndarray] = []
-
-    def add(self, lines, reasons) -> None:
-        lines = np.atleast_1d(np.asarray(lines, dtype=np.int64))
-        reasons = np.broadcast_to(np.asarray(reasons, dtype=object), lines.shape)
-        self.lines.append(lines)
-        self.reasons.append(np.asarray(reasons, dtype=object))
-
-    def frame(self) -> pd.DataFrame:
-        lines = np.concatenate(self.lines) if self.lines else np.zeros(0, np.int64)
-        reasons = np.concatenate(self.reasons) if self.reasons else np.zeros(0, object)
-        df = pd.DataFrame({"file": self.source, "line": lines, "reason": reasons.astype(str)})
-        df = df.astype({"file": str, "line": np.int64, "reason": str})
-        return df.sort_values("line", kind="stable").reset_index(drop=True)
-
-
-def empty_fixations() -> pd.DataFrame:
-    """A fixation table without rows, with the table's dtypes."""
-    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in FIXATION_DTYPES.items()})[FIXATION_COLUMNS]
-
-
-def _parse(df: pd.DataFrame, columns: dict[str, str], problems: _Problems, lines: pd.Series,
-           optional: tuple[str, ...] = ()) -> tuple[pd.DataFrame, pd.Series]:
-    """Parse text columns ``{name: column}`` as numbers; rows with a cell that is not one become problems.
-
-    Returns the numbers (named by the keys) and the mask of rows whose cells all parsed; ``optional`` names may be
-    empty (NaN) but not malformed.
-    """
-    out = pd.DataFrame(index=df.index)
-    reason = pd.Series("", index=df.index, dtype=object)
-    for name, col in columns.items():
-        text = df[col].astype(str).str.strip()
-        values = numbers(text)
-        bad = values.isna() & ~((text == "") & (name in optional))
-        if bad.any():
-            reason[bad] = reason[bad] + "; " + col + " = " + text[bad].map(repr) + " is not a number"
-        out[name] = values
-    ok = reason == ""
-    if not ok.all():
-        problems.add(lines[~ok].to_numpy(), reason[~ok].str.slice(2).to_numpy())
-    return out, ok
-
-
-class _Stimuli:
-    """Look stimulus names up in the stimulus table: by file name, else by stem when that is unambiguous."""
-
-    def __init__(self, stimuli: pd.DataFrame) -> None:
-        self.table = stimuli.set_index("stimulus", drop=False)
-        names = list(self.table.index)
-        self.keys = {n: n for n in names}
-        stems = pd.Series(names, dtype=object).map(lambda n: Path(n).stem)
-        for stem, name in zip(stems, names, strict=True):
-            if (stems == stem).sum() == 1 and stem not in self.keys:
-                self.keys[stem] = name
-
-    def resolve(self, names: pd.Series) -> pd.Series:
-        key = names.astype(str).map(base_name)
-        return key.map(self.keys)
-
-
-def _as_table(table, reader) -> pd.DataFrame | None:
-    if table is None or isinstance(table, pd.DataFrame):
-        return table
-    return reader(table)
-
-
-def _finish(raw: pd.DataFrame, problems: _Problems, *, fmt: str, stimuli: pd.DataFrame,
-            display: pd.DataFrame | None, photo_sizes: dict, coords: str) -> ReadResult:
-    """Map reader rows to photo pixels and assemble the fixation table.
-
-    ``raw`` holds participant, trial, stimulus, start_ms, duration_ms, x, y, eye, line and, as the format has them,
-    fixation, image_id (generic CSV), ppd (photo px per degree given), and the placement on screen: anchor
-    ("center"/"top_left"), ax, ay, shown_w, shown_h. ``coords``: "photo" (x, y are photo pixels), "screen" (screen
-    pixels placed by anchor/ax/ay/shown_w/shown_h; NaN placements come from the display table's image rectangle),
-    "norm" (0–1 of the stimulus).
-    """
-    raw = raw.copy()
-    for col, default in (("fixation", np.nan), ("ppd", np.nan), ("image_id", ""), ("shown_w", np.nan),
-                         ("shown_h", np.nan), ("anchor", "top_left"), ("ax", np.nan), ("ay", np.nan)):
-        if col not in raw.columns:
-            raw[col] = default
-
-    def drop(bad: pd.Series, reasons) -> None:
-        nonlocal raw
-        if bad.any():
-            r = reasons[bad].to_numpy() if isinstance(reasons, pd.Series) else reasons
-            problems.add(raw.loc[bad, "line"].to_numpy(), r)
-            raw = raw.loc[~bad]
-
-    drop(raw["duration_ms"] < 0, "duration " + raw["duration_ms"].map(repr) + " ms is negative")
-    stim = _Stimuli(stimuli)
-    name = raw["stimulus"].astype(str).str.strip()
-    resolved = stim.resolve(name)
-    if coords == "photo":
-        unknown = resolved.isna() & (name != "")
-    else:
-        unknown = resolved.isna()
-    drop(unknown, "stimulus " + name.map(repr) + " is not in the stimulus table")
-    resolved = resolved.loc[raw.index]
-    known = resolved.notna()
-    table_image = resolved.map(stim.table["image_id"]).fillna("")
-    given = raw["image_id"].astype(str).str.strip()
-    drop(known & (given != "") & (given != table_image),
-         "image_id " + given.map(repr) + " differs from the stimulus table's " + table_image.map(repr))
-    resolved, known, table_image, given = (s.loc[raw.index] for s in (resolved, known, table_image, given))
-    image_id = table_image.where(known, given)
-    drop(image_id == "", "no image_id or stimulus")
-    image_id = image_id.loc[raw.index]
-    drop(~image_id.isin(list(photo_sizes)), "image " + image_id.map(repr) + " is not among the run's photos")
-    image_id, resolved, known = (s.loc[raw.index] for s in (image_id, resolved, known))
-
-    # stimulus size and stimulus → photo matrix per row (the photo itself where the generic CSV names no stimulus)
-    mats = {s: stimulus_to_photo_matrix(stim.table.loc[s], photo_sizes.get(stim.table.loc[s, "image_id"]))
-            for s in resolved[known].unique()}
-    photo_w = image_id.map(lambda i: float(photo_sizes[i][0]))
-    photo_h = image_id.map(lambda i: float(photo_sizes[i][1]))
-    width = resolved.map(stim.table["width"]).astype(np.float64).where(known, photo_w)
-    height = resolved.map(stim.table["height"]).astype(np.float64).where(known, photo_h)
-    a, c, e, f = ([np.nan if pd.isna(s) else mats[s][i] for s in resolved] for i in ((0, 0), (0, 2), (1, 1), (1, 2)))
-    a = pd.Series(a, index=raw.index).fillna(1.0)
-    c = pd.Series(c, index=raw.index).fillna(0.0)
-    e = pd.Series(e, index=raw.index).fillna(1.0)
-    f = pd.Series(f, index=raw.index).fillna(0.0)
-
-    # display geometry per participant: pixels per degree and the image rectangle on screen
-    participants = raw["participant"].astype(str)
-    need_rect = coords == "screen" and raw["ax"].isna().any()
-    rows = {p: display_row(display, p, required="the image rectangle on screen" if need_rect else None)
-            for p in participants.unique()}
-    if need_rect:
-        for p, row in rows.items():
-            if row[["image_left_px", "image_top_px", "image_width_px", "image_height_px"]].isna().any():
-                raise InputError(f"display table row {row['participant']!r} (for participant {p!r}) has no image "
-                                 "rectangle (image_left_px, image_top_px, image_width_px, image_height_px)")
-
-    def from_display(col: str) -> pd.Series:
-        return participants.map({p: (np.nan if r is None else r[col]) for p, r in rows.items()}).astype(np.float64)
-
-    screen_ppd = participants.map({p: (np.nan if r is None else pixels_per_degree(r)) for p, r in rows.items()})
-    rect_missing = raw["ax"].isna()
-    shown_w = raw["shown_w"].astype(np.float64).fillna(from_display("image_width_px"))
-    shown_h = raw["shown_h"].astype(np.float64).fillna(from_display("image_height_px"))
-    x, y = raw["x"].astype(np.float64), raw["y"].astype(np.float64)
-    if coords == "screen":
-        ax = raw["ax"].astype(np.float64).where(~rect_missing, from_display("image_left_px"))
-        ay = raw["ay"].astype(np.float64).where(~rect_missing, from_display("image_top_px"))
-        centre = (raw["anchor"] == "center") & ~rect_missing
-        left = ax - np.where(centre, shown_w / 2, 0.0)
-        top = ay - np.where(centre, shown_h / 2, 0.0)
-        x, y = (x - left) * width / shown_w, (y - top) * height / shown_h
-    elif coords == "norm":
-        x, y = x * width, y * height
-    if coords != "photo":
-        x, y = a * x + c, e * y + f
-    scale = np.sqrt(width / shown_w * height / shown_h * a * e)
-    ppd = raw["ppd"].astype(np.float64).fillna(screen_ppd.astype(np.float64) * scale)
-
-    out = pd.DataFrame({
-        "participant": participants, "trial": raw["trial"].astype(str),
-        "stimulus": resolved.where(known, image_id), "image_id": image_id, "fixation": raw["fixation"],
-        "start_ms": raw["start_ms"], "duration_ms": raw["duration_ms"], "x": x, "y": y,
-        "photo_px_per_degree": ppd, "eye": raw["eye"], "format": fmt, "source": problems.source,
-        "line": raw["line"]})
-    order = out.sort_values(["participant", "trial", "start_ms", "line"], kind="stable")
-    rank = order.groupby(["participant", "trial"], sort=False).cumcount()
-    out["fixation"] = out["fixation"].fillna(rank.reindex(out.index).astype(np.float64))
-    out = out.astype(FIXATION_DTYPES)[FIXATION_COLUMNS]
-    out = out.sort_values(["participant", "trial", "fixation", "line"], kind="stable").reset_index(drop=True)
-    return ReadResult(out, problems.frame())
 
 
 def _read_text(path: Path, sep: str, header: int = 0, usecols=None) -> pd.DataFrame:
@@ -298,7 +117,7 @@ def _blank(df: pd.DataFrame) -> pd.Series:
     return (df.astype(str).apply(lambda c: c.str.strip()) == "").all(axis=1)
 
 
-def _eyes(values: pd.Series, lines: pd.Series, problems: _Problems) -> tuple[pd.Series, pd.Series]:
+def _eyes(values: pd.Series, lines: pd.Series, problems: Problems) -> tuple[pd.Series, pd.Series]:
     text = values.astype(str).str.strip().str.upper()
     eye = text.map(EYES)
     bad = eye.isna()
@@ -311,7 +130,7 @@ def read_generic_csv(path: str | Path, *, stimuli: pd.DataFrame, display: pd.Dat
                      photo_sizes: dict, participant: str | None = None) -> ReadResult:
     """Read the documented generic CSV (see the module docstring); ``participant`` overrides the column."""
     path = Path(path)
-    problems = _Problems(path.name)
+    problems = Problems(path.name)
     df = _read_text(path, ",")
     _require(path, df, ["trial", "start_ms", "duration_ms", "x", "y"] + ([] if participant else ["participant"]))
     if "image_id" not in df.columns and "stimulus" not in df.columns:
@@ -321,7 +140,7 @@ def read_generic_csv(path: str | Path, *, stimuli: pd.DataFrame, display: pd.Dat
     cols = {"start_ms": "start_ms", "duration_ms": "duration_ms", "x": "x", "y": "y"}
     optional = tuple(c for c in ("fixation", "photo_px_per_degree") if c in df.columns)
     cols.update({("ppd" if c == "photo_px_per_degree" else c): c for c in optional})
-    num, ok = _parse(df, cols, problems, lines, optional=("ppd",))
+    num, ok = parse_columns(df, cols, problems, lines, optional=("ppd",))
     if "fixation" in num:
         bad = ok & ((num["fixation"] < 0) | (num["fixation"] % 1 != 0))
         problems.add(lines[bad].to_numpy(), ("fixation " + df.loc[bad, "fixation"].map(repr)
@@ -333,11 +152,336 @@ def read_generic_csv(path: str | Path, *, stimuli: pd.DataFrame, display: pd.Dat
                      trial=df["trial"].str.strip(), eye=eye, line=lines,
                      stimulus=df["stimulus"] if "stimulus" in df.columns else "",
                      image_id=df["image_id"] if "image_id" in df.columns else "")
-    return _finish(raw.loc[ok], problems, fmt="generic_csv", stimuli=stimuli, display=display,
+    return fixation_table(raw.loc[ok], problems, fmt="generic_csv", stimuli=stimuli, display=display,
                    photo_sizes=photo_sizes, coords="photo")
 
 
-READERS = {"generic_csv": read_generic_csv}
+# --- EyeLink ASC ---------------------------------------------------------------------------------------------------
+
+_ASC_EVENT = re.compile(rb"^(EFIX|MSG)[ \t]+([^\r\n]*)", re.M)
+_INTEGER = re.compile(r"^[-+]?\d+$")
+
+
+def _number(token: str) -> float:
+    try:
+        return float(token)
+    except ValueError:
+        return float("nan")
+
+
+def _message(text: str) -> tuple[float, str] | None:
+    """``<time> [<offset>] <text>`` of an ASC MSG line as (event time = time − offset, text); None if malformed."""
+    parts = text.split(None, 2)
+    t = _number(parts[0]) if parts else float("nan")
+    if not np.isfinite(t):
+        return None
+    if len(parts) == 3 and _INTEGER.match(parts[1]):
+        return t - float(parts[1]), parts[2].strip()
+    return t, " ".join(parts[1:]).strip()
+
+
+def _imgload(body: str, display_size: tuple | None) -> dict:
+    """Parse the text after ``!V IMGLOAD``; raise ValueError with the reason when it cannot be placed."""
+    tokens = body.split()
+    kind = tokens[0].upper() if tokens else ""
+    rest = tokens[1:]
+    if kind == "FILL":
+        if not rest:
+            raise ValueError("IMGLOAD FILL names no file")
+        if display_size is None:
+            raise ValueError("IMGLOAD FILL without a display size (no DISPLAY_COORDS message, no display table row)")
+        left, top, w, h = display_size
+        return {"file": " ".join(rest), "anchor": "top_left", "ax": left, "ay": top, "w": w, "h": h}
+    if kind in ("CENTER", "TOP_LEFT"):
+        numeric = 0
+        while numeric < len(rest) and np.isfinite(_number(rest[-1 - numeric])):
+            numeric += 1
+        n = 4 if numeric >= 4 and len(rest) >= 5 else 2 if numeric >= 2 and len(rest) >= 3 else 0
+        if not n:
+            raise ValueError(f"IMGLOAD {kind} needs <file> <x> <y> [<width> <height>]")
+        nums = [float(v) for v in rest[-n:]] + [np.nan] * (4 - n)
+        return {"file": " ".join(rest[:-n]), "anchor": kind.lower(), "ax": nums[0], "ay": nums[1], "w": nums[2],
+                "h": nums[3]}
+    raise ValueError(f"IMGLOAD variant {kind!r} is not one the Data Viewer manual documents (FILL, TOP_LEFT, CENTER)")
+
+
+def read_eyelink_asc(path: str | Path, *, stimuli: pd.DataFrame, display: pd.DataFrame | None = None,
+                     photo_sizes: dict, participant: str | None = None, eye: str | None = None) -> ReadResult:
+    """Read EFIX events of an EyeLink ASC file placed by ``!V IMGLOAD`` messages (see the module docstring).
+
+    ``participant`` defaults to the file name's stem; ``eye`` ("L" or "R") keeps one eye of a binocular recording
+    (default: both, each its own fixation).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc}") from None
+    matches = list(_ASC_EVENT.finditer(data))
+    if not matches:
+        raise InputError(f"{path}: no EFIX or MSG lines: not an EDF2ASC file with events")
+    newlines = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
+    lines = np.searchsorted(newlines, [m.start() for m in matches], side="right") + 1
+    problems = Problems(path.name)
+    pid = participant or path.stem
+    stim = StimulusLookup(stimuli)
+    screen = display_row(display, pid)
+    display_size = None if screen is None else (0.0, 0.0, screen["screen_width_px"], screen["screen_height_px"])
+    rows: list[dict] = []
+    trial: dict | None = None
+
+    def close() -> None:
+        nonlocal trial
+        if trial is None:
+            return
+        t0 = trial["sync"] if trial["sync"] is not None else trial["t"]
+        images = trial["images"]
+        times = np.array([img["t"] for img in images])
+        for fix in trial["fixations"]:
+            if not images:
+                problems.add(fix["line"], f"trial {trial['id']!r} (line {trial['line']}) has no !V IMGLOAD message")
+                continue
+            k = max(int(np.searchsorted(times, fix["start"], side="right")) - 1, 0) if len(images) > 1 else 0
+            img = images[k]
+            if "error" in img:
+                problems.add(fix["line"], f"its image cannot be placed: line {img['line']}: {img['error']}")
+                continue
+            name = base_name(img["file"])
+            size = (stim.table.loc[stim.keys[name], ["width", "height"]].to_numpy(np.float64) if name in stim.keys
+                    else (np.nan, np.nan))
+            w = img["w"] if np.isfinite(img["w"]) else float(size[0])
+            h = img["h"] if np.isfinite(img["h"]) else float(size[1])
+            rows.append({"participant": pid, "trial": trial["id"], "stimulus": name, "start_ms": fix["start"] - t0,
+                         "duration_ms": fix["dur"], "x": fix["x"], "y": fix["y"], "eye": fix["eye"],
+                         "line": fix["line"], "anchor": img["anchor"], "ax": img["ax"], "ay": img["ay"],
+                         "shown_w": w, "shown_h": h})
+        trial = None
+
+    for m, line in zip(matches, lines.tolist(), strict=True):
+        text = m.group(2).decode("utf-8", "replace").strip()
+        if m.group(1) == b"MSG":
+            msg = _message(text)
+            if msg is None:
+                problems.add(line, f"MSG line without a time: {text!r}")
+                continue
+            t, body = msg
+            word = body.split(None, 1)[0] if body else ""
+            if word == "TRIALID":
+                close()
+                trial = {"id": body[len("TRIALID"):].strip(), "t": t, "line": line, "sync": None, "images": [],
+                         "fixations": []}
+            elif word == "TRIAL_RESULT":
+                close()
+            elif word == "SYNCTIME" and trial is not None and trial["sync"] is None:
+                trial["sync"] = t
+            elif word == "DISPLAY_COORDS":
+                c = [_number(v) for v in body.split()[1:5]]
+                if len(c) == 4 and np.all(np.isfinite(c)):
+                    display_size = (c[0], c[1], c[2] - c[0] + 1, c[3] - c[1] + 1)
+                else:
+                    problems.add(line, f"malformed DISPLAY_COORDS message: {body!r}")
+            elif body.startswith("!V IMGLOAD") and trial is not None:
+                try:
+                    img = _imgload(body[len("!V IMGLOAD"):], display_size)
+                except ValueError as exc:
+                    img = {"error": str(exc)}
+                    problems.add(line, str(exc))
+                trial["images"].append({**img, "t": t, "line": line})
+            continue
+        tokens = text.split()
+        values = [_number(v) for v in tokens[1:6]]
+        if len(tokens) < 6 or tokens[0] not in ("L", "R") or not np.all(np.isfinite(values)):
+            problems.add(line, f"malformed EFIX event (want EFIX <eye> <start> <end> <duration> <x> <y> <pupil>): "
+                               f"{'EFIX ' + text!r}")
+        elif trial is None:
+            problems.add(line, "EFIX outside a trial (before any TRIALID or after TRIAL_RESULT)")
+        elif eye is None or tokens[0] == eye:
+            trial["fixations"].append({"line": line, "eye": tokens[0], "start": values[0], "dur": values[2],
+                                       "x": values[3], "y": values[4]})
+    close()
+    raw = pd.DataFrame(rows, columns=["participant", "trial", "stimulus", "start_ms", "duration_ms", "x", "y", "eye",
+                                      "line", "anchor", "ax", "ay", "shown_w", "shown_h"])
+    return fixation_table(raw, problems, fmt="eyelink_asc", stimuli=stimuli, display=display, photo_sizes=photo_sizes,
+                   coords="screen")
+
+
+# --- EyeLink Data Viewer fixation report -----------------------------------------------------------------------------
+
+def read_eyelink_dataviewer(path: str | Path, *, stimuli: pd.DataFrame, display: pd.DataFrame | None = None,
+                            photo_sizes: dict, participant: str | None = None,
+                            stimulus_column: str | None = None) -> ReadResult:
+    """Read a Data Viewer fixation report (see the module docstring); the display table must give the image
+    rectangle. ``participant`` overrides RECORDING_SESSION_LABEL; ``stimulus_column`` names the trial variable
+    holding the image file (default: the first of :data:`STIMULUS_COLUMN_NAMES` present, ignoring case)."""
+    path = Path(path)
+    problems = Problems(path.name)
+    df = _read_text(path, "\t")
+    need = ["TRIAL_INDEX", "CURRENT_FIX_X", "CURRENT_FIX_Y", "CURRENT_FIX_START", "CURRENT_FIX_DURATION"]
+    _require(path, df, need + ([] if participant else ["RECORDING_SESSION_LABEL"]))
+    if stimulus_column is None:
+        lower = {c.lower(): c for c in df.columns}
+        stimulus_column = next((lower[n] for n in STIMULUS_COLUMN_NAMES if n in lower), None)
+        if stimulus_column is None:
+            raise InputError(f"{path}: no trial variable naming the image (tried {', '.join(STIMULUS_COLUMN_NAMES)}; "
+                             "name it with the stimulus_column option)")
+    _require(path, df, [stimulus_column])
+    df = df.loc[~_blank(df)]
+    lines = pd.Series(df.index + 2, index=df.index)
+    cols = {"start_ms": "CURRENT_FIX_START", "duration_ms": "CURRENT_FIX_DURATION", "x": "CURRENT_FIX_X",
+            "y": "CURRENT_FIX_Y"}
+    if "CURRENT_FIX_INDEX" in df.columns:
+        cols["fixation"] = "CURRENT_FIX_INDEX"
+    num, ok = parse_columns(df, cols, problems, lines)
+    if "fixation" in num:
+        num["fixation"] -= 1  # Data Viewer counts from 1
+    eye, eye_ok = _eyes(df["EYE_USED"] if "EYE_USED" in df.columns else pd.Series("", index=df.index), lines,
+                        problems)
+    raw = num.assign(participant=participant if participant else df["RECORDING_SESSION_LABEL"].str.strip(),
+                     trial=df["TRIAL_INDEX"].str.strip(), stimulus=df[stimulus_column].map(base_name), eye=eye,
+                     line=lines)
+    return fixation_table(raw.loc[ok & eye_ok], problems, fmt="eyelink_dataviewer", stimuli=stimuli, display=display,
+                   photo_sizes=photo_sizes, coords="screen")
+
+
+# --- Tobii Pro Lab ---------------------------------------------------------------------------------------------------
+
+TOBII_COLUMNS = {"participant": "Participant name", "recording": "Recording name",
+                 "timestamp": "Recording timestamp", "type": "Eye movement type", "index": "Eye movement type index",
+                 "duration": "Gaze event duration", "x": "Fixation point X (MCSnorm)",
+                 "y": "Fixation point Y (MCSnorm)", "media": "Presented Media name",
+                 "stimulus": "Presented Stimulus name", "media_w": "Presented Media width",
+                 "media_h": "Presented Media height"}
+#: milliseconds per unit of a timestamp column
+TIME_UNITS = {"ms": 1.0, "μs": 1e-3, "µs": 1e-3, "us": 1e-3, "s": 1e3}
+_UNIT = re.compile(r"\s*\[([^\]]*)\]\s*$")
+
+
+def _tobii_key(name: str) -> tuple[str, str | None]:
+    """A Pro Lab column name without spacing, case, brackets or a trailing unit; and the unit when there is one.
+
+    >>> _tobii_key("Fixation point X [MCS norm]") == _tobii_key("Fixation point X (MCSnorm)")
+    True
+    >>> _tobii_key("Recording timestamp [μs]")
+    ('recordingtimestamp', 'μs')
+    """
+    unit = None
+    m = _UNIT.search(name)
+    if m and m.group(1).replace(" ", "").lower() in set(TIME_UNITS) | {"px", "mm"}:
+        unit, name = m.group(1).replace(" ", "").lower(), name[:m.start()]
+    return re.sub(r"[^0-9a-z]", "", name.lower()), unit
+
+
+def read_tobii_tsv(path: str | Path, *, stimuli: pd.DataFrame, display: pd.DataFrame | None = None,
+                   photo_sizes: dict, participant: str | None = None,
+                   timestamp_unit: str | None = None) -> ReadResult:
+    """Read a Tobii Pro Lab data export (see the module docstring). ``participant`` overrides Participant name;
+    ``timestamp_unit`` (ms, us, s) overrides the unit of Recording timestamp."""
+    path = Path(path)
+    problems = Problems(path.name)
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as fh:
+            header = fh.readline().rstrip("\r\n").split("\t")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc}") from None
+    found = {}
+    for col in header:
+        key, unit = _tobii_key(col)
+        found.setdefault(key, (col, unit))
+    have = {k: found[_tobii_key(v)[0]] for k, v in TOBII_COLUMNS.items() if _tobii_key(v)[0] in found}
+    need = ["recording", "timestamp", "type", "index", "duration", "x", "y"] + ([] if participant else ["participant"])
+    missing = [TOBII_COLUMNS[k] for k in need if k not in have]
+    if missing or ("media" not in have and "stimulus" not in have):
+        if "media" not in have and "stimulus" not in have:
+            missing.append("Presented Media name or Presented Stimulus name")
+        raise InputError(f"{path}: not a Tobii Pro Lab export with fixations: missing column(s) {', '.join(missing)}")
+    df = _read_text(path, "\t", usecols=[c for c, _ in have.values()])
+    df = df.loc[~_blank(df)]
+    col = {k: c for k, (c, _) in have.items()}
+    lines = pd.Series(df.index + 2, index=df.index)
+    unit = timestamp_unit or have["timestamp"][1]
+    if unit is not None and unit not in TIME_UNITS:
+        raise ConfigError(f"timestamp_unit {unit!r} is not one of {', '.join(TIME_UNITS)}")
+    pid = pd.Series(participant, index=df.index) if participant else df[col["participant"]].str.strip()
+    rec = df[col["recording"]].str.strip()
+    name = df[col["media"]].str.strip() if "media" in col else pd.Series("", index=df.index)
+    if "stimulus" in col:
+        name = name.where(name != "", df[col["stimulus"]].str.strip())
+    # presentations: runs of consecutive rows showing the same stimulus in one recording
+    key = pid + "\x1f" + rec + "\x1f" + name
+    pres = (key != key.shift()).cumsum()
+    ts = numbers(df[col["timestamp"]])
+    pres_start = ts.groupby(pres).transform("first")
+    shown = name != ""
+    firsts = pd.DataFrame({"pid": pid, "rec": rec, "pres": pres})[shown].drop_duplicates("pres")
+    ordinal = (firsts.groupby(["pid", "rec"]).cumcount() + 1).set_axis(firsts["pres"])
+    fix = shown & (df[col["type"]].str.strip().str.lower() == "fixation")
+    index = df[col["index"]].str.strip()
+    group = pid + "\x1f" + rec + "\x1f" + index
+    first = fix & ~(group.where(fix).duplicated() & fix)
+    sub = df.loc[first]
+    parse = {"x": col["x"], "y": col["y"], "duration_ms": col["duration"], "index": col["index"],
+             "timestamp": col["timestamp"]}
+    parse.update({k: col[k] for k in ("media_w", "media_h") if k in col})
+    num, ok = parse_columns(sub, parse, problems, lines[first], optional=("media_w", "media_h"))
+    if unit is None:
+        spans = ts[fix].groupby(group[fix]).agg(lambda s: s.max() - s.min())
+        ratio = (spans / num.set_axis(group[first])["duration_ms"].reindex(spans.index)).replace(np.inf, np.nan)
+        ratio = ratio[spans > 0].median()
+        unit = "us" if not np.isfinite(ratio) or ratio > 30 else "ms"
+        log.info("%s: Recording timestamp has no unit in its header; read as %s", path.name, unit)
+    raw = pd.DataFrame({
+        "participant": pid[first], "trial": rec[first] + "/" + pres[first].map(ordinal).astype(str),
+        "stimulus": name[first], "start_ms": (num["timestamp"] - pres_start[first]) * TIME_UNITS[unit],
+        "duration_ms": num["duration_ms"], "x": num["x"], "y": num["y"], "eye": "", "line": lines[first],
+        "shown_w": num.get("media_w", np.nan), "shown_h": num.get("media_h", np.nan)})
+    return fixation_table(raw.loc[ok], problems, fmt="tobii_tsv", stimuli=stimuli, display=display,
+                   photo_sizes=photo_sizes, coords="norm")
+
+
+# --- Pupil Core surface fixations ------------------------------------------------------------------------------------
+
+def _recording_folder(path: Path) -> str:
+    parts = path.resolve().parts
+    if "exports" in parts:
+        i = len(parts) - 1 - parts[::-1].index("exports")
+        if i > 0:
+            return parts[i - 1]
+    return path.resolve().parent.name
+
+
+def read_pupil_core(path: str | Path, *, stimuli: pd.DataFrame, display: pd.DataFrame | None = None,
+                    photo_sizes: dict, participant: str | None = None, stimulus: str | None = None,
+                    trial: str | None = None, trial_start_s: float = 0.0) -> ReadResult:
+    """Read a Pupil Player ``fixations_on_surface_<surface>.csv`` (see the module docstring). ``stimulus`` and
+    ``trial`` default to the surface name, ``participant`` to the recording folder; ``trial_start_s`` (Pupil time,
+    seconds) is subtracted from the start times."""
+    path = Path(path)
+    problems = Problems(path.name)
+    df = _read_text(path, ",")
+    _require(path, df, ["fixation_id", "start_timestamp", "duration", "norm_pos_x", "norm_pos_y", "on_surf"])
+    surface = path.stem.removeprefix("fixations_on_surface_")
+    df = df.loc[~_blank(df)]
+    lines = pd.Series(df.index + 2, index=df.index)
+    on = df["on_surf"].str.strip().str.lower().map({"true": True, "false": False, "1": True, "0": False})
+    num, ok = parse_columns(df, {"id": "fixation_id", "start": "start_timestamp", "duration_ms": "duration",
+                          "nx": "norm_pos_x", "ny": "norm_pos_y"}, problems, lines)
+    bad = ok & on.isna()
+    problems.add(lines[bad].to_numpy(), ("on_surf " + df.loc[bad, "on_surf"].map(repr) + " is not True or False"))
+    keep = ok & (on == True)  # noqa: E712 (a column of objects)
+    g = num.loc[keep].assign(line=lines[keep]).groupby("id", sort=False)
+    fix = g.agg(start=("start", "first"), duration_ms=("duration_ms", "first"), nx=("nx", "mean"),
+                ny=("ny", "mean"), line=("line", "first"))
+    raw = pd.DataFrame({"participant": participant or _recording_folder(path), "trial": trial or surface,
+                        "stimulus": stimulus or surface, "start_ms": (fix["start"] - trial_start_s) * 1e3,
+                        "duration_ms": fix["duration_ms"], "x": fix["nx"], "y": 1.0 - fix["ny"], "eye": "",
+                        "line": fix["line"]}).reset_index(drop=True)
+    return fixation_table(raw, problems, fmt="pupil_core", stimuli=stimuli, display=display, photo_sizes=photo_sizes,
+                   coords="norm")
+
+
+READERS = {"generic_csv": read_generic_csv, "eyelink_asc": read_eyelink_asc,
+           "eyelink_dataviewer": read_eyelink_dataviewer, "tobii_tsv": read_tobii_tsv,
+           "pupil_core": read_pupil_core}
 
 
 def read_fixations(path: str | Path, fmt: str, *, stimuli, display=None, photo_sizes: dict,
@@ -351,8 +495,8 @@ def read_fixations(path: str | Path, fmt: str, *, stimuli, display=None, photo_s
     if fmt not in READERS:
         raise ConfigError(f"unknown fixation format {fmt!r}; known: {', '.join(READERS)}")
     reader = READERS[fmt]
-    stimuli = _as_table(stimuli, read_stimuli)
-    display = _as_table(display, read_display)
+    stimuli = as_table(stimuli, read_stimuli)
+    display = as_table(display, read_display)
     import inspect
 
     allowed = [p for p, v in inspect.signature(reader).parameters.items() if v.kind is v.KEYWORD_ONLY]
