@@ -315,3 +315,35 @@ def test_pupil_core_broken(tables):
         ("P09", "t1", "face_b_crop.jpg", "img_b", 2, 5204.3400 * 1e3, 95.0, 120.0, 275.0, PPD_ALL * SCALE_B, "", 9),
     ], "pupil_core", "fixations_on_surface_face_b_crop_broken.csv")
     assert_frame_equal(result.fixations, want, rtol=1e-12)
+
+
+def test_files_that_are_not_the_format_raise(tmp_path, tables):
+    stimuli, display = tables
+    garbage = tmp_path / "P07.asc"
+    garbage.write_bytes(b"\x00\x01 this is not an EyeLink file\n")
+    with pytest.raises(InputError, match="P07.asc.*no EFIX or MSG lines"):
+        read_fixations(garbage, "eyelink_asc", stimuli=stimuli, photo_sizes=PHOTO_SIZES)
+    with pytest.raises(InputError, match="generic.csv.*Eye movement type"):
+        read_fixations(DATA / "generic.csv", "tobii_tsv", stimuli=stimuli, photo_sizes=PHOTO_SIZES)
+    with pytest.raises(InputError, match="generic.csv.*CURRENT_FIX_X"):
+        read_fixations(DATA / "generic.csv", "eyelink_dataviewer", stimuli=stimuli, photo_sizes=PHOTO_SIZES)
+    with pytest.raises(InputError, match="missing column.*nope"):
+        read_fixations(DATA / "dataviewer_fixations.txt", "eyelink_dataviewer", stimuli=stimuli, display=display,
+                       photo_sizes=PHOTO_SIZES, stimulus_column="nope")
+    unnamed = tmp_path / "report.txt"
+    unnamed.write_text((DATA / "dataviewer_fixations.txt").read_text().replace("\timage\t", "\tphoto_file\t", 1))
+    with pytest.raises(InputError, match="report.txt: no trial variable naming the image"):
+        read_fixations(unnamed, "eyelink_dataviewer", stimuli=stimuli, display=display, photo_sizes=PHOTO_SIZES)
+    with pytest.raises(InputError, match="fixations_on_surface_face_a.csv.*on_surf"):
+        bad = tmp_path / "fixations_on_surface_face_a.csv"
+        bad.write_text("fixation_id,start_timestamp,duration,norm_pos_x,norm_pos_y\n1,2,3,0.5,0.5\n")
+        read_fixations(bad, "pupil_core", stimuli=stimuli, photo_sizes=PHOTO_SIZES)
+
+
+def test_tobii_timestamp_unit_from_header(tmp_path, tables):
+    text = (DATA / "tobii_prolab.tsv").read_text().replace("Recording timestamp\t", "Recording timestamp [ms]\t", 1)
+    path = tmp_path / "tobii_ms.tsv"
+    path.write_text(text)
+    stimuli, display = tables
+    result = read_fixations(path, "tobii_tsv", stimuli=stimuli, display=display, photo_sizes=PHOTO_SIZES)
+    assert result.fixations["start_ms"].tolist() == [8333.0, 50000.0, 75000.0, 8333.0]

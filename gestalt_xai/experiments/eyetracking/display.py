@@ -79,18 +79,28 @@ def numbers(values: pd.Series) -> pd.Series:
     return pd.to_numeric(text, errors="coerce").astype(np.float64)
 
 
-def read_table(path: str | Path, required: list[str], sep: str = ",") -> pd.DataFrame:
-    """Read a small configuration table as text; an unreadable file or a missing column raises :class:`InputError`."""
+def read_table(path: str | Path, required: list[str] | tuple[str, ...] = (), sep: str = ",",
+               usecols: list[str] | None = None) -> pd.DataFrame:
+    """Read a delimited table as text cells, without its blank lines; row ``i`` of the index sits on line ``i + 2``.
+
+    A file that cannot be read or lacks a ``required`` column raises :class:`InputError` naming it.
+    """
     path = Path(path)
     try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=False,
+                         encoding="utf-8-sig", usecols=usecols)
     except (OSError, ValueError, OverflowError) as exc:  # ParserError, EmptyDataError, UnicodeDecodeError
-        raise InputError(f"{path}: cannot read table: {exc}") from None
+        raise InputError(f"{path}: cannot read: {exc}") from None
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(df.columns)})")
-    return df
+    blank = (df.apply(lambda c: c.str.strip()) == "").all(axis=1)
+    return df.loc[~blank]
+
+
+def _first_line(df: pd.DataFrame, mask: pd.Series) -> int:
+    return int(mask[mask].index[0]) + 2
 
 
 def _positive_numbers(path: Path, df: pd.DataFrame, columns: list[str], key: str, allow_missing: bool = False,
@@ -101,8 +111,8 @@ def _positive_numbers(path: Path, df: pd.DataFrame, columns: list[str], key: str
         bad = values.isna() & ~(blank & allow_missing)
         bad |= values.notna() & ((values < 0) if allow_zero else (values <= 0))
         if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise InputError(f"{path}: line {i + 2} ({key} {df[key].iloc[i]!r}): {col} = {df[col].iloc[i]!r} is not "
+            i = bad[bad].index[0]
+            raise InputError(f"{path}: line {i + 2} ({key} {df.at[i, key]!r}): {col} = {df.at[i, col]!r} is not "
                              f"a {'non-negative' if allow_zero else 'positive'} number")
         df[col] = values
 
@@ -118,8 +128,8 @@ def read_stimuli(path: str | Path) -> pd.DataFrame:
     df["stimulus"] = df["stimulus"].map(base_name)
     df["image_id"] = df["image_id"].astype(str).str.strip()
     if (df["stimulus"] == "").any() or (df["image_id"] == "").any():
-        i = int(np.flatnonzero(((df["stimulus"] == "") | (df["image_id"] == "")).to_numpy())[0])
-        raise InputError(f"{path}: line {i + 2}: empty stimulus or image_id")
+        line = _first_line(df, (df["stimulus"] == "") | (df["image_id"] == ""))
+        raise InputError(f"{path}: line {line}: empty stimulus or image_id")
     repeated = sorted(set(df.loc[df["stimulus"].duplicated(), "stimulus"]))
     if repeated:
         raise InputError(f"{path}: stimulus name(s) {', '.join(map(repr, repeated[:5]))} listed more than once")
@@ -131,8 +141,8 @@ def read_stimuli(path: str | Path) -> pd.DataFrame:
         blank = df[CROP_COLUMNS].apply(lambda c: c.astype(str).str.strip() == "")
         partial = blank.any(axis=1) & ~blank.all(axis=1)
         if partial.any():
-            i = int(np.flatnonzero(partial.to_numpy())[0])
-            raise InputError(f"{path}: line {i + 2}: crop box given in part (all four crop_* values or none)")
+            line = _first_line(df, partial)
+            raise InputError(f"{path}: line {line}: crop box given in part (all four crop_* values or none)")
         _positive_numbers(path, df, ["crop_left", "crop_top"], "stimulus", allow_missing=True, allow_zero=True)
         _positive_numbers(path, df, ["crop_width", "crop_height"], "stimulus", allow_missing=True)
     else:

@@ -18,7 +18,7 @@ Formats
     cohort photo, origin top-left) and optional ``fixation`` (0-based index in the trial), ``eye`` (L, R, B) and
     ``photo_px_per_degree``. Without ``stimulus`` the photo itself counts as the stimulus shown.
 ``eyelink_asc`` (:func:`read_eyelink_asc`)
-    SR Research EDF2ASC output (EyeLink 1000 Plus User Manual, "Data file" chapter: ``EFIX <eye> <start> <end>
+    SR Research EDF2ASC output (EyeLink 1000 Plus User Manual, chapter "Data Files": ``EFIX <eye> <start> <end>
     <dur> <x> <y> <pupil>`` end-of-fixation events in screen pixels, ``.`` for missing values; ``MSG <time>
     [<offset>] <text>`` messages whose event time is ``time − offset``). Trials run from ``MSG TRIALID <id>`` to
     ``TRIAL_RESULT`` (or the next TRIALID); ``start_ms`` counts from the trial's ``SYNCTIME`` message, else its
@@ -47,16 +47,19 @@ Formats
     the k-th presentation of the recording.
 ``pupil_core`` (:func:`read_pupil_core`)
     A Pupil Player surface-tracker export ``fixations_on_surface_<surface>.csv`` (Pupil Core documentation, "Surface
-    Tracker → Export"; columns ``fixation_id, start_timestamp`` (s), ``duration`` (ms), ``norm_pos_x, norm_pos_y,
-    on_surf``). A fixation is written once per world frame: rows with ``on_surf`` True are averaged per
-    ``fixation_id``. Surface coordinates have their origin bottom-left, so ``y = (1 − norm_pos_y)·H``; the surface
-    must be defined on the image's corners. Stimulus and trial are the surface name unless the options ``stimulus``
-    and ``trial`` say otherwise; the participant is the option, else the recording folder (the one holding
-    ``exports``). ``start_ms`` is on the recording clock less ``trial_start_s``.
+    Tracker → Export"; written by ``_export_fixations_on_surface`` in pupil-labs/pupil
+    ``pupil_src/shared_modules/surface_tracker/background_tasks.py``: columns ``fixation_id, start_timestamp`` (s),
+    ``duration`` (ms), ``norm_pos_x, norm_pos_y, on_surf``). A fixation is written once per world frame: its rows
+    with ``on_surf`` True are averaged (the surface moves in the world camera between frames), the others dropped.
+    Surface coordinates have their origin bottom-left, so ``y = (1 − norm_pos_y)·H``; the surface must be defined
+    on the image's corners. Stimulus and trial are the surface name unless the options ``stimulus`` and ``trial``
+    say otherwise; the participant is the option, else the recording folder (the one holding ``exports``).
+    ``start_ms`` is on the recording clock less ``trial_start_s``.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from pathlib import Path
@@ -81,6 +84,7 @@ from gestalt_xai.experiments.eyetracking.display import (
     pixels_per_degree,
     read_display,
     read_stimuli,
+    read_table,
     stimulus_to_photo_matrix,
 )
 
@@ -94,27 +98,6 @@ log = logging.getLogger(__name__)
 #: trial variables tried, in this order and ignoring case, for the image of a Data Viewer fixation report
 STIMULUS_COLUMN_NAMES = ["stimulus", "image", "image_file", "imagefile", "img", "picture", "stim", "trial_image"]
 EYES = {"L": "L", "LEFT": "L", "R": "R", "RIGHT": "R", "B": "B", "BOTH": "B", "BINOCULAR": "B", "": ""}
-
-
-def _read_text(path: Path, sep: str, header: int = 0, usecols=None) -> pd.DataFrame:
-    """Read a delimited export as text cells (blank lines kept, so row i sits on line ``header + i + 2``)."""
-    try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=False,
-                         encoding="utf-8-sig", header=header, usecols=usecols, quoting=0)
-    except (OSError, ValueError, OverflowError) as exc:
-        raise InputError(f"{path}: cannot read: {exc}") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    return df
-
-
-def _require(path: Path, df: pd.DataFrame, columns: list[str]) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(df.columns)})")
-
-
-def _blank(df: pd.DataFrame) -> pd.Series:
-    return (df.astype(str).apply(lambda c: c.str.strip()) == "").all(axis=1)
 
 
 def _eyes(values: pd.Series, lines: pd.Series, problems: Problems) -> tuple[pd.Series, pd.Series]:
@@ -131,11 +114,9 @@ def read_generic_csv(path: str | Path, *, stimuli: pd.DataFrame, display: pd.Dat
     """Read the documented generic CSV (see the module docstring); ``participant`` overrides the column."""
     path = Path(path)
     problems = Problems(path.name)
-    df = _read_text(path, ",")
-    _require(path, df, ["trial", "start_ms", "duration_ms", "x", "y"] + ([] if participant else ["participant"]))
+    df = read_table(path, ["trial", "start_ms", "duration_ms", "x", "y"] + ([] if participant else ["participant"]))
     if "image_id" not in df.columns and "stimulus" not in df.columns:
         raise InputError(f"{path}: needs an image_id or a stimulus column (has {', '.join(df.columns)})")
-    df = df.loc[~_blank(df)]
     lines = pd.Series(df.index + 2, index=df.index)
     cols = {"start_ms": "start_ms", "duration_ms": "duration_ms", "x": "x", "y": "y"}
     optional = tuple(c for c in ("fixation", "photo_px_per_degree") if c in df.columns)
@@ -153,7 +134,7 @@ def read_generic_csv(path: str | Path, *, stimuli: pd.DataFrame, display: pd.Dat
                      stimulus=df["stimulus"] if "stimulus" in df.columns else "",
                      image_id=df["image_id"] if "image_id" in df.columns else "")
     return fixation_table(raw.loc[ok], problems, fmt="generic_csv", stimuli=stimuli, display=display,
-                   photo_sizes=photo_sizes, coords="photo")
+                          photo_sizes=photo_sizes, coords="photo")
 
 
 # --- EyeLink ASC ---------------------------------------------------------------------------------------------------
@@ -212,6 +193,8 @@ def read_eyelink_asc(path: str | Path, *, stimuli: pd.DataFrame, display: pd.Dat
     ``participant`` defaults to the file name's stem; ``eye`` ("L" or "R") keeps one eye of a binocular recording
     (default: both, each its own fixation).
     """
+    if eye not in (None, "L", "R"):
+        raise ConfigError(f"eye must be 'L', 'R' or None (both), not {eye!r}")
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -225,6 +208,7 @@ def read_eyelink_asc(path: str | Path, *, stimuli: pd.DataFrame, display: pd.Dat
     problems = Problems(path.name)
     pid = participant or path.stem
     stim = StimulusLookup(stimuli)
+    sizes = dict(zip(stim.table.index, zip(stim.table["width"], stim.table["height"], strict=True), strict=True))
     screen = display_row(display, pid)
     display_size = None if screen is None else (0.0, 0.0, screen["screen_width_px"], screen["screen_height_px"])
     rows: list[dict] = []
@@ -235,7 +219,7 @@ def read_eyelink_asc(path: str | Path, *, stimuli: pd.DataFrame, display: pd.Dat
         if trial is None:
             return
         t0 = trial["sync"] if trial["sync"] is not None else trial["t"]
-        images = trial["images"]
+        images = sorted(trial["images"], key=lambda img: img["t"])  # offsets may reorder the messages
         times = np.array([img["t"] for img in images])
         for fix in trial["fixations"]:
             if not images:
@@ -247,8 +231,7 @@ def read_eyelink_asc(path: str | Path, *, stimuli: pd.DataFrame, display: pd.Dat
                 problems.add(fix["line"], f"its image cannot be placed: line {img['line']}: {img['error']}")
                 continue
             name = base_name(img["file"])
-            size = (stim.table.loc[stim.keys[name], ["width", "height"]].to_numpy(np.float64) if name in stim.keys
-                    else (np.nan, np.nan))
+            size = sizes.get(stim.keys.get(name), (np.nan, np.nan))
             w = img["w"] if np.isfinite(img["w"]) else float(size[0])
             h = img["h"] if np.isfinite(img["h"]) else float(size[1])
             rows.append({"participant": pid, "trial": trial["id"], "stimulus": name, "start_ms": fix["start"] - t0,
@@ -301,8 +284,8 @@ def read_eyelink_asc(path: str | Path, *, stimuli: pd.DataFrame, display: pd.Dat
     close()
     raw = pd.DataFrame(rows, columns=["participant", "trial", "stimulus", "start_ms", "duration_ms", "x", "y", "eye",
                                       "line", "anchor", "ax", "ay", "shown_w", "shown_h"])
-    return fixation_table(raw, problems, fmt="eyelink_asc", stimuli=stimuli, display=display, photo_sizes=photo_sizes,
-                   coords="screen")
+    return fixation_table(raw, problems, fmt="eyelink_asc", stimuli=stimuli, display=display,
+                          photo_sizes=photo_sizes, coords="screen")
 
 
 # --- EyeLink Data Viewer fixation report -----------------------------------------------------------------------------
@@ -315,17 +298,16 @@ def read_eyelink_dataviewer(path: str | Path, *, stimuli: pd.DataFrame, display:
     holding the image file (default: the first of :data:`STIMULUS_COLUMN_NAMES` present, ignoring case)."""
     path = Path(path)
     problems = Problems(path.name)
-    df = _read_text(path, "\t")
     need = ["TRIAL_INDEX", "CURRENT_FIX_X", "CURRENT_FIX_Y", "CURRENT_FIX_START", "CURRENT_FIX_DURATION"]
-    _require(path, df, need + ([] if participant else ["RECORDING_SESSION_LABEL"]))
+    df = read_table(path, need + ([] if participant else ["RECORDING_SESSION_LABEL"]), sep="\t")
     if stimulus_column is None:
         lower = {c.lower(): c for c in df.columns}
         stimulus_column = next((lower[n] for n in STIMULUS_COLUMN_NAMES if n in lower), None)
         if stimulus_column is None:
             raise InputError(f"{path}: no trial variable naming the image (tried {', '.join(STIMULUS_COLUMN_NAMES)}; "
                              "name it with the stimulus_column option)")
-    _require(path, df, [stimulus_column])
-    df = df.loc[~_blank(df)]
+    if stimulus_column not in df.columns:
+        raise InputError(f"{path}: missing column {stimulus_column} (the stimulus_column option)")
     lines = pd.Series(df.index + 2, index=df.index)
     cols = {"start_ms": "CURRENT_FIX_START", "duration_ms": "CURRENT_FIX_DURATION", "x": "CURRENT_FIX_X",
             "y": "CURRENT_FIX_Y"}
@@ -339,8 +321,8 @@ def read_eyelink_dataviewer(path: str | Path, *, stimuli: pd.DataFrame, display:
     raw = num.assign(participant=participant if participant else df["RECORDING_SESSION_LABEL"].str.strip(),
                      trial=df["TRIAL_INDEX"].str.strip(), stimulus=df[stimulus_column].map(base_name), eye=eye,
                      line=lines)
-    return fixation_table(raw.loc[ok & eye_ok], problems, fmt="eyelink_dataviewer", stimuli=stimuli, display=display,
-                   photo_sizes=photo_sizes, coords="screen")
+    return fixation_table(raw.loc[ok & eye_ok], problems, fmt="eyelink_dataviewer", stimuli=stimuli,
+                          display=display, photo_sizes=photo_sizes, coords="screen")
 
 
 # --- Tobii Pro Lab ---------------------------------------------------------------------------------------------------
@@ -394,8 +376,7 @@ def read_tobii_tsv(path: str | Path, *, stimuli: pd.DataFrame, display: pd.DataF
         if "media" not in have and "stimulus" not in have:
             missing.append("Presented Media name or Presented Stimulus name")
         raise InputError(f"{path}: not a Tobii Pro Lab export with fixations: missing column(s) {', '.join(missing)}")
-    df = _read_text(path, "\t", usecols=[c for c, _ in have.values()])
-    df = df.loc[~_blank(df)]
+    df = read_table(path, sep="\t", usecols=[c for c, _ in have.values()])
     col = {k: c for k, (c, _) in have.items()}
     lines = pd.Series(df.index + 2, index=df.index)
     unit = timestamp_unit or have["timestamp"][1]
@@ -417,14 +398,15 @@ def read_tobii_tsv(path: str | Path, *, stimuli: pd.DataFrame, display: pd.DataF
     fix = shown & (df[col["type"]].str.strip().str.lower() == "fixation")
     index = df[col["index"]].str.strip()
     group = pid + "\x1f" + rec + "\x1f" + index
-    first = fix & ~(group.where(fix).duplicated() & fix)
+    first = fix & ~group.where(fix).duplicated()  # the index counts each movement type apart: fixations only
     sub = df.loc[first]
     parse = {"x": col["x"], "y": col["y"], "duration_ms": col["duration"], "index": col["index"],
              "timestamp": col["timestamp"]}
     parse.update({k: col[k] for k in ("media_w", "media_h") if k in col})
     num, ok = parse_columns(sub, parse, problems, lines[first], optional=("media_w", "media_h"))
     if unit is None:
-        spans = ts[fix].groupby(group[fix]).agg(lambda s: s.max() - s.min())
+        samples = ts[fix].groupby(group[fix])
+        spans = samples.max() - samples.min()
         ratio = (spans / num.set_axis(group[first])["duration_ms"].reindex(spans.index)).replace(np.inf, np.nan)
         ratio = ratio[spans > 0].median()
         unit = "us" if not np.isfinite(ratio) or ratio > 30 else "ms"
@@ -435,7 +417,7 @@ def read_tobii_tsv(path: str | Path, *, stimuli: pd.DataFrame, display: pd.DataF
         "duration_ms": num["duration_ms"], "x": num["x"], "y": num["y"], "eye": "", "line": lines[first],
         "shown_w": num.get("media_w", np.nan), "shown_h": num.get("media_h", np.nan)})
     return fixation_table(raw.loc[ok], problems, fmt="tobii_tsv", stimuli=stimuli, display=display,
-                   photo_sizes=photo_sizes, coords="norm")
+                          photo_sizes=photo_sizes, coords="norm")
 
 
 # --- Pupil Core surface fixations ------------------------------------------------------------------------------------
@@ -457,17 +439,15 @@ def read_pupil_core(path: str | Path, *, stimuli: pd.DataFrame, display: pd.Data
     seconds) is subtracted from the start times."""
     path = Path(path)
     problems = Problems(path.name)
-    df = _read_text(path, ",")
-    _require(path, df, ["fixation_id", "start_timestamp", "duration", "norm_pos_x", "norm_pos_y", "on_surf"])
+    df = read_table(path, ["fixation_id", "start_timestamp", "duration", "norm_pos_x", "norm_pos_y", "on_surf"])
     surface = path.stem.removeprefix("fixations_on_surface_")
-    df = df.loc[~_blank(df)]
     lines = pd.Series(df.index + 2, index=df.index)
     on = df["on_surf"].str.strip().str.lower().map({"true": True, "false": False, "1": True, "0": False})
     num, ok = parse_columns(df, {"id": "fixation_id", "start": "start_timestamp", "duration_ms": "duration",
-                          "nx": "norm_pos_x", "ny": "norm_pos_y"}, problems, lines)
+                                 "nx": "norm_pos_x", "ny": "norm_pos_y"}, problems, lines)
     bad = ok & on.isna()
     problems.add(lines[bad].to_numpy(), ("on_surf " + df.loc[bad, "on_surf"].map(repr) + " is not True or False"))
-    keep = ok & (on == True)  # noqa: E712 (a column of objects)
+    keep = ok & on.eq(True)
     g = num.loc[keep].assign(line=lines[keep]).groupby("id", sort=False)
     fix = g.agg(start=("start", "first"), duration_ms=("duration_ms", "first"), nx=("nx", "mean"),
                 ny=("ny", "mean"), line=("line", "first"))
@@ -475,8 +455,8 @@ def read_pupil_core(path: str | Path, *, stimuli: pd.DataFrame, display: pd.Data
                         "stimulus": stimulus or surface, "start_ms": (fix["start"] - trial_start_s) * 1e3,
                         "duration_ms": fix["duration_ms"], "x": fix["nx"], "y": 1.0 - fix["ny"], "eye": "",
                         "line": fix["line"]}).reset_index(drop=True)
-    return fixation_table(raw, problems, fmt="pupil_core", stimuli=stimuli, display=display, photo_sizes=photo_sizes,
-                   coords="norm")
+    return fixation_table(raw, problems, fmt="pupil_core", stimuli=stimuli, display=display,
+                          photo_sizes=photo_sizes, coords="norm")
 
 
 READERS = {"generic_csv": read_generic_csv, "eyelink_asc": read_eyelink_asc,
@@ -497,8 +477,6 @@ def read_fixations(path: str | Path, fmt: str, *, stimuli, display=None, photo_s
     reader = READERS[fmt]
     stimuli = as_table(stimuli, read_stimuli)
     display = as_table(display, read_display)
-    import inspect
-
     allowed = [p for p, v in inspect.signature(reader).parameters.items() if v.kind is v.KEYWORD_ONLY]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
