@@ -72,7 +72,7 @@ import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from gestalt_xai.config import StageConfig
-from gestalt_xai.data.synthetic.truth import load_masks, load_truth
+from gestalt_xai.data.synthetic.truth import TruthTables, load_masks, load_truth
 from gestalt_xai.errors import ConfigError, InputError
 from gestalt_xai.runs import Run, atomic_write_text, write_parquet
 
@@ -167,7 +167,6 @@ class _Photos:
 
     ids: list[str]
     syndromes: list[str]
-    size: np.ndarray  # (n, 2) width, height
     box: np.ndarray  # (n, 3) left, top, side of the square stimulus box
     ppd: np.ndarray  # (n,) photo pixels per degree
     centre: np.ndarray  # (n, R, 2)
@@ -205,9 +204,7 @@ def _region_geometry(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return centre, spread
 
 
-def _select_images(run: Run, cfg: SimulationConfig) -> pd.DataFrame:
-    table = run.image_table()
-    table = table.assign(image_id=table["image_id"].astype(str), syndrome_id=table["syndrome_id"].astype(str))
+def _select_images(run: Run, table: pd.DataFrame, truth: TruthTables, cfg: SimulationConfig) -> pd.DataFrame:
     if cfg.images is not None:
         ids = [str(i) for i in cfg.images]
         missing = sorted(set(ids) - set(table["image_id"]))
@@ -216,7 +213,6 @@ def _select_images(run: Run, cfg: SimulationConfig) -> pd.DataFrame:
         if len(set(ids)) != len(ids):
             raise ConfigError("simulate: images lists an image twice")
         return table.set_index("image_id").loc[ids].reset_index()
-    truth = load_truth(run.path)
     controls = set(truth.images.loc[truth.images["is_control"].astype(bool), "image_id"].astype(str))
     pool = table[~table["undiagnosed"] & table["aligned"]]
     pool = pool[pool["test"]] if pool["test"].any() else pool
@@ -232,8 +228,7 @@ def _select_images(run: Run, cfg: SimulationConfig) -> pd.DataFrame:
     return table.set_index("image_id").loc[picked].reset_index()
 
 
-def _photos(run: Run, shown: pd.DataFrame, cfg: SimulationConfig) -> _Photos:
-    truth = load_truth(run.path)
+def _photos(truth: TruthTables, shown: pd.DataFrame, cfg: SimulationConfig) -> _Photos:
     rows = truth.images.assign(image_id=truth.images["image_id"].astype(str)).set_index("image_id")
     feats = truth.features.assign(image_id=truth.features["image_id"].astype(str))
     ids = list(shown["image_id"])
@@ -252,11 +247,8 @@ def _photos(run: Run, shown: pd.DataFrame, cfg: SimulationConfig) -> _Photos:
                                                 "feature"]) if masks[f].any()]
         features.append(visible)
         pixels.append([np.argwhere(masks[f])[:, ::-1].astype(np.float64) for f in visible])
-        u = np.zeros_like(masks["face"])
-        for f in visible:
-            u |= masks[f]
-        union.append(u)
-    return _Photos(ids, list(shown["syndrome_id"].astype(str)), size, box, ppd,
+        union.append(np.logical_or.reduce([masks[f] for f in visible] + [np.zeros_like(masks["face"])]))
+    return _Photos(ids, list(rows.loc[ids, "syndrome_id"].astype(str)), box, ppd,
                    np.stack([g[0] for g in geo]), np.stack([g[1] for g in geo]), features, pixels, union)
 
 
@@ -283,11 +275,7 @@ def _observers(cfg: SimulationConfig, rng: np.random.Generator) -> _Observers:
     group = [labels[i] for i in rng.permutation(n)]
     ids = [f"sim{k + 1:02d}" for k in range(n)]
     # half of each group (the first, third, … in id order) recorded with EyeLink, the other half with Tobii
-    rank = {g: 0 for g in cfg.observers}
-    fmt = []
-    for g in group:
-        fmt.append("eyelink_asc" if rank[g] % 2 == 0 else "tobii_tsv")
-        rank[g] += 1
+    fmt = ["eyelink_asc" if group[:k].count(g) % 2 == 0 else "tobii_tsv" for k, g in enumerate(group)]
     prior = np.array([REGION_PRIOR[r] for r in _REGIONS])
     weights = rng.dirichlet(cfg.habit_concentration * prior / prior.sum(), size=n)
     offset = rng.normal(0.0, cfg.centre_offset_deg, (n, 2))
@@ -310,11 +298,9 @@ def _draw_fixations(photos: _Photos, obs: _Observers, cfg: SimulationConfig,
     """Every fixation of every trial in photo pixels, with its drawn duration and the saccade after it (ms)."""
     n_obs, n_img = len(obs.ids), len(photos.ids)
     order = np.stack([rng.permutation(n_img) for _ in range(n_obs)])  # (obs, presentation) → photo
-    t_obs = np.repeat(np.arange(n_obs), n_img)
-    t_img = order.ravel()
+    t_obs, t_img = np.repeat(np.arange(n_obs), n_img), order.ravel()
     n_fix = np.maximum(2, 1 + rng.poisson(np.maximum(obs.rate[t_obs] - 1, 0.0)))
-    o = np.repeat(t_obs, n_fix)
-    i = np.repeat(t_img, n_fix)
+    o, i = np.repeat(t_obs, n_fix), np.repeat(t_img, n_fix)
     trial = np.repeat(np.arange(len(t_obs)), n_fix)
     k = np.arange(len(o)) - np.repeat(np.cumsum(n_fix) - n_fix, n_fix)
     u_kind, u_region, u_feat, u_pix = (rng.random(len(o)) for _ in range(4))
@@ -353,14 +339,10 @@ def _draw_fixations(photos: _Photos, obs: _Observers, cfg: SimulationConfig,
 def _on_features(fix: pd.DataFrame, photos: _Photos) -> np.ndarray:
     """Whether each fixation lies inside a visible planted feature's mask of its photo."""
     out = np.zeros(len(fix), bool)
-    for img, rows in fix.groupby("img").groups.items():
-        mask = photos.feature_union[int(img)]
-        x = np.rint(fix.loc[rows, "x"].to_numpy()).astype(int)
-        y = np.rint(fix.loc[rows, "y"].to_numpy()).astype(int)
-        ok = (x >= 0) & (y >= 0) & (x < mask.shape[1]) & (y < mask.shape[0])
-        hit = np.zeros(len(x), bool)
-        hit[ok] = mask[y[ok], x[ok]]
-        out[fix.index.get_indexer(rows)] = hit
+    x, y, img = np.rint(fix["x"]).astype(int).to_numpy(), np.rint(fix["y"]).astype(int).to_numpy(), fix["img"]
+    for i, mask in enumerate(photos.feature_union):
+        at = np.flatnonzero((img == i).to_numpy() & (x >= 0) & (y >= 0) & (x < mask.shape[1]) & (y < mask.shape[0]))
+        out[at] = mask[y[at], x[at]]
     return out
 
 
@@ -374,11 +356,9 @@ def _answers(fix: pd.DataFrame, photos: _Photos, obs: _Observers, choices: list[
     logit = np.log(acc / (1 - acc)) + cfg.answer_feature_gain * (share["f"].to_numpy() - f_mean)
     right = rng.random(len(share)) < 1 / (1 + np.exp(-logit))
     wrong = rng.integers(0, max(len(choices) - 1, 1), len(share))
-    answer = []
-    for r, w, img in zip(right, wrong, share["img"], strict=True):
-        truth = photos.syndromes[img]
-        others = [c for c in choices if c != truth]
-        answer.append(truth if r or not others else others[w % len(others)])
+    others = [[c for c in choices if c != photos.syndromes[img]] for img in share["img"]]
+    answer = [photos.syndromes[img] if r or not other else other[w % len(other)]
+              for r, w, img, other in zip(right, wrong, share["img"], others, strict=True)]
     return pd.DataFrame({"participant": np.array(obs.ids)[share["obs"]],
                          "trial": (share["presentation"] + 1).astype(str).to_numpy(),
                          "image_id": [photos.ids[j] for j in share["img"]],
@@ -424,7 +404,6 @@ def _write_asc(path: Path, p: int, fix: pd.DataFrame, photos: _Photos, obs: _Obs
     ppd = cfg.screen_px_per_degree()
     scr = _screen_xy(fix, photos, cfg)
     start = _within_trial_start(fix["dur"].to_numpy(), fix["saccade_ms"].to_numpy(), fix["trial_row"].to_numpy())
-    pupil = fix["pupil"].to_numpy()
     lines = [f"** {SIMULATED_NOTE} (seed {cfg.seed}), in the layout EDF2ASC writes for an events-only ASC file",
              "** DATE: none (simulated)", "** TYPE: EDF_FILE BINARY EVENT TAGGED", "** VERSION: EYELINK II 1",
              "** SOURCE: EYELINK CL", "** RECORDED BY gestalt-xai simulate", "**", ""]
@@ -447,7 +426,7 @@ def _write_asc(path: Path, p: int, fix: pd.DataFrame, photos: _Photos, obs: _Obs
             d = int(fix["dur"].iat[a])
             e = s + d - 1
             x, y = scr[a]
-            lines += [f"SFIX {eye}   {s}", f"EFIX {eye}   {s}\t{e}\t{d}\t{x:7.1f}\t{y:7.1f}\t{pupil[a]:7d}"]
+            lines += [f"SFIX {eye}   {s}", f"EFIX {eye}   {s}\t{e}\t{d}\t{x:7.1f}\t{y:7.1f}\t{fix['pupil'].iat[a]:7d}"]
             efix_line[a] = len(lines)
             if n + 1 < len(at):
                 g = int(fix["saccade_ms"].iat[a])
@@ -558,11 +537,12 @@ def simulate_study(run: Run | str | Path, out_dir: str | Path, cfg: SimulationCo
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
-    shown = _select_images(run, cfg)
-    photos = _photos(run, shown, cfg)
+    truth_tables = load_truth(run.path)
+    table = run.image_table()
+    table = table.assign(image_id=table["image_id"].astype(str), syndrome_id=table["syndrome_id"].astype(str))
+    photos = _photos(truth_tables, _select_images(run, table, truth_tables, cfg), cfg)
     obs = _observers(cfg, rng)
     fix = _draw_fixations(photos, obs, cfg, rng)
-    table = run.image_table()
     choices = sorted(set(table.loc[~table["undiagnosed"], "syndrome_id"].astype(str)))
     answers = _answers(fix, photos, obs, choices, cfg, rng)
     gaps = rng.integers(1500, 3500, len(answers))  # ms between trials (answer, drift check)
@@ -597,8 +577,7 @@ def simulate_study(run: Run | str | Path, out_dir: str | Path, cfg: SimulationCo
         "photo_px_per_degree": photos.ppd[fix["img"]], "eye": np.array(obs.eye)[fix["obs"]],
         "format": np.array(obs.fmt)[fix["obs"]], "source": fix["source"].astype(str),
         "line": fix["line"].astype("int64"), "group": np.array(obs.group)[fix["obs"]],
-        "target_kind": fix["target_kind"], "target": fix["target"]}, columns=TRUTH_COLUMNS)
-    truth = truth.sort_values(["participant", "trial", "fixation"], key=_natural, kind="stable").reset_index(drop=True)
+        "target_kind": fix["target_kind"], "target": fix["target"]}, columns=TRUTH_COLUMNS)  # in time order
     write_parquet(truth, out / "truth.parquet")
     paths["truth"] = out / "truth.parquet"
 
@@ -607,23 +586,17 @@ def simulate_study(run: Run | str | Path, out_dir: str | Path, cfg: SimulationCo
                             "width": cfg.stimulus_px, "height": cfg.stimulus_px, "crop_left": photos.box[:, 0],
                             "crop_top": photos.box[:, 1], "crop_width": photos.box[:, 2],
                             "crop_height": photos.box[:, 2]})
-    display = pd.DataFrame([{"participant": "*", "screen_width_px": cfg.screen_width_px,
-                             "screen_height_px": cfg.screen_height_px, "screen_width_mm": cfg.screen_width_mm,
-                             "screen_height_mm": cfg.screen_height_mm, "viewing_distance_mm": cfg.viewing_distance_mm,
-                             "image_left_px": left, "image_top_px": top, "image_width_px": cfg.stimulus_px,
+    geometry = ("screen_width_px", "screen_height_px", "screen_width_mm", "screen_height_mm", "viewing_distance_mm")
+    display = pd.DataFrame([{"participant": "*", **{k: getattr(cfg, k) for k in geometry}, "image_left_px": left,
+                             "image_top_px": top, "image_width_px": cfg.stimulus_px,
                              "image_height_px": cfg.stimulus_px}])
     specialty = {"expert": "clinical genetics", "non_clinician": "none"}
     participants = pd.DataFrame({"participant": obs.ids, "group": obs.group,
                                  "specialty": [specialty.get(g, "") for g in obs.group], "years": obs.years,
                                  "simulated": True})
     for name, frame in (("stimuli", stimuli), ("display", display), ("participants", participants),
-                        ("answers", answers.sort_values(["participant", "trial"], key=_natural, kind="stable"))):
+                        ("answers", answers)):
         atomic_write_text(out / f"{name}.csv", frame.to_csv(index=False, lineterminator="\n"))
         paths[name] = out / f"{name}.csv"
     log.info("simulated study: %d observers × %d photos, %d fixations (%s)", len(obs.ids), n_img, len(truth), out)
     return dict(sorted(paths.items()))
-
-
-def _natural(col: pd.Series) -> pd.Series:
-    """Sort key: trial numbers as numbers."""
-    return col.astype(int) if col.name == "trial" else col
