@@ -41,9 +41,9 @@ Generative model
    over the other syndromes. The link is an *assumption* of the simulator, so that an analysis of correct vs
    incorrect answers has an effect to find; ``answer_feature_gain: 0`` makes answers independent of gaze.
 
-What it can and cannot show: it exercises readers, coordinate mapping, maps and metrics with known truth and a
-planted group effect that comes only from the truth masks (``expert_feature_share: 0`` removes it). It says nothing
-about how real clinicians look at faces: the prior weights are round numbers, not estimates.
+It exercises readers, coordinate mapping, maps and metrics with known truth and a group effect that comes only from
+the truth masks (``expert_feature_share: 0`` removes it); it says nothing about how real clinicians look at faces
+(the prior's weights are round numbers, not estimates). ``data_cards/eyetracking.md`` describes real data too.
 
 Outputs of :func:`simulate_study` (``out_dir``): ``stimuli.csv``, ``display.csv``, ``participants.csv``,
 ``answers.csv``, ``<participant>.asc`` for half of each group (EyeLink events-only ASC in the layout EDF2ASC writes:
@@ -53,11 +53,9 @@ Outputs of :func:`simulate_study` (``out_dir``): ``stimuli.csv``, ``display.csv`
 the other half (Tobii Pro Lab *User Manual*, "Data export": per-sample rows with ``Eye movement type``,
 ``Eye movement type index``, ``Gaze event duration``, ``Fixation point X/Y (MCSnorm)``, ``Gaze point X/Y``), and
 ``truth.parquet``: every simulated fixation in photo pixels (the shared fixation-table columns, with the file and
-line each one was written to, plus ``group``, ``target_kind`` and ``target``). Trial time zero is the stimulus onset:
-in ASC the ``TRIALID``, ``START`` and ``!V IMGLOAD`` lines share its timestamp; in the Tobii export it is the
-stimulus's first sample. Trials are numbered 1, 2, … in presentation order (``TRIALID``).
-
-Same seed → byte-identical files.
+line each one was written to, plus ``group``, ``target_kind`` and ``target``). Trial time zero is the stimulus onset
+(ASC: the ``TRIALID``, ``START`` and ``!V IMGLOAD`` lines share its timestamp; Tobii: the stimulus's first sample);
+trials are numbered 1, 2, … in presentation order. Same seed → byte-identical files.
 """
 
 from __future__ import annotations
