@@ -104,16 +104,19 @@ def _first_line(df: pd.DataFrame, mask: pd.Series) -> int:
 
 
 def _positive_numbers(path: Path, df: pd.DataFrame, columns: list[str], key: str, allow_missing: bool = False,
-                      allow_zero: bool = False) -> None:
+                      allow_zero: bool = False, any_sign: bool = False) -> None:
     for col in columns:
         values = numbers(df[col])
         blank = df[col].astype(str).str.strip() == ""
         bad = values.isna() & ~(blank & allow_missing)
-        bad |= values.notna() & ((values < 0) if allow_zero else (values <= 0))
+        if not any_sign:
+            bad |= values.notna() & ((values < 0) if allow_zero else (values <= 0))
+        bad |= values.notna() & ~np.isfinite(values)
         if bad.any():
             i = bad[bad].index[0]
+            kind = "finite" if any_sign else "non-negative" if allow_zero else "positive"
             raise InputError(f"{path}: line {i + 2} ({key} {df.at[i, key]!r}): {col} = {df.at[i, col]!r} is not "
-                             f"a {'non-negative' if allow_zero else 'positive'} number")
+                             f"a {kind} number")
         df[col] = values
 
 
@@ -143,7 +146,8 @@ def read_stimuli(path: str | Path) -> pd.DataFrame:
         if partial.any():
             line = _first_line(df, partial)
             raise InputError(f"{path}: line {line}: crop box given in part (all four crop_* values or none)")
-        _positive_numbers(path, df, ["crop_left", "crop_top"], "stimulus", allow_missing=True, allow_zero=True)
+        # a box may reach past the photo's edge (the stimulus was padded, e.g. a square cut around a portrait photo)
+        _positive_numbers(path, df, ["crop_left", "crop_top"], "stimulus", allow_missing=True, any_sign=True)
         _positive_numbers(path, df, ["crop_width", "crop_height"], "stimulus", allow_missing=True)
     else:
         for col in CROP_COLUMNS:
