@@ -90,7 +90,8 @@ def _image(rng: np.random.Generator) -> an.ImageFixations:
     own = {o: fixmaps.fixation_density(g, fallback_sigma_px=4.0) for o, g in here.groupby("participant")}
     prior = fixmaps.centre_bias()
     other = fix[fix["image_id"] == "b"]
-    return an.ImageFixations("a", here, own, fixmaps.loo_densities(here, fallback_sigma_px=4.0), prior,
+    return an.ImageFixations("a", here, own, fixmaps.loo_densities(here, fallback_sigma_px=4.0),
+                             dict.fromkeys(own, prior),
                              (other["cx"].to_numpy() + 0.5, other["cy"].to_numpy() + 0.5))
 
 
@@ -102,7 +103,7 @@ def test_scores_put_the_density_at_the_ceiling_side_and_uniform_at_chance() -> N
     scores = an.score_image(image, {"density": pooled, "uniform": uniform, "elsewhere": elsewhere}, seed=3,
                             borji_splits=20)
     mean = scores.groupby(["map", "metric"])["value"].mean().unstack("metric")
-    assert set(mean.index) == {"density", "uniform", "elsewhere", "ceiling"}
+    assert set(mean.index) == {"density", "uniform", "elsewhere", "ceiling", "face_prior"}
     for metric in an.METRICS:
         good, bad = mean.loc["density", metric], mean.loc["elsewhere", metric]
         assert (good < bad) if metric in an.LOWER_IS_BETTER else (good > bad), metric
@@ -116,15 +117,24 @@ def test_scores_put_the_density_at_the_ceiling_side_and_uniform_at_chance() -> N
     pd.testing.assert_frame_equal(scores, again)
 
 
-def test_relative_scores_put_prior_at_0_and_ceiling_at_1_per_observer() -> None:
+def test_relative_scores_put_the_mean_between_prior_and_ceiling_or_leave_it_undefined() -> None:
     per_obs = pd.DataFrame({"group": "g", "participant": ["p1"] * 3 + ["p2"] * 3, "metric": "nss",
                             "map": ["face_prior", "ceiling", "m"] * 2, "value": [1.0, 3.0, 2.0, 0.5, 1.5, 2.5],
                             "n_images": 4})
-    rel = an.relative_scores(per_obs).set_index(["participant", "map"])["relative"]
-    assert rel[("p1", "face_prior")] == 0 and rel[("p1", "ceiling")] == 1
-    assert rel[("p1", "m")] == pytest.approx(0.5) and rel[("p2", "m")] == pytest.approx(2.0)
-    summary = an.group_summary(an.relative_scores(per_obs))
-    assert summary.set_index("map").loc["m", "relative"] == pytest.approx(1.25)
+    rel = an.relative_scores(per_obs)
+    assert rel.set_index(["participant", "map"]).loc[("p2", "m"), ["prior", "ceiling"]].tolist() == [0.5, 1.5]
+    summary = an.group_summary(rel).set_index("map")
+    # ratio of means: (2.25 − 0.75) / (2.25 − 0.75)
+    assert summary.loc["m", "relative"] == pytest.approx(1.0)
+    assert summary.loc["face_prior", "relative"] == 0 and summary.loc["ceiling", "relative"] == 1
+    assert summary.loc["m", "span"] == pytest.approx(1.5) and summary.loc["m", "span_ci_lo"] > 0
+    # KL: lower is better, so a result below the prior towards the ceiling is still between 0 and 1
+    kl = per_obs.assign(metric="kl_div", value=[3.0, 1.0, 2.0, 3.0, 1.0, 2.0])
+    assert an.group_summary(an.relative_scores(kl)).set_index("map").loc["m", "relative"] == pytest.approx(0.5)
+    # a ceiling no better than the prior gives no scale
+    flat = per_obs.assign(value=[1.0, 1.0, 2.0, 1.5, 1.4, 2.5])
+    undefined = an.group_summary(an.relative_scores(flat)).set_index("map")
+    assert np.isnan(undefined.loc["m", "relative"]) and undefined.loc["m", "span_ci_lo"] <= 0
 
 
 def test_probe_contrast_reads_the_sign_of_each_metric() -> None:

@@ -36,7 +36,7 @@ import pandas as pd
 from gestalt_xai.faces.align import CROP_SIZE, transform_points
 
 __all__ = ["to_crop", "offcrop_shares", "filter_fixations", "gaussian_density", "fixation_density", "face_prior",
-           "centre_bias", "loo_densities", "crop_scale"]
+           "centre_bias", "observer_densities", "loo_densities", "crop_scale"]
 
 
 def crop_scale(matrix: np.ndarray) -> float:
@@ -112,9 +112,10 @@ def filter_fixations(fixations: pd.DataFrame, *, drop_first: bool = True, min_du
 
 
 def gaussian_density(xs: np.ndarray, ys: np.ndarray, sigma: np.ndarray | float, weights: np.ndarray | None = None,
-                     size: int = CROP_SIZE) -> np.ndarray | None:
+                     size: int = CROP_SIZE, normalise: bool = True) -> np.ndarray | None:
     """``Σ_i w_i N((x, y); (xs_i, ys_i), σ_i² I)`` on the ``size × size`` pixel grid (pixel centres at integer
-    coordinates), normalised to sum to 1; None without fixations (or without mass on the grid).
+    coordinates), normalised to sum to 1 (``normalise``; else the plain sum, for adding up); None without fixations
+    (or, normalised, without mass on the grid).
 
     >>> d = gaussian_density(np.array([55.0]), np.array([40.0]), 3.0)
     >>> round(float(d.sum()), 6), np.unravel_index(d.argmax(), d.shape)
@@ -130,15 +131,17 @@ def gaussian_density(xs: np.ndarray, ys: np.ndarray, sigma: np.ndarray | float, 
     gy = np.exp(-0.5 * ((grid[None, :] - ys[:, None]) / sigma[:, None]) ** 2)
     # the 2-D Gaussian's normalisation (2πσ²)⁻¹ matters when σ differs between fixations
     dens = (gy * (w / (2 * np.pi * sigma**2))[:, None]).T @ gx
+    if not normalise:
+        return dens
     total = dens.sum()
     return dens / total if total > 0 else None
 
 
 def fixation_density(fixations: pd.DataFrame, *, sigma_deg: float = 1.0, fallback_sigma_px: float = 6.0,
-                     weight: str = "count", size: int = CROP_SIZE) -> np.ndarray | None:
+                     weight: str = "count", size: int = CROP_SIZE, normalise: bool = True) -> np.ndarray | None:
     """The fixation density of the in-crop fixations of ``fixations`` (crop coordinates from :func:`to_crop`): σ
     per fixation from its display geometry (``sigma_deg`` degrees), else ``fallback_sigma_px`` crop pixels;
-    weighted by ``count`` or ``duration``."""
+    weighted by ``count`` or ``duration``; ``normalise`` as :func:`gaussian_density`."""
     f = fixations[fixations["in_crop"].astype(bool)]
     if not len(f):
         return None
@@ -147,7 +150,7 @@ def fixation_density(fixations: pd.DataFrame, *, sigma_deg: float = 1.0, fallbac
     if weight not in ("count", "duration"):
         raise ValueError(f"weight must be 'count' or 'duration', got {weight!r}")
     w = f["duration_ms"].to_numpy(np.float64) if weight == "duration" else None
-    return gaussian_density(f["cx"].to_numpy(), f["cy"].to_numpy(), sigma, w, size)
+    return gaussian_density(f["cx"].to_numpy(), f["cy"].to_numpy(), sigma, w, size, normalise)
 
 
 def face_prior(densities: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -173,15 +176,28 @@ def centre_bias(size: int = CROP_SIZE, sigma_fraction: float = 0.25) -> np.ndarr
     return out
 
 
+def observer_densities(fixations: pd.DataFrame, observer_col: str = "participant", **density_kw: object
+                       ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """For one image's fixations: per observer, ``(own density, leave-one-observer-out density)`` — the other
+    observers' fixations together, the inter-observer ceiling (Wilming et al., PLoS ONE 2011). Each observer's
+    Gaussians are summed once and the others' sums added (not all − own, whose rounding leaves tiny negative values
+    where a density is 0). An observer alone on the image gets no leave-one-out density."""
+    sums = {}
+    for obs, part in fixations.groupby(fixations[observer_col].astype(str), sort=True):
+        d = fixation_density(part, normalise=False, **density_kw)  # type: ignore[arg-type]
+        if d is not None and d.sum() > 0:
+            sums[str(obs)] = d
+    own = {o: d / d.sum() for o, d in sums.items()}
+    loo = {}
+    for obs in sums:
+        others = [sums[o] for o in sums if o != obs]
+        total = np.sum(others, axis=0) if others else None
+        if total is not None and total.sum() > 0:
+            loo[obs] = total / total.sum()
+    return own, loo
+
+
 def loo_densities(fixations: pd.DataFrame, observer_col: str = "participant", **density_kw: object
                   ) -> dict[str, np.ndarray]:
-    """For one image's fixations: per observer, the density of every *other* observer's fixations (the
-    leave-one-observer-out inter-observer ceiling; Wilming et al., PLoS ONE 2011). An observer alone on the image
-    gets none."""
-    out = {}
-    for obs in sorted(fixations[observer_col].astype(str).unique()):
-        others = fixations[fixations[observer_col].astype(str) != obs]
-        d = fixation_density(others, **density_kw) if len(others) else None
-        if d is not None:
-            out[obs] = d
-    return out
+    """Per observer, the leave-one-observer-out density of one image (:func:`observer_densities`)."""
+    return observer_densities(fixations, observer_col, **density_kw)[1]

@@ -325,3 +325,21 @@ def iou_topk(smap: np.ndarray, density: np.ndarray, k: float = 0.1) -> float:
     m, d = _as_map(smap, "saliency map"), _as_map(density, "fixation density")
     _same_shape(m, d, "fixation density")
     return compare.topk_iou(m, d, k=k)
+
+
+def cc_iou_many(smaps: np.ndarray, densities: np.ndarray, k: float = 0.1) -> dict[str, np.ndarray]:
+    """:func:`cc` and :func:`iou_topk` of each pair ``smaps[i], densities[i]`` (``(N, H, W)`` each) in one
+    :func:`gestalt_xai.assess.compare.compare_maps` call (the same implementation, vectorised over the pairs).
+
+    >>> m = np.random.default_rng(0).random((3, 8, 8)); d = m / m.sum((1, 2), keepdims=True)
+    >>> out = cc_iou_many(np.concatenate([m, np.ones((1, 8, 8))]), np.concatenate([d, d[:1]]))
+    >>> out["cc"].round(6).tolist(), out["iou_topk"].round(4).tolist()
+    ([1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0909])
+    """
+    smaps, densities = np.asarray(smaps), np.asarray(densities)
+    if smaps.shape != densities.shape or smaps.ndim != 3:
+        raise ValueError(f"need two (N, H, W) arrays of one shape, got {smaps.shape} and {densities.shape}")
+    out = compare.compare_maps(smaps, densities, ("pearson", "topk_iou"), k=k)
+    flat = np.ptp(smaps.reshape(len(smaps), -1), axis=1) == 0
+    flat &= np.ptp(densities.reshape(len(smaps), -1), axis=1) > 0
+    return {"cc": np.where(flat, 0.0, out["pearson"]), "iou_topk": out["topk_iou"]}
