@@ -7,7 +7,8 @@ chance and the inter-observer ceiling (:mod:`~gestalt_xai.experiments.eyetrackin
 
     fixations.parquet     every fixation read: pseudonymised participant, group, image, photo and crop coordinates,
                           in_crop, kept (after the filters) and the filter that dropped it
-    reading.parquet       per recording file: format, fixations read, malformed rows and their line numbers
+    reading.parquet       per recording (R01, R02, … : file names often carry participant ids): format, fixations
+                          read, malformed rows and their line numbers; errors.parquet names the files
     offcrop.parquet       per observer × image: fixations and dwell time outside the 112×112 crop
     scores.parquet        per observer × image × map × metric (the unit every summary starts from)
     observers.parquet     per observer × map × metric: mean over images, prior, ceiling, relative score
@@ -16,7 +17,8 @@ chance and the inter-observer ceiling (:mod:`~gestalt_xai.experiments.eyetrackin
     probes.parquet        planted-features vs eyes-only probe maps on syndromes whose features lie away from the eyes
     regions.parquet       per group × region: dwell share beside each method's attribution share
     summary.md, figures/  the summary (every number beside prior and ceiling) and the figures
-    private/participants_key.csv   raw participant id → pseudonym: for the analyst only, never exported
+    private/participants_key.csv, private/recordings_key.csv   raw participant id → pseudonym, recording label →
+                          file: for the analyst only, never exported
 
 With no ``data`` folder the stage simulates a study on the run's synthetic cohort
 (:mod:`~gestalt_xai.experiments.eyetracking.simulate`) into ``experiments/eyetracking/simulated/`` and reads it back
@@ -160,7 +162,7 @@ def read_study(run: Run, folder: Path, sources: list[SourceOptions], errors: lis
                 result = formats.read_fixations(path, src.format, stimuli=tables["stimuli"],
                                                 display=tables["display"], photo_sizes=sizes, **src.options)
             except InputError as exc:
-                errors.append(ErrorRow("eyetrack", name, "unreadable_recording", str(exc)))
+                errors.append(ErrorRow(name, "unreadable_recording", str(exc)))
                 report.append({"file": name, "format": src.format, "fixations": 0, "malformed": 0, "lines": "",
                                "readable": False})
                 continue
@@ -168,7 +170,7 @@ def read_study(run: Run, folder: Path, sources: list[SourceOptions], errors: lis
             if len(bad):
                 lines = ", ".join(str(v) for v in bad["line"].head(20))
                 more = f" (+{len(bad) - 20} more)" if len(bad) > 20 else ""
-                errors.append(ErrorRow("eyetrack", name, "malformed_rows",
+                errors.append(ErrorRow(name, "malformed_rows",
                                        f"{name}: {len(bad)} malformed row(s) skipped at line(s) {lines}{more}: "
                                        f"{bad['reason'].iloc[0]}"))
             frames.append(result.fixations)
@@ -177,7 +179,10 @@ def read_study(run: Run, folder: Path, sources: list[SourceOptions], errors: lis
     fix = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else None
     if fix is None:
         raise InputError(f"{folder}: no fixation could be read from any recording")
-    return fix, pd.DataFrame(report), tables
+    report_table = pd.DataFrame(report)
+    width = max(2, len(str(len(report_table))))
+    report_table.insert(0, "recording", [f"R{i + 1:0{width}d}" for i in range(len(report_table))])
+    return fix, report_table, tables
 
 
 def pseudonymise(fix: pd.DataFrame, participants: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -205,16 +210,12 @@ def _store_maps(run: Run, image_ids: list[str], cfg: EyetrackConfig) -> tuple[di
     from gestalt_xai.models.declaration import random_controls
 
     store = run.map_store() if (run.path / LAYOUT.maps).exists() else None
-    index = store.index() if store is not None else pd.DataFrame()
-    if not len(index):
+    index = check_map_filters(run, cfg)
+    if store is None or not len(index):
         return {}, pd.DataFrame(columns=["map", "model_id", "method", "kind"])
     rows = index[index["image_id"].astype(str).isin(set(image_ids)) & index["target_kind"].isin(cfg.targets)]
     for field, wanted in (("model_id", cfg.models), ("method", cfg.methods)):
         if wanted is not None:
-            unknown = sorted(set(wanted) - set(index[field]))
-            if unknown:
-                raise ConfigError(f"eyetrack.{field.replace('_id', '')}s: {unknown} have no maps; stored: "
-                                  f"{sorted(set(index[field]))}")
             rows = rows[rows[field].isin(wanted)]
     controls = set(random_controls(run))
     trained = sorted(set(rows["model_id"]) - controls)
@@ -233,6 +234,23 @@ def _store_maps(run: Run, image_ids: list[str], cfg: EyetrackConfig) -> tuple[di
     for (image_id, label), maps in sums.items():
         out.setdefault(image_id, {})[label] = np.mean(maps, axis=0)
     return out, pd.DataFrame(list(labels.values()))
+
+
+def check_map_filters(run: Run, cfg: EyetrackConfig) -> pd.DataFrame:
+    """The map store's index, after checking that the models, methods and target kinds asked for have maps (a
+    :class:`ConfigError` naming the option otherwise, before any work); empty without a map store (only the
+    baselines and probes are scored then)."""
+    index = run.map_store().index() if (run.path / LAYOUT.maps).exists() else pd.DataFrame()
+    if not len(index):
+        if cfg.models or cfg.methods:
+            raise ConfigError("eyetrack.models / eyetrack.methods: the run has no maps (run `gestalt-xai explain`)")
+        return index
+    for option, field, wanted in (("models", "model_id", cfg.models), ("methods", "method", cfg.methods),
+                                  ("targets", "target_kind", cfg.targets)):
+        unknown = sorted(set(wanted or ()) - set(index[field]))
+        if unknown:
+            raise ConfigError(f"eyetrack.{option}: {unknown} have no maps; stored: {sorted(set(index[field]))}")
+    return index
 
 
 def _atlases(run: Run, truth: Any, image_ids: list[str]) -> dict[str, np.ndarray]:
@@ -329,6 +347,7 @@ def eyetrack_stage(run: Run, cfg: EyetrackConfig) -> StageResult:
     timings: dict[str, float] = {}
     errors: list[ErrorRow] = []
     t0 = time.perf_counter()
+    check_map_filters(run, cfg)
     folder, sources, simulated = _study(run, cfg, out)
     raw, reading, tables = read_study(run, folder, sources, errors)
     fix, key = pseudonymise(raw, tables["participants"])
@@ -336,7 +355,7 @@ def eyetrack_stage(run: Run, cfg: EyetrackConfig) -> StageResult:
     matrices = {str(r["image_id"]): np.asarray(r["matrix"], np.float64).reshape(2, 3) for r in al.to_dict("records")}
     unaligned = sorted(set(fix["image_id"].astype(str)) - set(matrices))
     for image_id in unaligned:
-        errors.append(ErrorRow("eyetrack", image_id, "not_aligned", f"image {image_id} has fixations but no aligned "
+        errors.append(ErrorRow(image_id, "not_aligned", f"image {image_id} has fixations but no aligned "
                                                                      "crop: its fixations are not scored"))
     fix = fixmaps.to_crop(fix[~fix["image_id"].astype(str).isin(unaligned)], matrices)
     kept, dropped = fixmaps.filter_fixations(fix, drop_first=cfg.filters.drop_first,
@@ -399,14 +418,16 @@ def eyetrack_stage(run: Run, cfg: EyetrackConfig) -> StageResult:
 
     # ---- write
     simulated_col = {"simulated": simulated}
-    written = {"fixations": fix, "reading": reading, "offcrop": offcrop, "scores": scores, "observers": per_obs,
-               "summary_table": table, "probes": probe_table, "regions": regions}
+    written = {"fixations": fix, "reading": reading.drop(columns="file"), "offcrop": offcrop, "scores": scores,
+               "observers": per_obs, "summary_table": table, "probes": probe_table, "regions": regions}
     for name, frame in written.items():
         if len(frame):
             write_parquet(frame.assign(**simulated_col), out / f"{name}.parquet")
     private = out / "private"
     private.mkdir(exist_ok=True)
     atomic_write_bytes(private / "participants_key.csv", key.to_csv(index=False).encode("utf-8"))
+    atomic_write_bytes(private / "recordings_key.csv",
+                       reading[["recording", "file"]].to_csv(index=False).encode("utf-8"))
     facts = {"simulated": simulated, "observers": int(key.shape[0]), "groups": key["group"].value_counts().to_dict(),
              "images": len(image_ids), "fixations_read": int(len(fix)), "fixations_kept": int(len(kept)),
              "dropped": dropped, "off_crop_share": float((~fix["in_crop"]).mean()) if len(fix) else float("nan"),
