@@ -67,6 +67,7 @@ __all__ = [
     "subject_mean",
     "GroupComposites",
     "composite_table",
+    "with_differences",
     "composite_array",
 ]
 
@@ -308,11 +309,8 @@ def _flat(a: np.ndarray | None) -> np.ndarray | None:
 
 
 def composite_table(composites: Iterable[GroupComposites]) -> pd.DataFrame:
-    """The rows of ``aggregate/composites.parquet`` (sorted by key within each pass) with ``minus_all``.
-
-    ``minus_all`` is a syndrome composite minus the ``ALL`` composite of the same stratum, key and normalisation
-    (``None`` for ``ALL`` itself).
-    """
+    """The rows of ``aggregate/composites.parquet`` (sorted by key within each pass) with ``minus_all``
+    (:func:`with_differences`)."""
     rows = []
     for part in composites:
         for key in sorted(part.accumulators):
@@ -322,7 +320,15 @@ def composite_table(composites: Iterable[GroupComposites]) -> pd.DataFrame:
                          "target_group": tgroup, "normalisation": norm, "n_subjects": a.n_subjects,
                          "n_images": a.n_images, "mean": _flat(a.mean()), "std": _flat(a.std()),
                          "sign_agreement": _flat(a.sign_agreement())})
-    comp = pd.DataFrame(rows)
+    return with_differences(pd.DataFrame(rows))
+
+
+def with_differences(comp: pd.DataFrame) -> pd.DataFrame:
+    """``comp`` with ``minus_all``: each syndrome composite minus the ``ALL`` composite of the same stratum, key and
+    normalisation (``None`` for ``ALL`` itself). It is derived from the stored means, so ``composites.parquet`` does
+    not store it (a quarter of the run folder's largest table); :func:`gestalt_xai.aggregate.stage.load_composites`
+    adds it back."""
+    comp = comp.copy()
     keys = ["stratum", *GROUP_COLS, "normalisation"]
     ref = {tuple(r[k] for k in keys): r["mean"] for r in comp[comp["group"] == ALL].to_dict("records")}
     diffs = []

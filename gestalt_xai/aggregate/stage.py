@@ -13,7 +13,8 @@ stage's ``region_syndromes.parquet`` and ``spray.parquet``. Outputs::
 
     aggregate/composites.parquet     one row per composite: group (syndrome | ALL), stratum (all | sex:F | …),
                                      model_id, method, layer, target_group, normalisation, n_subjects, n_images,
-                                     mean, std, sign_agreement, minus_all (difference from the ALL composite);
+                                     mean, std, sign_agreement (the difference from the ALL composite,
+                                     minus_all, is derived from the means: load_composites adds it);
                                      maps as list<float32> of 112·112 (row-major; :func:`composite_array`)
     aggregate/region_maps.parquet    per map × atlas × region: share of positive mass, area share, enrichment
     aggregate/region_subjects.parquet  per subject (images averaged), with HPO anchors
@@ -59,6 +60,7 @@ from gestalt_xai.aggregate.composite import (
     normalise,
     stream_subject_maps,
     subject_mean,
+    with_differences,
 )
 from gestalt_xai.aggregate.faces import WHOLE, composite_faces, strata_of, subject_strata
 from gestalt_xai.aggregate.regions import map_region_rows, region_tables, template_landmarks
@@ -145,11 +147,12 @@ class AggregateConfig(StageConfig):
 
 # ------------------------------------------------------------------------------------------------ helpers
 def load_composites(run: Run) -> pd.DataFrame:
-    """``run/aggregate/composites.parquet``."""
+    """``run/aggregate/composites.parquet``, with each syndrome composite's difference from the all-subjects one
+    (``minus_all``, derived from the stored means: :func:`~gestalt_xai.aggregate.composite.with_differences`)."""
     path = run.path / LAYOUT.aggregate / "composites.parquet"
     if not path.exists():
         raise InputError(f"{path} not found: run `gestalt-xai aggregate --run …` first")
-    return pd.read_parquet(path)
+    return with_differences(pd.read_parquet(path))
 
 
 def _annotated_maps(run: Run, index: pd.DataFrame, images: pd.DataFrame, cfg: AggregateConfig,
@@ -278,7 +281,7 @@ def aggregate_stage(run: Run, cfg: AggregateConfig) -> StageResult:
         spray_members += m
         spray_results.update(r)
     comp = composite_table(composites)
-    write_parquet(comp, out / "composites.parquet")
+    write_parquet(comp.drop(columns="minus_all"), out / "composites.parquet")  # derived: load_composites adds it
     per_map = pd.concat(region_frames, ignore_index=True)
     per_subject, per_syn = region_tables(per_map)
     write_parquet(per_map, out / "region_maps.parquet")
