@@ -31,7 +31,7 @@ def fixations_figure(faces: Mapping[str, np.ndarray], kept: pd.DataFrame, maps: 
     plt = _plt()
     ids = list(faces)
     colours = _group_colours(list(kept["group"].astype(str).unique()))
-    fig, axes = plt.subplots(len(ids), 1 + len(columns), figsize=(1.6 * (1 + len(columns)), 1.75 * len(ids)),
+    fig, axes = plt.subplots(len(ids), 1 + len(columns), figsize=(1.25 * (1 + len(columns)), 1.4 * len(ids)),
                              squeeze=False)
     for r, image_id in enumerate(ids):
         ax = axes[r][0]
