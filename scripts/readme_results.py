@@ -95,6 +95,7 @@ def demo_section(run: Path) -> str:
                        f"{sp['cluster_sizes']} | {'yes' if sp['splits_on_cue'] else 'no'} |")
     out += localisation_section(run, agg.get("confounded_syndrome"))
     out += assess_section(run)
+    out += eyetracking_section(run)
     return "\n".join(out)
 
 
@@ -107,6 +108,43 @@ def assess_section(run: Path) -> list[str]:
     return ["", "The assess stage's summary (`assess/summary.md`: faithfulness curves beside a random map, "
             "localisation beside chance and the random-weight control, cascading randomisation, landmark jitter):",
             text.rstrip()]
+
+
+def eyetracking_section(run: Path) -> list[str]:
+    """A compact view of the eye-tracking stage's results (``experiments/eyetracking/``): per observer group the mean
+    over observers of four metrics per map, and the summary's planted-features vs eyes statements."""
+    import pandas as pd
+
+    from gestalt_xai.experiments.eyetracking.report import LABELS, map_order
+
+    folder = run / "experiments" / "eyetracking"
+    if not (folder / "summary_table.parquet").exists():
+        return []
+    table = pd.read_parquet(folder / "summary_table.parquet")
+    simulated = bool(table["simulated"].all())
+    tag = " (SIMULATED observers)" if simulated else ""
+    table = table[table["breakdown"] == "group"]
+    kinds = dict(zip(table["map"], table["kind"], strict=False))
+    metrics = ["nss", "auc_judd", "auc_shuffled", "cc", "information_gain"]
+    out = ["", f"Eye tracking{tag} (`experiments/eyetracking/summary.md`): mean over observers of each observer's "
+               "mean over images; `face_prior` = the other images' fixations in aligned space, `ceiling` = the other "
+               "observers of the group on the same image." + (" Every observer, fixation and answer is simulated "
+               "(data_cards/eyetracking.md)." if simulated else ""), ""]
+    out += ["| group | map | kind | " + " | ".join(LABELS[m] for m in metrics) + " |",
+            "|---|---|---|" + "---|" * len(metrics)]
+    for group, part in table.groupby("group", sort=True):
+        if group == "all observers":
+            continue
+        cells = part.set_index(["map", "metric"])["mean"]
+        for m in map_order(sorted(set(part["map"])), kinds):
+            out.append(f"| {group} | {m} | {kinds.get(m, '')} | "
+                       + " | ".join(f"{cells.get((m, k), float('nan')):.3f}" for k in metrics) + " |")
+    summary = (folder / "summary.md").read_text()
+    statements = [line for line in summary.splitlines() if line.startswith("- **")]
+    if statements:
+        out += ["", "Planted features vs eyes only, on the syndromes whose planted features lie away from the eyes:",
+                *statements]
+    return out
 
 
 def _confounder_rate(manifest: dict) -> str:
