@@ -350,6 +350,9 @@ def eyetrack_stage(run: Run, cfg: EyetrackConfig) -> StageResult:
     check_map_filters(run, cfg)
     folder, sources, simulated = _study(run, cfg, out)
     raw, reading, tables = read_study(run, folder, sources, errors)
+    people = tables["participants"]
+    if people is not None and "simulated" in people.columns:  # a simulated study read back from its folder
+        simulated = simulated or bool(people["simulated"].astype(str).str.lower().isin(["true", "1"]).any())
     fix, key = pseudonymise(raw, tables["participants"])
     al = run.alignments(aligned_only=True)
     matrices = {str(r["image_id"]): np.asarray(r["matrix"], np.float64).reshape(2, 3) for r in al.to_dict("records")}
