@@ -42,7 +42,7 @@ def test_simulated_study_is_read_back_exactly_and_labelled_simulated(tracked: Ru
     assert len(fix) == len(truth) == len(merged)  # every simulated fixation, through the ASC and Tobii readers
     assert np.abs(merged[["x", "y"]].to_numpy() - merged[["x_true", "y_true"]].to_numpy()).max() < 0.05
     assert set(pd.read_parquet(out / "reading.parquet")["format"]) == {"eyelink_asc", "tobii_tsv"}
-    for name in ("fixations", "scores", "observers", "summary_table", "offcrop", "regions"):
+    for name in ("fixations", "scores", "observers", "images", "summary_table", "offcrop", "regions"):
         assert pd.read_parquet(out / f"{name}.parquet")["simulated"].all(), name
     summary = (out / "summary.md").read_text()
     assert "SIMULATED DATA" in summary and summary.count("SIMULATED") >= 5

@@ -11,7 +11,8 @@ chance and the inter-observer ceiling (:mod:`~gestalt_xai.experiments.eyetrackin
                           read, malformed rows and their line numbers; errors.parquet names the files
     offcrop.parquet       per observer × image: fixations and dwell time outside the 112×112 crop
     scores.parquet        per observer × image × map × metric (the unit every summary starts from)
-    observers.parquet     per observer × map × metric: mean over images, prior, ceiling, relative score
+    observers.parquet     per observer × map × metric: mean over images, with their prior and ceiling
+    images.parquet        per group × image × map × metric: mean and SD over observers
     summary_table.parquet per group × map × metric (and per syndrome, per answer correctness): means over observers
                           with bootstrap intervals
     probes.parquet        planted-features vs eyes-only probe maps on syndromes whose features lie away from the eyes
@@ -408,6 +409,8 @@ def eyetrack_stage(run: Run, cfg: EyetrackConfig) -> StageResult:
         scores, ("group", "participant", "syndrome_id", "map", "metric"))), ("group", "syndrome_id", "map", "metric"),
         seed=cfg.seed).assign(breakdown="syndrome")
     by_answer = _by_answer(scores, tables["answers"], key, syndrome, cfg)
+    image_table = (scores.groupby(["group", "image_id", "syndrome_id", "map", "metric"], sort=True)["value"]
+                   .agg(mean="mean", sd="std", n_observers="count").reset_index())
     table = pd.concat([t for t in (summary, everyone, by_syn, by_answer) if len(t)], ignore_index=True)
     table["kind"] = table["map"].map(_kinds(labels))
     away = away_from_eyes(truth) if truth is not None else set()
@@ -422,7 +425,8 @@ def eyetrack_stage(run: Run, cfg: EyetrackConfig) -> StageResult:
     # ---- write
     simulated_col = {"simulated": simulated}
     written = {"fixations": fix, "reading": reading.drop(columns="file"), "offcrop": offcrop, "scores": scores,
-               "observers": per_obs, "summary_table": table, "probes": probe_table, "regions": regions}
+               "observers": per_obs, "images": image_table, "summary_table": table, "probes": probe_table,
+               "regions": regions}
     for name, frame in written.items():
         if len(frame):
             write_parquet(frame.assign(**simulated_col), out / f"{name}.parquet")
