@@ -23,7 +23,7 @@ OPTIONS = {"simulate": SIM, "borji_splits": 10}
 @pytest.fixture(scope="module")
 def tracked(trained_run, tmp_path_factory) -> Run:
     run = Run(shutil.copytree(trained_run.path, tmp_path_factory.mktemp("eyetrack") / "run"))
-    explain_stage(run, {"methods": ["saliency", "gradcam"], "images": "all", "overlay": 0, "threads": 2})
+    explain_stage(run, {"methods": ["saliency", "gradcam"], "images": "test", "overlay": 0, "threads": 2})
     eyetrack_stage(run, OPTIONS)
     return run
 
