@@ -105,6 +105,8 @@ class WorkUnit:
     threads: torch CPU threads the unit runs with (and Ray's ``num_cpus`` for it).
     memory_mb: its peak memory, declared to Ray's scheduler (0: undeclared).
     key: the structured key of its error row.
+    needs: paths inside ``out`` a finished unit must still have to count as done (e.g. outputs the caller deletes
+        once it has used them, and needs again when it must use them again).
     """
 
     unit_id: str
@@ -115,6 +117,7 @@ class WorkUnit:
     threads: int = 1
     memory_mb: int = 0
     key: Mapping[str, Any] = field(default_factory=dict)
+    needs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -302,7 +305,8 @@ def run_units(run: Run, units: Sequence[WorkUnit], cfg: EngineConfig, ledger: Le
     todo = []
     for u in units:
         rec = done.get(u.unit_id)
-        if rec is not None and rec.get("digest", "") == u.digest and u.out.is_dir():
+        if rec is not None and rec.get("digest", "") == u.digest and u.out.is_dir() and \
+                all((u.out / n).exists() for n in u.needs):
             outcomes[u.unit_id] = UnitOutcome(u.unit_id, "reused", rec)
         else:
             todo.append(u)

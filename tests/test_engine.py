@@ -74,15 +74,6 @@ def test_units_commit_once_failures_are_error_rows_and_threads_are_pinned(tmp_pa
         assert run_units(run, changed, EngineConfig())["fit/1"].status == "done"
 
 
-def test_process_pool_writes_what_the_sequential_engine_writes(tmp_path):
-    runs = [Run(tmp_path / name) for name in ("seq", "pool")]
-    for run, cfg in zip(runs, (EngineConfig(), EngineConfig(workers=2)), strict=True):
-        with run.stage("fit"):
-            outcomes = run_units(run, _units(run, [3, 4, 5]), cfg)
-        assert all(o.status == "done" for o in outcomes.values())
-    assert _files(runs[0].path / "units") == _files(runs[1].path / "units")
-
-
 @pytest.mark.parametrize("engine", [{"shard_batches": 1}, {"shard_batches": 2, "workers": 2}],
                          ids=["sequential", "pool"])
 def test_sharded_explain_writes_the_same_map_store(tiny_run, tmp_path, engine):

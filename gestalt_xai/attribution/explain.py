@@ -81,7 +81,8 @@ from gestalt_xai.store import MapKey, MapStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExplainConfig", "explain_stage", "DEFAULT_METHODS", "WorkItem", "plan_items", "PARAM_SHORTHANDS"]
+__all__ = ["ExplainConfig", "explain_stage", "explain_into", "explain_shard", "explain_sharded", "DEFAULT_METHODS",
+           "WorkItem", "plan_items", "PARAM_SHORTHANDS"]
 
 DEFAULT_METHODS = ["gradcam", "hirescam", "fullgrad", "saliency", "input_x_gradient", "occlusion"]
 #: top-level options that set a method's parameter: ``option -> (method, parameter)``
@@ -212,7 +213,7 @@ def explain_stage(run: Run, cfg: ExplainConfig) -> StageResult:
         if _sharded(cfg):
             n_items, figure_jobs = explain_sharded(run, cfg, setup, store, errors)
         else:
-            n_items, figure_jobs = _explain_in_process(run, cfg, setup, methods, store, errors)
+            n_items, figure_jobs = explain_into(run, cfg, setup, methods, store, errors)
         effects = explain_effects(run, setup, errors)
     store.compact()
     rows = errors + [ErrorRow(str(r["image_id"]), str(r["error_kind"]), str(r["message"]),
@@ -229,10 +230,12 @@ def _sharded(cfg: ExplainConfig) -> bool:
     return bool(cfg.shard_batches) or cfg.engine != "local" or cfg.workers > 1
 
 
-def _explain_in_process(run: Run, cfg: ExplainConfig, setup: ExplainSetup,
+def explain_into(run: Run, cfg: ExplainConfig, setup: ExplainSetup,
                         methods: list[tuple[AttributionMethod, list[str]]], store: MapStore,
                         errors: list[ErrorRow]) -> tuple[int, list[tuple[str, str, str]]]:
-    """Every batch in this process, through one writer flushed after each batch; ``(items, figure jobs)``."""
+    """Explain every item ``setup`` plans into ``store``, in this process, through one writer flushed after each batch
+    (items whose maps are all stored already are skipped); ``(items, figure jobs)``. Also used by experiments that
+    explain models of their own (:mod:`gestalt_xai.experiments.imbalance_unit`)."""
     from gestalt_xai.data.aligned import load_crops
     from gestalt_xai.models.gestaltmatcher import preprocess
     from gestalt_xai.progress import progress
