@@ -262,6 +262,16 @@ def _summary(effects: pd.DataFrame, tables: dict[str, pd.DataFrame], design: Any
     return lines
 
 
+def _band(ax: Any, groups: Any, label: str) -> None:
+    """The mean of each x's values (line) and their range (band), finite values only."""
+    mean, lo, hi = groups.mean(), groups.min(), groups.max()
+    ok = np.isfinite(mean.to_numpy(np.float64))
+    if ok.any():
+        x = mean.index.to_numpy(np.float64)[ok]
+        ax.plot(x, mean.to_numpy()[ok], marker="o", label=label)
+        ax.fill_between(x, lo.to_numpy()[ok], hi.to_numpy()[ok], alpha=0.2)
+
+
 def _figure(per_map: pd.DataFrame, probe: pd.DataFrame, acc: pd.DataFrame, design: Any, path: Path) -> None:
     """Each measure of the focus syndrome's probe patients against its training subjects: per method the mean over
     seeds (line) and the seeds' range (band); the reference's seed-to-seed similarity is the similarity panel's
@@ -281,26 +291,22 @@ def _figure(per_map: pd.DataFrame, probe: pd.DataFrame, acc: pd.DataFrame, desig
     for ax, measure in zip(axes[0], measures, strict=False):
         sub = frame[frame["measure"] == measure]
         for method, g in sub.groupby("method", sort=True):
-            per_seed = g.groupby(["n", "seed"])["value"].mean().groupby(level=0)
-            x = per_seed.mean().index.to_numpy()
-            ax.plot(x, per_seed.mean().to_numpy(), marker="o", label=method)
-            ax.fill_between(x, per_seed.min().to_numpy(), per_seed.max().to_numpy(), alpha=0.2)
-        ax.set_xscale("log", base=2)
+            _band(ax, g.groupby(["n", "seed"])["value"].mean().groupby(level=0), method)
         ax.set_title(MEASURES[measure][2], fontsize=8)
+    ax = axes[0][-1]
+    a = acc[acc["syndrome_id"] == focus] if len(acc) else acc
+    a = a.assign(n=a["variant"].map(design.sizes)).dropna(subset=["n"]) if len(a) else a
+    for col in ("classifier_top1", "matching_top1") if len(a) else ():
+        _band(ax, a.groupby("n")[col], col)
+    ax.set_title(f"{focus} test accuracy", fontsize=8)
+    for ax in axes[0]:
+        if ax.has_data():
+            ax.set_xscale("log", base=2)
+            ax.legend(fontsize=6)
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", transform=ax.transAxes, fontsize=7)
         ax.set_xlabel(f"{focus} training subjects", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0][0].legend(fontsize=6)
-    ax = axes[0][-1]
-    a = acc[acc["syndrome_id"] == focus].assign(n=lambda f: f["variant"].map(design.sizes)).dropna(subset=["n"])
-    for col in ("classifier_top1", "matching_top1"):
-        g = a.groupby("n")[col]
-        ax.plot(g.mean().index, g.mean().to_numpy(), marker="o", label=col)
-        ax.fill_between(g.mean().index, g.min().to_numpy(), g.max().to_numpy(), alpha=0.2)
-    ax.set_xscale("log", base=2)
-    ax.set_title(f"{focus} test accuracy", fontsize=8)
-    ax.set_xlabel(f"{focus} training subjects", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
