@@ -242,12 +242,13 @@ def _summary(effects: pd.DataFrame, tables: dict[str, pd.DataFrame], design: Any
     if len(other):
         flagged = other[_beyond(other)]
         lines += ["", f"Negative control (probe patients of the other syndromes, whose training data no subsample "
-                      f"variant changes): {len(flagged)} of {len(other)} differences lie beyond seed noise."]
+                      f"variant changes): {len(flagged)} of {len(other)} differences lie beyond seed noise (with 95 % "
+                      f"intervals about {0.05 * len(other):.0f} would by chance alone)."]
     acc = tables["accuracy"]
     if focus and len(acc):
         a = acc[acc["syndrome_id"] == focus].groupby("variant")[["classifier_top1", "matching_top1"]]
         lines += ["", f"Accuracy on {focus}'s test images (mean over seeds, min–max):"]
-        for v, row in a.mean().iterrows():
+        for v, row in sorted(a.mean().iterrows(), key=lambda vr: -design.sizes.get(vr[0], 0)):
             lo, hi = a.min().loc[v], a.max().loc[v]
             lines.append(f"- {v} ({design.sizes.get(v, '?')} training subjects): classifier top-1 "
                          f"{row['classifier_top1']:.2f} [{lo['classifier_top1']:.2f}–{hi['classifier_top1']:.2f}], "
@@ -262,21 +263,25 @@ def _summary(effects: pd.DataFrame, tables: dict[str, pd.DataFrame], design: Any
     return lines
 
 
-def _band(ax: Any, groups: Any, label: str) -> None:
-    """The mean of each x's values (line) and their range (band), finite values only."""
+def _band(ax: Any, groups: Any, label: str) -> Any:
+    """The mean of each x's values (line) and their range (band), finite values only; the line (None: nothing)."""
     mean, lo, hi = groups.mean(), groups.min(), groups.max()
     ok = np.isfinite(mean.to_numpy(np.float64))
-    if ok.any():
-        x = mean.index.to_numpy(np.float64)[ok]
-        ax.plot(x, mean.to_numpy()[ok], marker="o", label=label)
-        ax.fill_between(x, lo.to_numpy()[ok], hi.to_numpy()[ok], alpha=0.2)
+    if not ok.any():
+        return None
+    x = mean.index.to_numpy(np.float64)[ok]
+    (line,) = ax.plot(x, mean.to_numpy()[ok], marker="o", label=label)
+    ax.fill_between(x, lo.to_numpy()[ok], hi.to_numpy()[ok], alpha=0.2, color=line.get_color())
+    return line
 
 
-def _figure(per_map: pd.DataFrame, probe: pd.DataFrame, acc: pd.DataFrame, design: Any, path: Path) -> None:
+def _figure(per_map: pd.DataFrame, probe: pd.DataFrame, acc: pd.DataFrame, design: Any, path: Path,
+            reference: str = "full") -> None:
     """Each measure of the focus syndrome's probe patients against its training subjects: per method the mean over
     seeds (line) and the seeds' range (band); the reference's seed-to-seed similarity is the similarity panel's
     floor."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -291,7 +296,10 @@ def _figure(per_map: pd.DataFrame, probe: pd.DataFrame, acc: pd.DataFrame, desig
     for ax, measure in zip(axes[0], measures, strict=False):
         sub = frame[frame["measure"] == measure]
         for method, g in sub.groupby("method", sort=True):
-            _band(ax, g.groupby(["n", "seed"])["value"].mean().groupby(level=0), method)
+            line = _band(ax, g.groupby(["n", "seed"])["value"].mean().groupby(level=0), method)
+            ref = g.loc[g["variant"] == reference, "value"].mean()
+            if measure == "similarity" and line is not None and np.isfinite(ref):  # the noise floor
+                ax.axhline(ref, color=line.get_color(), linestyle="--", linewidth=0.8)
         ax.set_title(MEASURES[measure][2], fontsize=8)
     ax = axes[0][-1]
     a = acc[acc["syndrome_id"] == focus] if len(acc) else acc
@@ -302,6 +310,7 @@ def _figure(per_map: pd.DataFrame, probe: pd.DataFrame, acc: pd.DataFrame, desig
     for ax in axes[0]:
         if ax.has_data():
             ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.legend(fontsize=6)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", transform=ax.transAxes, fontsize=7)
@@ -329,7 +338,7 @@ def make_tables(run: Run, cfg: Any, design: Any, probe: pd.DataFrame, units: Map
     lines = _summary(effects, tables, design, probe, cfg)
     atomic_write_text(root / "summary.md", "\n".join(lines) + "\n")
     if design.focus is not None and len(per_map):
-        _figure(per_map, probe, tables["accuracy"], design, root / "trend.png")
+        _figure(per_map, probe, tables["accuracy"], design, root / "trend.png", cfg.reference)
     else:
         _placeholder_figure(root / "trend.png")
     return lines
