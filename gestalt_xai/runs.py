@@ -83,6 +83,7 @@ class RunLayout:
     aggregate: str = "aggregate"
     assess: str = "assess"
     eyetracking: str = "experiments/eyetracking"
+    imbalance: str = "experiments/imbalance"
 
     def crop(self, image_id: str) -> str:
         """The aligned 112×112 crop of ``image_id``."""

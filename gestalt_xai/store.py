@@ -220,6 +220,41 @@ class MapStore:
     def _invalidate(self) -> None:
         self._index_cache = None
 
+    def absorb(self, other: MapStore, writer_id: str = "w0") -> int:
+        """Append the flushes of another store (a shard's, written by its own writers) as this store's next
+        flushes of ``writer_id``, in the other's flush order; returns the maps added.
+
+        Each flush of ``other`` becomes one flush here (its chunk's bytes copied, its index fragment re-pointed at
+        the new chunk name, its error rows kept), so absorbing shards in a fixed order gives exactly the files one
+        writer would have written flushing the same batches in that order. Keys already stored here are dropped
+        from the index fragment (their maps stay unreferenced in the copied chunk); a flush whose keys are all
+        stored already is skipped.
+        """
+        names = sorted({p.stem for sub in ("chunks", "index", "errors") for p in (other.root / sub).iterdir()
+                        if _PART.match(p.name)}, key=lambda n: (n.rsplit("-", 1)[0], int(n.rsplit("-", 1)[1])))
+        known = self.keys()
+        added = 0
+        for name in names:
+            index_path, chunk_path = other.root / "index" / f"{name}.parquet", other.root / "chunks" / f"{name}.npy"
+            errors_path = other.root / "errors" / f"{name}.parquet"
+            rows = pd.read_parquet(index_path) if index_path.exists() and chunk_path.exists() else None
+            if rows is not None:
+                fresh = [MapKey(*r) not in known for r in rows[KEY_COLUMNS].itertuples(index=False, name=None)]
+                rows = rows[fresh]
+            if (rows is None or not len(rows)) and not errors_path.exists():
+                continue
+            new = f"{writer_id}-{self._next_number(writer_id):06d}"
+            if rows is not None and len(rows):
+                atomic_write_bytes(self.root / "chunks" / f"{new}.npy", chunk_path.read_bytes())
+                rows = rows.assign(chunk=new).astype({c: _dtype(c) for c in INDEX_COLUMNS})
+                write_parquet(rows.reset_index(drop=True), self.root / "index" / f"{new}.parquet")
+                known |= {MapKey(*r) for r in rows[KEY_COLUMNS].itertuples(index=False, name=None)}
+                added += len(rows)
+            if errors_path.exists():
+                atomic_write_bytes(self.root / "errors" / f"{new}.parquet", errors_path.read_bytes())
+            self._invalidate()
+        return added
+
     def compact(self) -> None:
         """Fold the index fragments into ``index.parquet`` (atomic), then delete the fragments."""
         frags = self._fragments("index")

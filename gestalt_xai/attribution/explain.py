@@ -49,6 +49,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,16 +72,17 @@ from gestalt_xai.attribution.target_kinds import (
     plan_items,
 )
 from gestalt_xai.attribution.targets import TTASlot, parse_syndrome_spec
-from gestalt_xai.config import StageConfig
+from gestalt_xai.engine import EngineConfig
 from gestalt_xai.errors import ConfigError, InputError, error_kind
 from gestalt_xai.models.declaration import ModelDeclarations, models_field
-from gestalt_xai.runs import LAYOUT, ErrorRow, Run
+from gestalt_xai.runs import LAYOUT, ErrorRow, Run, write_parquet
 from gestalt_xai.stages import StageResult, stage
 from gestalt_xai.store import MapKey, MapStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExplainConfig", "explain_stage", "DEFAULT_METHODS", "WorkItem", "plan_items", "PARAM_SHORTHANDS"]
+__all__ = ["ExplainConfig", "explain_stage", "explain_into", "explain_shard", "explain_sharded", "DEFAULT_METHODS",
+           "WorkItem", "plan_items", "PARAM_SHORTHANDS"]
 
 DEFAULT_METHODS = ["gradcam", "hirescam", "fullgrad", "saliency", "input_x_gradient", "occlusion"]
 #: top-level options that set a method's parameter: ``option -> (method, parameter)``
@@ -89,8 +91,8 @@ PARAM_SHORTHANDS = {"occlusion_patch": ("occlusion", "patch"), "occlusion_stride
 _OCCLUSION = OcclusionParams.model_fields
 
 
-class ExplainConfig(StageConfig):
-    """Options of ``gestalt-xai explain``."""
+class ExplainConfig(EngineConfig):
+    """Options of ``gestalt-xai explain`` (with the engine's: :class:`~gestalt_xai.engine.EngineConfig`)."""
 
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS),
                                description="attribution methods (see gestalt_xai.attribution.available_methods())")
@@ -126,6 +128,8 @@ class ExplainConfig(StageConfig):
     overlay_view: str = Field("max-abs", description="named view for figures (postprocess.apply_view)")
     device: str = Field("cpu", description="cpu, cuda, cuda:N")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+    shard_batches: int = Field(0, ge=0, description="batches per work unit run through the engine (0: none, "
+                                                    "unless engine is ray or workers > 1: then 4)")
 
     @field_validator("target")
     @classmethod
@@ -197,9 +201,6 @@ def _expected_keys(item: WorkItem, model_id: str, methods: list[tuple[Attributio
 def explain_stage(run: Run, cfg: ExplainConfig) -> StageResult:
     """Run the explain stage on ``run``: maps for every (image, target) item into ``maps/`` (see the module
     docstring); per-item failures become error rows keyed by model, target and method."""
-    from gestalt_xai.data.aligned import load_crops
-    from gestalt_xai.models.gestaltmatcher import preprocess
-    from gestalt_xai.progress import progress
     from gestalt_xai.runs import torch_threads
 
     if not cfg.methods:
@@ -209,20 +210,10 @@ def explain_stage(run: Run, cfg: ExplainConfig) -> StageResult:
     errors: list[ErrorRow] = []
     with torch_threads(cfg.threads):
         setup = ExplainSetup.build(run, cfg)
-        n_items = 0
-        figure_jobs: list[tuple[str, str, str]] = []
-        with store.writer() as writer:
-            for plan in setup.plans(errors):
-                group_id, items = plan.group_id, plan.items
-                todo = [it for it in items
-                        if not all(writer.done(k) for k in _expected_keys(it, group_id, methods, cfg.layers))]
-                log.info("explain %s: %d items, %d already stored", group_id, len(items), len(items) - len(todo))
-                n_items += len(items)
-                figure_jobs += [(group_id, it.image_id, str(it.target)) for it in items]
-                for batch in progress(batches(todo, cfg.batch_size), f"explain {group_id}"):
-                    _explain_batch(run, cfg, batch, setup.kind, group_id, plan.group, setup.slots, methods,
-                                   plan.model_hash, writer, errors, load_crops, preprocess)
-                    writer.flush()
+        if _sharded(cfg):
+            n_items, figure_jobs = explain_sharded(run, cfg, setup, store, errors)
+        else:
+            n_items, figure_jobs = explain_into(run, cfg, setup, methods, store, errors)
         effects = explain_effects(run, setup, errors)
     store.compact()
     rows = errors + [ErrorRow(str(r["image_id"]), str(r["error_kind"]), str(r["message"]),
@@ -233,6 +224,125 @@ def explain_stage(run: Run, cfg: ExplainConfig) -> StageResult:
     summary = [f"{n_items} (image, target) items, {len(store)} maps in {run.relative(store.root)}", *effects.summary]
     return StageResult(items=n_items, extra={"n_maps": len(store), **effects.extra}, summary=summary,
                        outputs={"maps": store.root, **effects.outputs})
+
+
+def _sharded(cfg: ExplainConfig) -> bool:
+    return bool(cfg.shard_batches) or cfg.engine != "local" or cfg.workers > 1
+
+
+def explain_into(run: Run, cfg: ExplainConfig, setup: ExplainSetup,
+                        methods: list[tuple[AttributionMethod, list[str]]], store: MapStore,
+                        errors: list[ErrorRow]) -> tuple[int, list[tuple[str, str, str]]]:
+    """Explain every item ``setup`` plans into ``store``, in this process, through one writer flushed after each batch
+    (items whose maps are all stored already are skipped); ``(items, figure jobs)``. Also used by experiments that
+    explain models of their own (:mod:`gestalt_xai.experiments.imbalance_unit`)."""
+    from gestalt_xai.data.aligned import load_crops
+    from gestalt_xai.models.gestaltmatcher import preprocess
+    from gestalt_xai.progress import progress
+
+    n_items = 0
+    figure_jobs: list[tuple[str, str, str]] = []
+    with store.writer() as writer:
+        for plan in setup.plans(errors):
+            group_id, items = plan.group_id, plan.items
+            todo = [it for it in items
+                    if not all(writer.done(k) for k in _expected_keys(it, group_id, methods, cfg.layers))]
+            log.info("explain %s: %d items, %d already stored", group_id, len(items), len(items) - len(todo))
+            n_items += len(items)
+            figure_jobs += [(group_id, it.image_id, str(it.target)) for it in items]
+            for batch in progress(batches(todo, cfg.batch_size), f"explain {group_id}"):
+                _explain_batch(run, cfg, batch, setup.kind, group_id, plan.group, setup.slots, methods,
+                               plan.model_hash, writer, errors, load_crops, preprocess)
+                writer.flush()
+    return n_items, figure_jobs
+
+
+@dataclass
+class ShardPayload:
+    """What one explain shard needs in a worker: the options, one model group and its batches (already planned and
+    batched by the driver, so every batch is the one an in-process run would explain)."""
+
+    cfg: ExplainConfig
+    group_id: str
+    group: list[tuple[str, torch.nn.Module]]
+    model_hash: str
+    kind: TargetKind
+    slots: list[TTASlot]
+    batches: list[list[WorkItem]]
+
+
+def explain_shard(payload: ShardPayload, ctx: Any) -> dict[str, Any]:
+    """Engine unit (:mod:`gestalt_xai.engine`): explain the payload's batches into a map store in ``ctx.out`` (one
+    flush per batch, as :func:`explain_stage` flushes) and its error rows into ``ctx.out/errors.parquet``."""
+    from gestalt_xai.data.aligned import load_crops
+    from gestalt_xai.models.gestaltmatcher import preprocess
+
+    cfg = payload.cfg
+    run = Run(ctx.run_path)
+    methods = build_methods(cfg.methods, cfg.all_method_params())
+    errors: list[ErrorRow] = []
+    store = MapStore(Path(ctx.out) / "maps")
+    with store.writer() as writer:
+        for batch in payload.batches:
+            _explain_batch(run, cfg, batch, payload.kind, payload.group_id, payload.group, payload.slots, methods,
+                           payload.model_hash, writer, errors, load_crops, preprocess)
+            writer.flush()
+    table = pd.DataFrame([r.as_record() for r in errors], columns=["item_id", "error_kind", "message", "key"])
+    write_parquet(table, Path(ctx.out) / "errors.parquet")
+    return {"maps": len(store), "errors": len(errors)}
+
+
+def explain_sharded(run: Run, cfg: ExplainConfig, setup: ExplainSetup, store: MapStore,
+                    errors: list[ErrorRow]) -> tuple[int, list[tuple[str, str, str]]]:
+    """The batches of every model group as engine units of ``shard_batches`` batches each (module docstring of
+    :mod:`gestalt_xai.engine`), absorbed into ``store`` in plan order: the same map store, byte for byte, as
+    explaining them in this process. Shards are cut from *all* items' batches, so a resumed run finds the units a
+    killed run finished (and absorbs them) instead of re-cutting what is left; ``(items, figure jobs)``."""
+    import shutil
+
+    from gestalt_xai.engine import ENGINE_FIELDS, WorkUnit, digest, run_units
+
+    methods = build_methods(cfg.methods, cfg.all_method_params())
+    size = cfg.shard_batches or 4
+    threads = cfg.threads or torch.get_num_threads()
+    shards_root = run.dir(LAYOUT.maps) / ".shards"
+    fingerprint = cfg.model_dump(mode="json", exclude=set(ENGINE_FIELDS) | {"overlay", "shard_batches"})
+    units: list[WorkUnit] = []
+    n_items = 0
+    figure_jobs: list[tuple[str, str, str]] = []
+    stored = store.keys()
+    for plan in setup.plans(errors):
+        n_items += len(plan.items)
+        figure_jobs += [(plan.group_id, it.image_id, str(it.target)) for it in plan.items]
+        all_batches = batches(plan.items, cfg.batch_size)
+        for n, start in enumerate(range(0, len(all_batches), size)):
+            shard = [[it for it in b if not all(k in stored for k in _expected_keys(it, plan.group_id, methods,
+                                                                                     cfg.layers))]
+                     for b in all_batches[start: start + size]]
+            shard = [b for b in shard if b]
+            if not shard:
+                continue
+            unit_id = f"{plan.group_id}/shard{n:04d}"
+            keys = [[(it.image_id, str(it.target)) for it in b] for b in shard]
+            units.append(WorkUnit(unit_id, explain_shard,
+                                  ShardPayload(cfg, plan.group_id, list(plan.group), plan.model_hash, setup.kind,
+                                               list(setup.slots), shard),
+                                  out=shards_root / plan.group_id / f"shard{n:04d}",
+                                  digest=digest(fingerprint, plan.model_hash, keys), threads=threads,
+                                  key={"model_id": plan.group_id, "shard": n}))
+    outcomes = run_units(run, units, cfg, ledger=run.ledger(cfg, ignore=(*ENGINE_FIELDS, "overlay", "shard_batches")))
+    for unit in units:  # plan order, whatever order they finished in
+        outcome = outcomes[unit.unit_id]
+        if outcome.error is not None:
+            errors.append(outcome.error)
+            continue
+        store.absorb(MapStore(unit.out / "maps"))
+        for r in pd.read_parquet(unit.out / "errors.parquet").to_dict("records"):
+            errors.append(ErrorRow(r["item_id"], r["error_kind"], r["message"], json.loads(r["key"] or "{}")))
+    shutil.rmtree(shards_root, ignore_errors=True)
+    log.info("explain: %d shards (%d run now, %d failed)", len(units),
+             sum(o.status == "done" for o in outcomes.values()), sum(o.error is not None for o in outcomes.values()))
+    return n_items, figure_jobs
 
 
 def _explain_batch(run: Run, cfg: ExplainConfig, batch: list[WorkItem], kind: TargetKind, group_id: str,

@@ -128,10 +128,12 @@ class ExplainSetup:
     gallery_ids: list[str]
 
     @classmethod
-    def build(cls, run: Run, cfg: Any, models: list[LoadedModel] | None = None) -> ExplainSetup:
-        """Load the declared models (unless given), the tables, select the images and prepare the target kind."""
+    def build(cls, run: Run, cfg: Any, models: list[LoadedModel] | None = None,
+              embeddings: pd.DataFrame | None = None) -> ExplainSetup:
+        """Load the declared models (unless given), the tables (the run's embeddings unless ``embeddings`` are given,
+        e.g. those of a model trained outside ``run/models``), select the images and prepare the target kind."""
         table = run.image_table()
-        embeddings = run.embeddings()
+        embeddings = run.embeddings() if embeddings is None else embeddings
         models = load_models(run, cfg) if models is None else models
         image_ids = select_images(cfg, table, set(embeddings["image_id"]))
         setup = cls(cfg, get_target_kind(cfg.target)(cfg), explain_slots(cfg), models, table, embeddings, image_ids,

@@ -343,17 +343,20 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train_model(run: Run, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module, pd.DataFrame]:
+def train_model(run: Run, data: TrainData, cfg: TrainConfig,
+                state_dir: Path | None = None) -> tuple[nn.Module, pd.DataFrame]:
     """Train (or resume training) on ``data``; returns the model to save and the per-epoch history.
 
-    Epoch state is written to ``.<model_id>.state.pt`` beside the model (:meth:`TrainConfig.output_dir`) after each
-    epoch (see the module docstring). ``data`` is trained on as given (the stage permutes its labels).
+    Epoch state is written to ``.<model_id>.state.pt`` beside the model (:meth:`TrainConfig.output_dir`; or in
+    ``state_dir``, for models kept outside ``run/models``) after each epoch (see the module docstring). ``data`` is
+    trained on as given (the stage permutes its labels).
     """
     with torch_threads(cfg.threads):
-        return _train_model(run, data, cfg)
+        return _train_model(run, data, cfg, state_dir)
 
 
-def _train_model(run: Run, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module, pd.DataFrame]:
+def _train_model(run: Run, data: TrainData, cfg: TrainConfig,
+                 state_dir: Path | None = None) -> tuple[nn.Module, pd.DataFrame]:
     from gestalt_xai.runs import atomic_write_bytes
 
     device = _resolve_device(cfg.device)
@@ -411,7 +414,7 @@ def _train_model(run: Run, data: TrainData, cfg: TrainConfig) -> tuple[nn.Module
         num_workers=cfg.num_workers,
     )
 
-    state_path = cfg.output_dir(run) / f".{model_id}.state.pt"
+    state_path = (state_dir if state_dir is not None else cfg.output_dir(run)) / f".{model_id}.state.pt"
     chash = _config_hash(cfg, data)
     history: list[dict[str, Any]] = []
     best: tuple[float, dict[str, torch.Tensor]] | None = None
