@@ -96,6 +96,7 @@ def demo_section(run: Path) -> str:
     out += localisation_section(run, agg.get("confounded_syndrome"))
     out += assess_section(run)
     out += eyetracking_section(run)
+    out += imbalance_section(run)
     return "\n".join(out)
 
 
@@ -145,6 +146,17 @@ def eyetracking_section(run: Path) -> list[str]:
         out += ["", "Planted features vs eyes only, on the syndromes whose planted features lie away from the eyes:",
                 *statements]
     return out
+
+
+def imbalance_section(run: Path) -> list[str]:
+    """The class-imbalance experiment's summary (``experiments/imbalance/summary.md``, its statements computed by the
+    stage from the run's numbers)."""
+    path = run / "experiments" / "imbalance" / "summary.md"
+    if not path.exists():
+        return []
+    text = path.read_text().split("\n", 2)[-1].replace("\n## ", "\n#### ")
+    return ["", "The class-imbalance experiment's summary (`experiments/imbalance/summary.md`; the demo's small "
+                "version: two seeds, one fine-tuning epoch per variant):", text.rstrip()]
 
 
 def _confounder_rate(manifest: dict) -> str:
