@@ -226,6 +226,9 @@ def _ray_session(cfg: EngineConfig, units: Sequence[WorkUnit]) -> Iterator[Any]:
         yield ray
         return
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
+    # Ray's progress-bar support replaces builtins.print in the driver process (ray.experimental.tqdm_ray) unless
+    # told not to: a library must not change the caller's print
+    os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
     if address:
         ray.init(address=address, log_to_driver=False)
     else:  # this machine only: loopback, no dashboard, no usage statistics sent anywhere

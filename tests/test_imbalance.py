@@ -5,6 +5,7 @@ worker was killed mid-run."""
 
 from __future__ import annotations
 
+import builtins
 import os
 import shutil
 import signal
@@ -135,6 +136,8 @@ def test_ray_engine_gives_the_local_tables_and_a_killed_worker_loses_nothing_fin
     ray = pytest.importorskip("ray")  # `make test` installs the ray extra, so CI never skips this
     expected = _outputs(local_grid[0])
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")  # as engine.py does: Ray must not replace builtins.print
+    print_before = builtins.print
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         run = _copy(local_grid[0], tmp_path / "ray")
@@ -157,6 +160,7 @@ def test_ray_engine_gives_the_local_tables_and_a_killed_worker_loses_nothing_fin
         assert "1 run now, 3 reused, 0 failed" in result.summary[0]  # nothing that had finished ran again
         assert _outputs(run) == expected  # every unit on Ray: the local engine's bytes
         assert run.error_count("imbalance") == 0
+        assert builtins.print is print_before  # the session's print is left alone
     finally:
         ray.shutdown()
 
