@@ -26,13 +26,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
 from gestalt_xai.provenance import git_commit, package_versions, peak_memory_mb
+
+if TYPE_CHECKING:
+    from gestalt_xai.pseudonyms import PseudonymMap
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,8 @@ class RunLayout:
     assess: str = "assess"
     eyetracking: str = "experiments/eyetracking"
     imbalance: str = "experiments/imbalance"
+    #: what stays with the analyst: never exported, never in a report (gestalt_xai.pseudonyms)
+    pseudonym_secret: str = "private/pseudonym_secret.json"
 
     def crop(self, image_id: str) -> str:
         """The aligned 112×112 crop of ``image_id``."""
@@ -515,6 +520,24 @@ class Run:
             return table.sort_values("image_id", kind="stable").reset_index(drop=True)
 
         return self._cached("image_table", files, load).copy()
+
+    def pseudonyms(self, seed: int | None = None) -> PseudonymMap:
+        """The run's salted pseudonym mapping (:class:`~gestalt_xai.pseudonyms.PseudonymMap`), one per run.
+
+        Created on first use from the study seed (``seed`` when no study is recorded, else 0) unless
+        :meth:`set_pseudonym_secret` stored a random one; see :mod:`gestalt_xai.pseudonyms` for what each protects.
+        """
+        from gestalt_xai.pseudonyms import load_or_create
+
+        study_seed = self._manifest.get("study", {}).get("seed")
+        chosen = study_seed if isinstance(study_seed, int) else seed if seed is not None else 0
+        return load_or_create(self.path / LAYOUT.pseudonym_secret, chosen)
+
+    def set_pseudonym_secret(self, secret: str | None = None, *, replace: bool = False) -> PseudonymMap:
+        """Give the run a user-set pseudonym secret (``None``: random): :func:`gestalt_xai.pseudonyms.set_secret`."""
+        from gestalt_xai.pseudonyms import set_secret
+
+        return set_secret(self.path / LAYOUT.pseudonym_secret, secret, replace=replace)
 
     # -- manifest ------------------------------------------------------------------------------------------
     @property
