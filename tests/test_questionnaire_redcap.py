@@ -96,3 +96,26 @@ def test_validator_catches_broken_matrix_groups_and_columns() -> None:
     forms = table.copy()
     forms.loc[len(forms)] = {**forms.iloc[1].to_dict(), "Variable / Field Name": "late", "Form Name": "gxai_eval_rater"}
     assert any("not together" in p for p in validate_data_dictionary(forms))
+
+
+def test_analyst_key_is_written_apart_and_complete(tmp_path) -> None:
+    import pandas as pd
+
+    from gestalt_xai.export.blinding import write_analyst_key
+    from gestalt_xai.export.redcap import REGION_GROUPS
+    from gestalt_xai.runs import Run
+
+    run = Run(tmp_path / "run")
+    table = run.pseudonyms(seed=0).table("syndrome", [f"S{i:02d}" for i in range(10)])
+    cases = table
+    q = load_questionnaire(DEFAULT)
+    key = blinding_key(q, list(cases["pseudonym"])[:8])
+    paths = write_analyst_key(run.path / "private" / "questionnaire", key, cases, REGION_GROUPS)
+    back = pd.read_csv(paths["cases_key"])
+    assert len(back) == 8 and set(back["pseudonym"]) == set(key["pseudonym"])  # only the exported cases
+    assert pd.read_csv(paths["blinding_key"]).equals(key)
+    assert list(pd.read_csv(paths["regions_key"])["region_group"]) == list(REGION_GROUPS)
+    raw = dictionary_csv(data_dictionary(q, key)).decode("utf-8-sig")
+    assert not any(r in raw for r in back["raw_id"])  # the dictionary names no raw id
+    with pytest.raises(ValueError, match="no entry in the pseudonym table"):
+        write_analyst_key(tmp_path, key, cases.iloc[:3], REGION_GROUPS)

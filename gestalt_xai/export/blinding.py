@@ -10,13 +10,15 @@ the same key and another seed another order and blinding.
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from gestalt_xai.export.questionnaire_def import QuestionnaireDef
+from gestalt_xai.runs import atomic_write_bytes
 
-__all__ = ["KEY_COLUMNS", "blinding_key", "case_form"]
+__all__ = ["KEY_COLUMNS", "blinding_key", "case_form", "write_analyst_key"]
 
 #: one row per shown map: the case's position (1-based) and form, its pseudonym, the letter and the hidden method
 KEY_COLUMNS = ["case_no", "form", "pseudonym", "label", "method", "preference_pair"]
@@ -52,3 +54,24 @@ def blinding_key(q: QuestionnaireDef, pseudonyms: list[str]) -> pd.DataFrame:
             rows.append({"case_no": case_no, "form": case_form(case_no), "pseudonym": pseudonyms[int(i)],
                          "label": label, "method": method, "preference_pair": method in pair})
     return pd.DataFrame(rows, columns=KEY_COLUMNS)
+
+
+def write_analyst_key(folder: str | Path, key: pd.DataFrame, cases: pd.DataFrame,
+                      region_groups: tuple[str, ...]) -> dict[str, Path]:
+    """Write the analyst-only key into ``folder`` (a run's ``private/`` folder, never sent to raters):
+    ``blinding_key.csv`` (case → letter → method), ``cases_key.csv`` (pseudonym → raw id, only the cases of this
+    export, from :meth:`~gestalt_xai.pseudonyms.PseudonymMap.table`) and ``regions_key.csv`` (checkbox code → the
+    anatomical region group). Returns label → path.
+    """
+    folder = Path(folder)
+    missing = sorted(set(key["pseudonym"]) - set(cases["pseudonym"]))
+    if missing:
+        raise ValueError(f"cases {missing[:3]} of the key have no entry in the pseudonym table")
+    shown = cases[cases["pseudonym"].isin(set(key["pseudonym"]))].sort_values("pseudonym", kind="stable")
+    regions = pd.DataFrame({"code": range(1, len(region_groups) + 1), "region_group": list(region_groups)})
+    out = {"blinding_key": folder / "blinding_key.csv", "cases_key": folder / "cases_key.csv",
+           "regions_key": folder / "regions_key.csv"}
+    for label, table in (("blinding_key", key), ("cases_key", shown[["pseudonym", "raw_id"]]),
+                         ("regions_key", regions)):
+        atomic_write_bytes(out[label], table.to_csv(index=False, lineterminator="\n").encode("utf-8"))
+    return out
