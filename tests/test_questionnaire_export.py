@@ -1,0 +1,191 @@
+"""Questionnaire export: case selection, images, REDCap instrument ZIPs, LimeSurvey TSV, HTML booklet."""
+
+from __future__ import annotations
+
+import csv
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gestalt_xai.export.blinding import blinding_key
+from gestalt_xai.export.cases import select_syndromes, syndrome_cases
+from gestalt_xai.export.questionnaire import LIMESURVEY_COLUMNS, ZIP_DATE, export_questionnaire
+from gestalt_xai.export.questionnaire_def import load_questionnaire
+from gestalt_xai.export.redcap import COLUMNS, validate_data_dictionary
+from gestalt_xai.pseudonyms import PseudonymMap, derived_secret
+
+csv.field_size_limit(2**24)  # the LimeSurvey text of an image question holds it as a data URI
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["gradcam", "lrp", "occlusion", "saliency"]
+#: syndrome id → subjects: the "largest" rule must pick the largest eligible ones
+SIZES = {"OMIM_162200": 40, "OMIM_194050": 30, "ORPHA_2322": 25, "OMIM_180849": 12, "OMIM_300000": 6,
+         "OMIM_999001": 3}
+
+
+def _tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+    rng = np.random.default_rng(7)
+    rows, faces = [], []
+    for syn, n in SIZES.items():
+        faces.append({"group": syn, "stratum": "all", "n_subjects": n, "n_images": n, "rendered": n >= 5,
+                      "min_subjects": 5})
+        for method in METHODS:
+            if syn == "ORPHA_2322" and method == "saliency":
+                continue  # incomplete: not eligible
+            m = rng.normal(size=112 * 112).astype(np.float32)
+            rows.append({"group": syn, "stratum": "all", "model_id": "gm", "method": method, "layer": "",
+                         "target_group": "centroid:own", "normalisation": "max-abs", "n_subjects": n,
+                         "n_images": n, "mean": m})
+    return pd.DataFrame(rows), pd.DataFrame(faces)
+
+
+def _face(syn: str) -> np.ndarray:
+    rng = np.random.default_rng(sum(map(ord, syn)))
+    return rng.integers(0, 255, size=(112, 112, 3), dtype=np.uint8)
+
+
+def _export(tmp: Path, seed: int = 0, n: int = 3) -> tuple[dict[str, Path], pd.DataFrame, object]:
+    q = load_questionnaire(ROOT / "questionnaires" / "default.yaml")
+    q = q.model_copy(update={"seed": seed, "cases": q.cases.model_copy(update={"n": n})})
+    comp, faces = _tables()
+    pm = PseudonymMap(derived_secret(3), "test")
+    cases = syndrome_cases(q, comp, faces, _face, lambda s: pm.pseudonym("syndrome", s))
+    key = blinding_key(q, [c.pseudonym for c in cases])
+    return export_questionnaire(q, cases, key, tmp), key, q
+
+
+def test_selection_follows_the_rule_and_skips_ineligible_syndromes() -> None:
+    q = load_questionnaire(ROOT / "questionnaires" / "default.yaml")
+    comp, faces = _tables()
+    assert select_syndromes(q, comp, faces) == ["OMIM_162200", "OMIM_194050", "OMIM_180849", "OMIM_300000"]
+    few = q.model_copy(update={"cases": q.cases.model_copy(update={"n": 2})})
+    assert select_syndromes(few, comp, faces) == ["OMIM_162200", "OMIM_194050"]
+    rnd = q.model_copy(update={"cases": q.cases.model_copy(update={"n": 2, "select": "random"})})
+    picks = {tuple(select_syndromes(rnd.model_copy(update={"seed": s}), comp, faces)) for s in range(8)}
+    assert len(picks) > 1 and all(set(p) <= {"OMIM_162200", "OMIM_194050", "OMIM_180849", "OMIM_300000"}
+                                  for p in picks)
+
+
+def test_images_are_plain_pngs_named_by_pseudonym(tmp_path) -> None:
+    from PIL import Image
+
+    written, key, _ = _export(tmp_path)
+    images = sorted(p for k, p in written.items() if k.startswith("image:"))
+    assert len(images) == 3 * (1 + 3)
+    for p in images:
+        assert p.name.split("_")[0] in set(key["pseudonym"])
+        with Image.open(p) as im:
+            assert im.format == "PNG" and not im.info.keys() - {"dpi"}
+            assert im.size[0] >= 112
+    # the face is the composite face itself, re-encoded losslessly
+    first = key["pseudonym"].iloc[0]
+    with Image.open(tmp_path / "images" / f"{first}_face.png") as im:
+        faces = {tuple(_face(s).ravel()[:50]) for s in SIZES}
+        assert tuple(np.asarray(im.convert("RGB")).ravel()[:50]) in faces
+
+
+def test_instrument_zips_match_the_layout_and_are_byte_identical(tmp_path) -> None:
+    a, key, q = _export(tmp_path / "a")
+    b, _, _ = _export(tmp_path / "b")
+    c, key_c, _ = _export(tmp_path / "c", seed=5)
+    zips = {k: p for k, p in a.items() if k.startswith("redcap_instrument:")}
+    assert set(zips) == {f"redcap_instrument:{f}" for f in ["gxai_eval_rater", "case_01", "case_02", "case_03",
+                                                             "gxai_eval_scs"]}
+    for label, path in a.items():
+        assert path.read_bytes() == b[label].read_bytes(), label
+    assert a["limesurvey"].read_bytes() != c["limesurvey"].read_bytes()
+    assert not key.equals(key_c)
+    with zipfile.ZipFile(zips["redcap_instrument:case_01"]) as z:
+        names = z.namelist()
+        assert names[:0] == [] and {"OriginID.txt", "instrument.csv"} <= set(names)
+        assert all(i.date_time == ZIP_DATE for i in z.infolist())
+        raw = z.read("instrument.csv")
+        assert raw.startswith(b"\xef\xbb\xbf")
+        rows = list(csv.reader(io.StringIO(raw.decode("utf-8-sig"))))
+        assert rows[0] == COLUMNS and {r[1] for r in rows[1:]} == {"case_01"}
+        fields = {r[0] for r in rows[1:]}
+        attachments = [n for n in names if n.startswith("attachments/")]
+        assert len(attachments) == 4
+        for n in attachments:
+            _, field, file = n.split("/")
+            assert field in fields and file.endswith(".png")
+            assert z.read(n).startswith(b"\x89PNG")
+            assert (tmp_path / "a" / "images" / file).read_bytes() == z.read(n)
+    assert validate_data_dictionary(a["redcap_dictionary"].read_bytes()) == []
+
+
+def test_limesurvey_structure(tmp_path) -> None:
+    written, key, q = _export(tmp_path)
+    raw = written["limesurvey"].read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf")
+    rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8-sig")), delimiter="\t"))
+    assert list(rows[0].keys()) == LIMESURVEY_COLUMNS
+    classes = [r["class"] for r in rows]
+    # settings first, then groups with their questions; subquestions/answers only right after a question
+    assert classes[:5] == ["S", "S", "S", "SL", "SL"] and classes[5] == "G"
+    last = None
+    for r in rows[5:]:
+        if r["class"] in {"SQ", "A"}:
+            assert last in {"Q", "SQ", "A"}
+        last = r["class"]
+    groups = [r["name"] for r in rows if r["class"] == "G"]
+    assert groups == ["About you", "Case 1", "Case 2", "Case 3", "System Causability Scale"]
+    qs = [r for r in rows if r["class"] == "Q"]
+    codes = [r["name"] for r in qs]
+    assert len(set(codes)) == len(codes) and all(c.isalnum() and c[0].isalpha() for c in codes)
+    assert {r["type/scale"] for r in qs} <= {"L", "N", "X", "F", "M", "S", "T"}
+    # each Likert array: three statements, five answers; the preference: A/B/no preference
+    lik = next(i for i, r in enumerate(rows) if r["name"] == "c01lika")
+    assert [r["class"] for r in rows[lik + 1: lik + 9]] == ["SQ"] * 3 + ["A"] * 5
+    pref = next(i for i, r in enumerate(rows) if r["name"] == "c01pref")
+    assert [r["text"] for r in rows[pref + 1: pref + 4]] == ["Map A", "Map B", "No preference"]
+    scs = next(i for i, r in enumerate(rows) if r["name"] == "scs")
+    assert [r["class"] for r in rows[scs + 1: scs + 16]] == ["SQ"] * 10 + ["A"] * 5
+    images = [r for r in qs if r["type/scale"] == "X"]
+    assert len(images) == 3 * 4 and all('src="data:image/png;base64,' in r["text"] for r in images)
+    assert all(r["mandatory"] in {"Y", "N"} for r in qs)
+
+
+def test_booklet_is_self_contained(tmp_path) -> None:
+    written, key, q = _export(tmp_path)
+    html = written["booklet"].read_text(encoding="utf-8")
+    assert html.count('<img src="data:image/png;base64,') == 3 * 4
+    assert "http://" not in html and "https://" not in html and "src=\"images/" not in html
+    for label in ("Map A", "Map B", "Map C", "System Causability Scale", q.scs.statements[0]):
+        assert label in html
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("chromium is not installed (`make test` installs Debian's chromium when run as root)")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
+    return path
+
+
+def test_booklet_renders_in_chromium_with_every_image(tmp_path, chromium) -> None:
+    from playwright.sync_api import sync_playwright
+
+    written, key, _ = _export(tmp_path)
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: errors.append(f"request {r.url}") if not r.url.startswith(("data:", "file:"))
+                else None)
+        page.goto(written["booklet"].as_uri())
+        page.wait_for_load_state("load")
+        widths = page.eval_on_selector_all("img", "els => els.map(e => e.complete ? e.naturalWidth : 0)")
+        pdf = page.pdf(format="A4")
+        browser.close()
+    assert len(widths) == 12 and all(w > 0 for w in widths), widths
+    assert errors == []
+    assert pdf.startswith(b"%PDF")
