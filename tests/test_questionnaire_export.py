@@ -189,3 +189,57 @@ def test_booklet_renders_in_chromium_with_every_image(tmp_path, chromium) -> Non
     assert len(widths) == 12 and all(w > 0 for w in widths), widths
     assert errors == []
     assert pdf.startswith(b"%PDF")
+
+
+def _cohort() -> pd.DataFrame:
+    """The cohort behind the composites: what no exported file may name."""
+    rows = []
+    for syn, n in SIZES.items():
+        for k in range(n):
+            rows.append({"image_id": f"img_{syn[-4:]}_{k:03d}", "subject_id": f"subj{syn[-4:]}{k:03d}",
+                         "path": f"/data/cohort/{syn}/patient_{syn[-4:]}_{k:03d}.jpg", "syndrome_id": syn})
+    return pd.DataFrame(rows)
+
+
+def test_privacy_scan_finds_nothing_in_an_export(tmp_path) -> None:
+    from gestalt_xai.export.privacy import forbidden_values, scan_export
+
+    _export(tmp_path)
+    cohort = _cohort()
+    forbidden = forbidden_values([*cohort["image_id"], *cohort["subject_id"], *cohort["syndrome_id"]],
+                                 cohort["path"])
+    assert "OMIM_162200" in forbidden and "patient_2200_000.jpg" in forbidden
+    assert scan_export(tmp_path, forbidden) == []
+
+
+def test_privacy_scan_catches_each_kind_of_leak(tmp_path) -> None:
+    import base64
+
+    from PIL import Image, PngImagePlugin
+
+    from gestalt_xai.export.privacy import forbidden_values, scan_bytes, scan_export
+    from gestalt_xai.export.questionnaire import deterministic_zip
+
+    forbidden = forbidden_values(["OMIM_162200", "s07"], ["/data/cohort/patient_7.jpg"])
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "harmless")
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, "PNG", pnginfo=info)
+    tagged = buf.getvalue()
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, "PNG")
+    clean = buf.getvalue()
+    assert scan_bytes(clean, forbidden, "x.png") == []
+    assert scan_bytes(tagged, forbidden, "x.png") == ["x.png: PNG metadata chunk tEXt"]
+    assert scan_bytes(b"case of omim_162200, ok", forbidden, "t.csv") == ["t.csv: contains 'omim_162200'"]
+    assert scan_bytes(b"see /data/cohort/patient_7.jpg", forbidden, "t")  # the path (and its name) as text
+    assert scan_bytes(b"Rater s07\t3", forbidden, "t") == ["t: contains 's07'"]
+    assert scan_bytes(b"class07 s070 subject", forbidden, "t") == []  # tokens, not substrings, for short ids
+    uri = b'<img src="data:image/png;base64,' + base64.b64encode(tagged) + b'">'
+    assert scan_bytes(uri, forbidden, "b.html") == ["b.html:data-uri[0]: PNG metadata chunk tEXt"]
+    z = deterministic_zip({"instrument.csv": b"a,OMIM_162200\n", "attachments/f/patient_7.png": clean})
+    found = scan_bytes(z, forbidden, "i.zip")
+    assert "i.zip:instrument.csv: contains 'omim_162200'" in found
+    assert any("attachments/f/patient_7.png: its name contains 'patient_7'" in f for f in found)
+    (tmp_path / "OMIM_162200_face.png").write_bytes(clean)
+    assert scan_export(tmp_path, forbidden) == ["OMIM_162200_face.png: its name contains 'OMIM_162200'"]
