@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 RUN    ?= runs/demo
 
-.PHONY: install demo test bench lint clean-runs
+.PHONY: install browser demo test bench lint clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,13 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/gestalt-xai study run pipelines/demo.yaml --run $(RUN)
 
-test: install
+# the questionnaire booklet's browser test drives Debian's chromium through Playwright (`playwright install` downloads
+# browsers and cannot work offline); installed here when running as root (as CI does), skipped with a reason otherwise
+browser:
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; fi
+
+test: install browser
 	$(PY) -m pytest
 
 bench: install

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import zipfile
 from pathlib import Path
 
@@ -163,6 +164,8 @@ def chromium() -> str:
     import shutil
 
     path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None and os.environ.get("CI"):
+        pytest.fail("CI must run the browser test: `make test` installs chromium when run as root")
     if path is None:
         pytest.skip("chromium is not installed (`make test` installs Debian's chromium when run as root)")
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
