@@ -246,3 +246,26 @@ def test_privacy_scan_catches_each_kind_of_leak(tmp_path) -> None:
     assert any("attachments/f/patient_7.png: its name contains 'patient_7'" in f for f in found)
     (tmp_path / "OMIM_162200_face.png").write_bytes(clean)
     assert scan_export(tmp_path, forbidden) == ["OMIM_162200_face.png: its name contains 'OMIM_162200'"]
+
+
+def test_export_from_an_aggregated_run_keeps_the_key_private(tmp_path) -> None:
+    from gestalt_xai.data.images import save_png
+    from gestalt_xai.export.questionnaire import export_run_questionnaire
+    from gestalt_xai.runs import Run, write_parquet
+
+    run = Run(tmp_path / "run")
+    comp, faces = _tables()
+    write_parquet(comp, run.dir("aggregate") / "composites.parquet")
+    write_parquet(faces, run.path / "aggregate" / "faces.parquet")
+    for syn in faces.loc[faces["rendered"], "group"]:
+        save_png(run.dir("aggregate/faces") / f"{syn}__all.png", _face(syn))
+    q = load_questionnaire(ROOT / "questionnaires" / "default.yaml")
+    written = export_run_questionnaire(run, q, tmp_path / "export")
+    cases_key = pd.read_csv(written["key:cases_key"])
+    assert sorted(cases_key["raw_id"]) == ["OMIM_162200", "OMIM_180849", "OMIM_194050", "OMIM_300000"]
+    pm = run.pseudonyms()
+    assert all(pm.pseudonym("syndrome", r) == p for r, p in zip(cases_key["raw_id"], cases_key["pseudonym"],
+                                                                         strict=True))
+    assert all(written[k].is_relative_to(run.path / "private") for k in written if k.startswith("key:"))
+    assert not any(p.is_relative_to(run.path / "private") for k, p in written.items() if not k.startswith("key:"))
+    assert {p.name.split("_")[0] for p in (tmp_path / "export" / "images").iterdir()} == set(cases_key["pseudonym"])

@@ -43,10 +43,10 @@ from gestalt_xai.export.redcap import (
     dictionary_csv,
     validate_data_dictionary,
 )
-from gestalt_xai.runs import atomic_write_bytes
+from gestalt_xai.runs import Run, atomic_write_bytes
 
 __all__ = ["LIMESURVEY_COLUMNS", "ORIGIN_ID", "ZIP_DATE", "booklet_html", "deterministic_zip",
-           "export_questionnaire", "limesurvey_tsv", "redcap_instrument_zip"]
+           "export_questionnaire", "export_run_questionnaire", "limesurvey_tsv", "redcap_instrument_zip"]
 
 #: the fixed timestamp of every ZIP entry (the earliest a ZIP can store)
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -264,3 +264,44 @@ def export_questionnaire(q: QuestionnaireDef, cases: list[Case], key: pd.DataFra
     written["booklet"] = out / "booklet" / f"{q.name}.html"
     atomic_write_bytes(written["booklet"], booklet_html(q, dictionary, images, key).encode("utf-8"))
     return written
+
+
+def export_run_questionnaire(run: Run, q: QuestionnaireDef, out: str | Path,
+                             forbidden: set[str] | frozenset[str] = frozenset()) -> dict[str, Path]:
+    """Export ``q`` for the syndrome composites of an aggregated ``run`` into ``out``, and the analyst's key into the
+    run's ``private/`` folder (labels ``key:*`` of the result).
+
+    Cases carry the run's pseudonyms (:meth:`~gestalt_xai.runs.Run.pseudonyms`, kind ``syndrome``). After writing,
+    the export is scanned (:func:`~gestalt_xai.export.privacy.scan_export`) for the shown syndromes' ids and
+    ``forbidden`` (e.g. :func:`~gestalt_xai.export.privacy.forbidden_values` of the cohort's image and subject ids
+    and paths); a finding raises before anything is reported done.
+    """
+    from gestalt_xai.aggregate.stage import load_composites
+    from gestalt_xai.data.images import load_image
+    from gestalt_xai.errors import InputError
+    from gestalt_xai.export.blinding import blinding_key, write_analyst_key
+    from gestalt_xai.export.cases import syndrome_cases
+    from gestalt_xai.export.privacy import scan_export
+    from gestalt_xai.viz import file_stem
+
+    if q.cases.unit != "syndrome":
+        raise InputError(f"{q.name}: cases.unit {q.cases.unit!r} is not exported yet; use unit: syndrome")
+    faces_table = run.path / "aggregate" / "faces.parquet"
+    if not faces_table.exists():
+        raise InputError(f"{faces_table} not found: run `gestalt-xai aggregate --run …` first")
+    faces = pd.read_parquet(faces_table)
+    pm = run.pseudonyms()
+    shown: list[str] = []
+
+    def face_of(group: str) -> object:
+        shown.append(group)
+        return load_image(run.path / "aggregate" / "faces" / f"{file_stem(group)}__all.png")
+
+    cases = syndrome_cases(q, load_composites(run), faces, face_of, lambda g: pm.pseudonym("syndrome", g))
+    key = blinding_key(q, [c.pseudonym for c in cases])
+    written = export_questionnaire(q, cases, key, out)
+    findings = scan_export(out, set(forbidden) | set(shown))
+    if findings:
+        raise RuntimeError(f"the questionnaire export in {out} names cohort data: {findings[:5]}")
+    keys = write_analyst_key(run.dir("private"), key, pm.table("syndrome", shown), REGION_GROUPS)
+    return written | {f"key:{k}": p for k, p in keys.items()}
