@@ -45,9 +45,11 @@ from gestalt_xai.export.redcap import (
 )
 from gestalt_xai.runs import Run, atomic_write_bytes
 
-__all__ = ["LIMESURVEY_COLUMNS", "ORIGIN_ID", "ZIP_DATE", "booklet_html", "deterministic_zip",
+__all__ = ["FORMATS", "LIMESURVEY_COLUMNS", "ORIGIN_ID", "ZIP_DATE", "booklet_html", "deterministic_zip",
            "export_questionnaire", "export_run_questionnaire", "limesurvey_tsv", "redcap_instrument_zip"]
 
+#: the export formats: REDCap dictionary + instrument ZIPs, LimeSurvey TSV, printable HTML booklet
+FORMATS = ("redcap", "limesurvey", "booklet")
 #: the fixed timestamp of every ZIP entry (the earliest a ZIP can store)
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 #: what ``OriginID.txt`` says: not a REDCap server, the toolkit
@@ -232,13 +234,17 @@ def booklet_html(q: QuestionnaireDef, dictionary: pd.DataFrame, images: Mapping[
     return env.get_template("booklet.html.j2").render(q=q, forms=forms)
 
 
-def export_questionnaire(q: QuestionnaireDef, cases: list[Case], key: pd.DataFrame, out: str | Path
-                         ) -> dict[str, Path]:
-    """Write every rater-facing file of the questionnaire into ``out`` (module docstring); returns label → path.
+def export_questionnaire(q: QuestionnaireDef, cases: list[Case], key: pd.DataFrame, out: str | Path,
+                         formats: tuple[str, ...] | list[str] = FORMATS) -> dict[str, Path]:
+    """Write the rater-facing files of the questionnaire into ``out`` (module docstring); returns label → path.
 
     ``key`` is the blinding key of exactly these cases; the dictionary is validated before anything is written.
+    ``formats``: a subset of :data:`FORMATS` (the images are always written).
     """
     out = Path(out)
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown export formats {unknown}; known: {list(FORMATS)}")
     if set(key["pseudonym"]) != {c.pseudonym for c in cases}:
         raise ValueError("the blinding key and the cases do not match")
     dictionary = data_dictionary(q, key)
@@ -252,24 +258,28 @@ def export_questionnaire(q: QuestionnaireDef, cases: list[Case], key: pd.DataFra
     for name, data in sorted(images.items()):
         written[f"image:{name}"] = out / "images" / name
         atomic_write_bytes(written[f"image:{name}"], data)
-    written["redcap_dictionary"] = out / "redcap" / "data_dictionary.csv"
-    atomic_write_bytes(written["redcap_dictionary"], dictionary_csv(dictionary))
-    image_fields = _image_fields(key)
-    for form in dict.fromkeys(dictionary["Form Name"]):
-        path = out / "redcap" / "instruments" / f"{form}.zip"
-        atomic_write_bytes(path, redcap_instrument_zip(dictionary, form, images, image_fields.get(form)))
-        written[f"redcap_instrument:{form}"] = path
-    written["limesurvey"] = out / "limesurvey" / f"{q.name}.txt"
-    atomic_write_bytes(written["limesurvey"], limesurvey_tsv(q, key, images))
-    written["booklet"] = out / "booklet" / f"{q.name}.html"
-    atomic_write_bytes(written["booklet"], booklet_html(q, dictionary, images, key).encode("utf-8"))
+    if "redcap" in formats:
+        written["redcap_dictionary"] = out / "redcap" / "data_dictionary.csv"
+        atomic_write_bytes(written["redcap_dictionary"], dictionary_csv(dictionary))
+        image_fields = _image_fields(key)
+        for form in dict.fromkeys(dictionary["Form Name"]):
+            path = out / "redcap" / "instruments" / f"{form}.zip"
+            atomic_write_bytes(path, redcap_instrument_zip(dictionary, form, images, image_fields.get(form)))
+            written[f"redcap_instrument:{form}"] = path
+    if "limesurvey" in formats:
+        written["limesurvey"] = out / "limesurvey" / f"{q.name}.txt"
+        atomic_write_bytes(written["limesurvey"], limesurvey_tsv(q, key, images))
+    if "booklet" in formats:
+        written["booklet"] = out / "booklet" / f"{q.name}.html"
+        atomic_write_bytes(written["booklet"], booklet_html(q, dictionary, images, key).encode("utf-8"))
     return written
 
 
 def export_run_questionnaire(run: Run, q: QuestionnaireDef, out: str | Path,
-                             forbidden: set[str] | frozenset[str] = frozenset()) -> dict[str, Path]:
+                             forbidden: set[str] | frozenset[str] = frozenset(), key_dir: str = "private",
+                             formats: tuple[str, ...] | list[str] = FORMATS) -> dict[str, Path]:
     """Export ``q`` for the syndrome composites of an aggregated ``run`` into ``out``, and the analyst's key into the
-    run's ``private/`` folder (labels ``key:*`` of the result).
+    run's folder ``key_dir`` (default ``private/``; labels ``key:*`` of the result).
 
     Cases carry the run's pseudonyms (:meth:`~gestalt_xai.runs.Run.pseudonyms`, kind ``syndrome``). After writing,
     the export is scanned (:func:`~gestalt_xai.export.privacy.scan_export`) for the shown syndromes' ids and
@@ -299,9 +309,9 @@ def export_run_questionnaire(run: Run, q: QuestionnaireDef, out: str | Path,
 
     cases = syndrome_cases(q, load_composites(run), faces, face_of, lambda g: pm.pseudonym("syndrome", g))
     key = blinding_key(q, [c.pseudonym for c in cases])
-    written = export_questionnaire(q, cases, key, out)
+    written = export_questionnaire(q, cases, key, out, formats)
     findings = scan_export(out, set(forbidden) | set(shown))
     if findings:
         raise RuntimeError(f"the questionnaire export in {out} names cohort data: {findings[:5]}")
-    keys = write_analyst_key(run.dir("private"), key, pm.table("syndrome", shown), REGION_GROUPS)
+    keys = write_analyst_key(run.dir(key_dir), key, pm.table("syndrome", shown), REGION_GROUPS)
     return written | {f"key:{k}": p for k, p in keys.items()}

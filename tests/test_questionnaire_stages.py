@@ -1,0 +1,94 @@
+"""The questionnaire and questionnaire-analysis stages on a hand-built aggregated run (composites + faces)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from gestalt_xai.data.images import save_png
+from gestalt_xai.errors import ConfigError
+from gestalt_xai.export.questionnaire_stage import questionnaire_analysis_stage, questionnaire_stage
+from gestalt_xai.export.simulate_responses import simulate_redcap_export
+from gestalt_xai.runs import Run, write_parquet
+from tests.test_questionnaire_export import _face, _tables
+
+
+def _run(path) -> Run:
+    run = Run(path)
+    comp, faces = _tables()
+    write_parquet(comp, run.dir("aggregate") / "composites.parquet")
+    write_parquet(faces, run.path / "aggregate" / "faces.parquet")
+    for syn in faces.loc[faces["rendered"], "group"]:
+        save_png(run.dir("aggregate/faces") / f"{syn}__all.png", _face(syn))
+    return run
+
+
+def _bytes(root) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_export_stage_is_reproducible_keeps_the_key_private_and_follows_the_seed(tmp_path) -> None:
+    runs = [_run(tmp_path / n) for n in ("a", "b", "c")]
+    for run, seed in zip(runs, (1, 1, 2), strict=True):
+        res = questionnaire_stage(run, {"seed": seed, "formats": ["redcap", "limesurvey"]})
+        assert res.items == 4
+    a, b, c = (_bytes(r.path / "questionnaire") for r in runs)
+    assert a == b and a != c
+    assert not any(k.startswith("booklet/") for k in a) and "redcap/data_dictionary.csv" in a
+    keys = [(r.path / "private/questionnaire/blinding_key.csv").read_bytes() for r in runs]
+    assert keys[0] == keys[1] != keys[2]
+    assert not any(b"OMIM_" in v for v in a.values()), "a syndrome id leaked into the rater files"
+    assert b"OMIM_" in (runs[0].path / "private/questionnaire/cases_key.csv").read_bytes()
+
+
+def test_a_wrong_definition_fails_before_any_work_naming_the_field(tmp_path) -> None:
+    run = _run(tmp_path / "r")
+    with pytest.raises(ConfigError, match=r"maps\.per_case"):
+        questionnaire_stage(run, {"overrides": {"maps": {"per_case": 9}}})
+    with pytest.raises(ConfigError, match="not found"):
+        questionnaire_stage(run, {"definition": str(tmp_path / "nope.yaml")})
+    assert not (run.path / "questionnaire").exists() and not (run.path / "private" / "questionnaire").exists()
+
+
+def test_simulated_analysis_is_labelled_and_reproducible(tmp_path) -> None:
+    runs = [_run(tmp_path / n) for n in ("a", "b")]
+    for run in runs:
+        questionnaire_stage(run, {"formats": ["redcap"]})
+        res = questionnaire_analysis_stage(run, {"simulate": {"raters": 5, "method_quality": {"gradcam": 1.5}},
+                                                 "n_resamples": 200})
+        assert res.extra == {"simulated": True, "raters": 5} and res.errors == 0
+    a, b = (_bytes(r.path / "questionnaire/analysis") for r in runs)
+    assert a == b
+    assert {"ratings.parquet", "preference.parquet", "agreement.parquet", "summary.md", "ratings.png",
+            "preference.png"} <= set(a)
+    summary = a["summary.md"].decode()
+    assert "SIMULATED" in summary and "[" in summary and "0.50" in summary
+    ratings = pd.read_parquet(runs[0].path / "questionnaire/analysis/ratings.parquet")
+    assert ratings["simulated"].all()
+    top = ratings[ratings["item"] == "plaus"].set_index("method")["mean"]
+    assert top.idxmax() == "gradcam", "the simulated quality shift must show in the ratings"
+
+
+def test_a_bad_response_file_is_one_error_row_and_the_rest_is_analysed(tmp_path) -> None:
+    from gestalt_xai.export.questionnaire_responses import load_analyst_key
+
+    run = _run(tmp_path / "r")
+    questionnaire_stage(run, {"formats": ["redcap"]})
+    q_key = load_analyst_key(run.path / "private/questionnaire")
+    from gestalt_xai.export.questionnaire_stage import QuestionnaireConfig
+
+    q = QuestionnaireConfig().resolved()
+    good = tmp_path / "site1.csv"
+    simulate_redcap_export(q, q_key.blinding, 3, seed=4, path=good)
+    text = good.read_text().replace("SIMULATED-", "R-")
+    good.write_text(text)
+    bad = tmp_path / "site2.csv"
+    bad.write_text(text.replace("c01_pref", "c01_preference"))
+    res = questionnaire_analysis_stage(run, {"responses": [str(good), str(bad)], "n_resamples": 200})
+    assert res.errors == 1 and res.extra == {"simulated": False, "raters": 3}
+    err = run.errors()
+    row = err[err["stage"] == "questionnaire-analysis"].iloc[0]
+    assert row["item_id"] == "site2.csv" and "c01_pref" in row["message"] and str(tmp_path) not in row["message"]
+    assert "SIMULATED" not in (run.path / "questionnaire/analysis/summary.md").read_text()
+    with pytest.raises(ConfigError, match="either"):
+        questionnaire_analysis_stage(run, {"responses": [str(good)], "simulate": {"raters": 3}})
