@@ -92,3 +92,40 @@ def test_a_bad_response_file_is_one_error_row_and_the_rest_is_analysed(tmp_path)
     assert "SIMULATED" not in (run.path / "questionnaire/analysis/summary.md").read_text()
     with pytest.raises(ConfigError, match="either"):
         questionnaire_analysis_stage(run, {"responses": [str(good)], "simulate": {"raters": 3}})
+
+
+def test_on_an_aggregated_run_clinicians_ticking_the_planted_regions_agree_with_the_model(tmp_path) -> None:
+    """Raters who tick each syndrome's planted region group agree with the saliency composites (planted blobs)."""
+    from gestalt_xai.aggregate.stage import aggregate_stage
+    from gestalt_xai.export.questionnaire_responses import load_analyst_key
+    from gestalt_xai.export.questionnaire_stage import QuestionnaireConfig
+    from tests.test_aggregate_stage import PLAN, build_run
+
+    run = build_run(tmp_path / "run")
+    aggregate_stage(run, {"min_subjects": 5, "normalisations": ["max-abs"], "figure_formats": ["png"],
+                          "pair_figures": 1, "patient_figures": 1})
+    cfg = QuestionnaireConfig(overrides={"cases": {"n": 3, "min_subjects": 5},
+                                         "maps": {"methods": ["saliency", "hirescam"], "per_case": 2,
+                                                  "preference": ["saliency", "hirescam"]}})
+    questionnaire_stage(run, cfg)
+    key = load_analyst_key(run.path / "private/questionnaire")
+    planted = {p: [PLAN[s][1]] for p, s in zip(key.cases["pseudonym"], key.cases["raw_id"], strict=True)
+               if PLAN[s][1]}
+    assert len(planted) >= 2, "the selection must include planted syndromes"
+
+    def saliency_agreement(true_regions: dict[str, list[str]]) -> pd.DataFrame:
+        responses = tmp_path / "redcap_export.csv"
+        simulate_redcap_export(cfg.resolved(), key.blinding, 8, seed=1, path=responses, true_regions=true_regions)
+        responses.write_text(responses.read_text().replace("SIMULATED-", "R-"))
+        res = questionnaire_analysis_stage(run, {"responses": [str(responses)], "n_resamples": 200})
+        assert res.errors == 0
+        agree = pd.read_parquet(run.path / "questionnaire/analysis/region_agreement.parquet")
+        return agree[(agree["method"] == "saliency") & agree["pseudonym"].isin(planted)]
+
+    sal = saliency_agreement(planted)
+    assert len(sal) == len(planted)
+    assert (sal["jaccard"] == 1.0).all() and sal["spearman"].mean() > 0, sal
+    # raters ticking a region the maps do not highlight disagree with the model
+    wrong = saliency_agreement({p: ["forehead"] for p in planted})
+    assert (wrong["jaccard"] == 0.0).all() and wrong["spearman"].mean() < sal["spearman"].mean(), wrong
+    assert "Clinicians' regions vs. the model's" in (run.path / "questionnaire/analysis/summary.md").read_text()

@@ -205,7 +205,7 @@ def limesurvey_tsv(q: QuestionnaireDef, key: pd.DataFrame, images: Mapping[str, 
         new_group("System Causability Scale", "The explanations you saw, as a whole")
         owner = question("F", "scs", "How far do you agree?", True)
         for j, text in enumerate(q.scs.statements, start=1):
-            sub(f"S{j:02d}", text)
+            sub(f"SCS{j:02d}", text)
         answers(list(q.scs.scale), owner)
     return _tsv(rows)
 

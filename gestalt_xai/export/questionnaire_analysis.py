@@ -126,18 +126,21 @@ def model_group_scores(region_syndromes: pd.DataFrame, atlas: str = "template",
     """The model's score per syndrome, method and anatomical region group from ``region_syndromes.parquet``:
     shares and area shares of the group's atlas regions summed, ``enrichment`` = share / area share.
 
-    Rows are those of ``atlas`` explaining towards the own diagnosis (``target_groups``); a syndrome and method
-    left with more than one model, layer or target group is ambiguous and raises
-    :class:`~gestalt_xai.errors.InputError` (filter the table first).
+    Rows are those of ``atlas`` explaining towards the own diagnosis (``target_groups``); where a syndrome and
+    method have several of them, the first in ``target_groups`` order is used (as the questionnaire's cases do,
+    :func:`~gestalt_xai.export.cases.syndrome_cases`). A syndrome and method left with more than one model or layer
+    is ambiguous and raises :class:`~gestalt_xai.errors.InputError` (filter the table first).
     """
     need = {"syndrome_id", "method", "region", "share", "area_share", "atlas", "target_group", "model_id", "layer"}
     missing = sorted(need - set(region_syndromes.columns))
     if missing:
         raise InputError(f"region_syndromes: columns {missing} missing")
     t = region_syndromes[(region_syndromes["atlas"] == atlas) & region_syndromes["target_group"].isin(target_groups)]
-    variants = t.groupby(["syndrome_id", "method"])[["model_id", "layer", "target_group"]].nunique()
+    rank = t["target_group"].map({g: i for i, g in enumerate(target_groups)})
+    t = t[rank == rank.groupby([t["syndrome_id"], t["method"]]).transform("min")]
+    variants = t.groupby(["syndrome_id", "method"])[["model_id", "layer"]].nunique()
     if (variants > 1).any(axis=None):
-        raise InputError("region_syndromes: several models, layers or target groups per syndrome and method; "
+        raise InputError("region_syndromes: several models or layers per syndrome and method; "
                          "select one before comparing with the clinicians' checklists")
     t = t.assign(region_group=t["region"].map(REGION_GROUP)).dropna(subset=["region_group"])
     g = t.groupby(["syndrome_id", "method", "region_group"], sort=True)[["share", "area_share"]].sum().reset_index()

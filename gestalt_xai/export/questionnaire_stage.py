@@ -96,7 +96,8 @@ def _forbidden(run: Run) -> set[str]:
        reads=("aggregate",), writes=(OUT, KEY_DIR),
        example="gestalt-xai questionnaire --run runs/demo --set seed=3",
        tiny_options={"overrides": {"cases": {"n": 2, "min_subjects": 3},
-                                   "maps": {"methods": ["gradcam", "hirescam", "saliency"], "per_case": 2}},
+                                   "maps": {"methods": ["gradcam", "hirescam", "saliency"], "per_case": 2,
+                                            "preference": ["gradcam", "hirescam"]}},
                      "formats": ["redcap", "booklet"]})
 def questionnaire_stage(run: Run, cfg: QuestionnaireConfig) -> StageResult:
     """Run the questionnaire export on ``run``; see the module docstring."""
