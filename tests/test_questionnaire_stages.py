@@ -129,3 +129,24 @@ def test_on_an_aggregated_run_clinicians_ticking_the_planted_regions_agree_with_
     wrong = saliency_agreement({p: ["forehead"] for p in planted})
     assert (wrong["jaccard"] == 0.0).all() and wrong["spearman"].mean() < sal["spearman"].mean(), wrong
     assert "Clinicians' regions vs. the model's" in (run.path / "questionnaire/analysis/summary.md").read_text()
+
+
+def test_the_analysis_pools_a_redcap_and_a_limesurvey_export(tmp_path) -> None:
+    from gestalt_xai.export.questionnaire_responses import load_analyst_key
+    from gestalt_xai.export.questionnaire_stage import QuestionnaireConfig
+    from tests.test_limesurvey_responses import _as_limesurvey
+
+    run = _run(tmp_path / "r")
+    questionnaire_stage(run, {"formats": ["redcap", "limesurvey"]})
+    key = load_analyst_key(run.path / "private/questionnaire")
+    q = QuestionnaireConfig().resolved()
+    site1, site2 = tmp_path / "site1.csv", tmp_path / "site2_redcap.csv"
+    simulate_redcap_export(q, key.blinding, 3, seed=4, path=site1)
+    site1.write_text(site1.read_text().replace("SIMULATED-", "R-"))
+    simulate_redcap_export(q, key.blinding, 2, seed=5, path=site2)
+    site2.write_text(site2.read_text().replace("SIMULATED-", "LS-"))
+    lime = _as_limesurvey(q, site2, tmp_path / "site2_limesurvey.csv")
+    res = questionnaire_analysis_stage(run, {"responses": [str(site1), str(lime)], "n_resamples": 200})
+    assert res.errors == 0 and res.extra == {"simulated": False, "raters": 5}
+    ratings = pd.read_parquet(run.path / "questionnaire/analysis/ratings.parquet")
+    assert set(ratings["n_raters"]) == {5}

@@ -33,7 +33,7 @@ from gestalt_xai.export.blinding import KEY_COLUMNS
 from gestalt_xai.export.questionnaire_def import QuestionnaireDef
 from gestalt_xai.export.redcap import RECORD_ID, REGION_GROUPS, _parse_choices, data_dictionary
 
-__all__ = ["SIMULATED_PREFIX", "AnalystKey", "Responses", "expected_columns", "load_analyst_key",
+__all__ = ["SIMULATED_PREFIX", "AnalystKey", "Responses", "checked_responses", "expected_columns", "load_analyst_key",
            "read_redcap_export"]
 
 #: record ids of simulated raters start with this (the simulator writes them, the import recognises them)
@@ -182,7 +182,13 @@ def read_redcap_export(path: str | Path, q: QuestionnaireDef, key: AnalystKey,
     header, body = rows[0], rows[1:]
     if any(len(r) != len(header) for r in body):
         raise InputError(f"{path}: rows of unequal length (not a REDCap CSV export)")
-    df = pd.DataFrame(body, columns=header)
+    return checked_responses(pd.DataFrame(body, columns=header), path, q, key)
+
+
+def checked_responses(df: pd.DataFrame, path: Path, q: QuestionnaireDef, key: AnalystKey) -> Responses:
+    """Check a table in the layout of a REDCap raw-data export (strings, columns as exported) and un-blind it;
+    problems raise :class:`~gestalt_xai.errors.InputError` naming ``path``."""
+    header = list(df.columns)
     expected = expected_columns(q, key.blinding)
     present = [c for c in header if c not in _OPTIONAL and not c.endswith("_timestamp")]
     if present != expected:

@@ -10,7 +10,8 @@ The definition (``definition``: a YAML file, default ``questionnaires/default.ya
 e.g. ``{"cases": {"n": 4}}``) is validated before any work, a bad one failing with its file and field named. The
 export is scanned for the cohort's image, subject and syndrome ids and file names before the stage reports success.
 
-``questionnaire-analysis`` reads REDCap raw-data exports (``responses``: paths, pooled over files) or, with
+``questionnaire-analysis`` reads REDCap raw-data exports or LimeSurvey response exports
+(:mod:`~gestalt_xai.export.limesurvey_responses`; ``responses``: paths, pooled over files) or, with
 ``simulate: {raters: N}``, writes ``questionnaire/analysis/simulated_responses.csv`` and analyses that (every table
 has ``simulated = True`` and the summary says SIMULATED). It un-blinds with the run's key and writes under
 ``questionnaire/analysis/``: ``ratings.parquet``, ``preference.parquet``, ``agreement.parquet``, ``scs.parquet``,
@@ -125,7 +126,8 @@ class SimulateOptions(BaseModel):
 class AnalysisConfig(StageConfig):
     """Options of the ``questionnaire-analysis`` stage."""
 
-    responses: list[Path] = Field(default_factory=list, description="REDCap raw-data CSV exports (pooled)")
+    responses: list[Path] = Field(default_factory=list, description="REDCap raw-data or LimeSurvey (question "
+                                                                    "codes, answer codes) CSV exports, pooled")
     simulate: SimulateOptions | None = None
     seed: int = Field(0, description="seeds the simulation and the bootstrap intervals")
     n_resamples: int = Field(2000, ge=100)
@@ -136,6 +138,16 @@ class AnalysisConfig(StageConfig):
         if bool(self.responses) == (self.simulate is not None):
             raise ValueError("give either `responses` (files) or `simulate: {raters: N}`, not both or neither")
         return self
+
+
+def _is_limesurvey(path: Path) -> bool:
+    """A LimeSurvey export starts with the response ``id``; a REDCap export with ``record_id``."""
+    try:
+        with path.open(encoding="utf-8-sig") as fh:
+            first = fh.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return first.strip().strip('"').split('"')[0].split(",")[0].split(";")[0] == "id"
 
 
 def _pool(parts: list[Any]) -> Any:
@@ -241,6 +253,7 @@ def _figures(ratings: pd.DataFrame, pref: pd.DataFrame, out: Path, simulated: bo
        tiny_options={"simulate": {"raters": 4}, "n_resamples": 200})
 def questionnaire_analysis_stage(run: Run, cfg: AnalysisConfig) -> StageResult:
     """Run the questionnaire analysis on ``run``; see the module docstring."""
+    from gestalt_xai.export.limesurvey_responses import read_limesurvey_export
     from gestalt_xai.export.questionnaire_analysis import (
         agreement,
         method_ratings,
@@ -267,7 +280,10 @@ def questionnaire_analysis_stage(run: Run, cfg: AnalysisConfig) -> StageResult:
     for f in files:
         name = run.relative(f) if Path(f).is_absolute() and Path(f).is_relative_to(run.path) else Path(f).name
         try:
-            r = read_redcap_export(f, q, key, dictionary if dictionary.is_file() else None)
+            if _is_limesurvey(Path(f)):
+                r = read_limesurvey_export(f, q, key)
+            else:
+                r = read_redcap_export(f, q, key, dictionary if dictionary.is_file() else None)
             dup = sorted(seen & set(r.background["record_id"]))
             if dup:
                 raise InputError(f"{f}: record ids {dup[:3]} already come from another response file")
