@@ -60,7 +60,8 @@ from gestalt_xai.errors import InputError
 from gestalt_xai.faces.align import CROP_SIZE
 from gestalt_xai.runs import atomic_write_bytes, write_parquet
 
-__all__ = ["MapKey", "MapStore", "MapWriter", "TargetKey", "KEY_COLUMNS", "INDEX_COLUMNS", "MAP_SHAPE"]
+__all__ = ["MapKey", "MapStore", "MapWriter", "TargetKey", "KEY_COLUMNS", "INDEX_COLUMNS", "MAP_SHAPE",
+           "require_maps"]
 
 MAP_SHAPE = (CROP_SIZE, CROP_SIZE)
 KEY_COLUMNS = ["image_id", "model_id", "target", "method", "layer"]
@@ -368,3 +369,17 @@ class MapWriter(AbstractContextManager["MapWriter"]):
 def iter_keys(rows: Iterable[Sequence[str]]) -> list[MapKey]:
     """Rows of key values → :class:`MapKey` list."""
     return [MapKey(*r) for r in rows]
+
+
+def require_maps(run: Any) -> tuple[MapStore, pd.DataFrame]:
+    """A run's map store and its index, for the stages that read maps; an :class:`InputError` saying to run the
+    explain stage when the store is missing or empty."""
+    from gestalt_xai.runs import LAYOUT
+
+    if not (run.path / LAYOUT.maps).exists():
+        raise InputError(f"{run.path / LAYOUT.maps} not found: run `gestalt-xai explain --run {run.path}` first")
+    store = run.map_store()
+    index = store.index()
+    if not len(index):
+        raise InputError(f"the map store {run.path / LAYOUT.maps} is empty: run `gestalt-xai explain` first")
+    return store, index

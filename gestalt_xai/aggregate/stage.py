@@ -75,6 +75,7 @@ from gestalt_xai.models.declaration import random_controls
 from gestalt_xai.progress import progress
 from gestalt_xai.runs import LAYOUT, ErrorRow, Run, write_parquet
 from gestalt_xai.stages import StageResult, stage
+from gestalt_xai.store import require_maps
 
 log = logging.getLogger(__name__)
 
@@ -237,12 +238,7 @@ def aggregate_stage(run: Run, cfg: AggregateConfig) -> StageResult:
     out = run.dir(LAYOUT.aggregate)
     errors: list[ErrorRow] = []
     summary: dict[str, Any] = {"min_subjects": cfg.min_subjects}
-    if not (run.path / LAYOUT.maps).exists():
-        raise InputError(f"{run.path / LAYOUT.maps} not found: run `gestalt-xai explain --run {run.path}` first")
-    store = run.map_store()
-    index = store.index()
-    if not len(index):
-        raise InputError(f"the map store {run.path / 'maps'} is empty: run `gestalt-xai explain` first")
+    store, index = require_maps(run)
     cohort = run.cohort()
     images = run.image_table()
     index, summary["n_undiagnosed_maps"] = _without_undiagnosed(index, images)

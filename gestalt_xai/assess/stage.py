@@ -41,6 +41,7 @@ from gestalt_xai.errors import ConfigError, InputError
 from gestalt_xai.models.declaration import random_controls
 from gestalt_xai.runs import LAYOUT, ErrorRow, Parts, Run, atomic_write_bytes, write_parquet
 from gestalt_xai.stages import StageResult, stage
+from gestalt_xai.store import require_maps
 
 log = logging.getLogger(__name__)
 
@@ -390,12 +391,7 @@ def _localisation(run: Run, store: Any, rows: pd.DataFrame, truth: Any, errors: 
 def assess_stage(run: Run, cfg: AssessConfig) -> StageResult:
     """Run the assess stage on ``run``; see the module docstring for what it writes."""
     out = run.dir(LAYOUT.assess)
-    if not (run.path / LAYOUT.maps).exists():
-        raise InputError(f"{run.path / LAYOUT.maps} not found: run `gestalt-xai explain --run {run.path}` first")
-    store = run.map_store()
-    index = store.index()
-    if not len(index):
-        raise InputError(f"the map store {run.path / LAYOUT.maps} is empty: run `gestalt-xai explain` first")
+    store, index = require_maps(run)
     errors: list[ErrorRow] = []
     images = run.image_table()
     controls = random_controls(run)

@@ -39,7 +39,6 @@ import numpy as np
 import pandas as pd
 from scipy.stats import wilcoxon
 
-from gestalt_xai.aggregate.composite import normalise
 from gestalt_xai.assess.stats import MIN_PAIRED, subject_bootstrap
 from gestalt_xai.experiments.eyetracking import metrics as em
 
@@ -49,9 +48,8 @@ __all__ = ["METRICS", "LOWER_IS_BETTER", "ImageFixations", "score_image", "obser
 #: the metrics scored for every map, observer and image, in table order
 METRICS: tuple[str, ...] = ("auc_judd", "auc_borji", "auc_shuffled", "nss", "cc", "sim", "kl_div",
                             "information_gain", "iou_topk")
-LOWER_IS_BETTER = frozenset({"kl_div"})
-#: map kinds that are references rather than results
-REFERENCE_MAPS = ("face_prior", "centre_bias", "uniform", "ceiling")
+#: metrics where lower is better, from each metric's registered direction
+LOWER_IS_BETTER = frozenset(name for name in METRICS if getattr(em, name).info.direction == "lower")
 
 
 @dataclass
@@ -75,16 +73,15 @@ class ImageFixations:
 
 
 def to_density(m: np.ndarray, uniform_mix: float) -> np.ndarray:
-    """A map as a strictly positive density: its positive part normalised to sum 1 (uniform without positive mass),
-    mixed with ``uniform_mix`` of the uniform density.
+    """A map as a strictly positive density: its positive part normalised to sum 1 (uniform without positive mass;
+    :func:`gestalt_xai.experiments.eyetracking.metrics.to_density`), mixed with ``uniform_mix`` of the uniform
+    density.
 
     >>> to_density(np.array([[0.0, -1.0, 2.0, 2.0]]), 0.2).round(3).tolist()
     [[0.05, 0.05, 0.45, 0.45]]
     """
-    pos = np.maximum(np.asarray(m, np.float64), 0.0)
-    total = pos.sum()
-    p = pos / total if total > 0 else np.full(pos.shape, 1.0 / pos.size)
-    return (1.0 - uniform_mix) * p + uniform_mix / pos.size
+    p = em.to_density(np.maximum(np.asarray(m, np.float64), 0.0))
+    return (1.0 - uniform_mix) * p + uniform_mix / p.size
 
 
 def _grid(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -137,11 +134,6 @@ def score_image(image: ImageFixations, maps: Mapping[str, np.ndarray], *, seed: 
             rows.extend({"participant": obs, "map": label, "metric": name, "value": float(values[name]),
                          "n_fixations": len(xs)} for name in METRICS)
     return pd.DataFrame(rows, columns=["participant", "map", "metric", "value", "n_fixations"])
-
-
-def prepare_maps(maps: Mapping[str, np.ndarray], normalisation: str) -> dict[str, np.ndarray]:
-    """The method maps after the named normalisation (:func:`gestalt_xai.aggregate.composite.normalise`)."""
-    return {label: normalise(m, normalisation) for label, m in maps.items()}
 
 
 def observer_means(scores: pd.DataFrame, keys: Sequence[str] = ("group", "participant", "map", "metric")

@@ -41,11 +41,13 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from gestalt_xai.aggregate.composite import normalise
 from gestalt_xai.config import StageConfig
 from gestalt_xai.errors import ConfigError, InputError
 from gestalt_xai.experiments.eyetracking import analysis as an
 from gestalt_xai.experiments.eyetracking import fixmaps
 from gestalt_xai.experiments.eyetracking.simulate import SimulationConfig
+from gestalt_xai.faces.align import row_matrix
 from gestalt_xai.runs import LAYOUT, ErrorRow, Parts, Run, atomic_write_bytes, write_parquet
 from gestalt_xai.stages import StageResult, stage
 
@@ -204,15 +206,14 @@ def pseudonymise(fix: pd.DataFrame, participants: pd.DataFrame | None) -> tuple[
 
 
 # ------------------------------------------------------------------------------------------------ maps
-def _store_maps(run: Run, image_ids: list[str], cfg: EyetrackConfig) -> tuple[dict[str, dict[str, np.ndarray]],
-                                                                            pd.DataFrame]:
+def _store_maps(run: Run, index: pd.DataFrame, image_ids: list[str], cfg: EyetrackConfig
+                ) -> tuple[dict[str, dict[str, np.ndarray]], pd.DataFrame]:
     """Per image, its normalised explanation maps by label (``method``, or ``method [model]`` for another model),
-    the mean of a kind's targets when there are several; and the labels' table (label, model_id, method, kind)."""
+    the mean of a kind's targets when there are several; and the labels' table (label, model_id, method, kind).
+    ``index`` is the store's index as :func:`check_map_filters` returned it."""
     from gestalt_xai.models.declaration import random_controls
 
-    store = run.map_store() if (run.path / LAYOUT.maps).exists() else None
-    index = check_map_filters(run, cfg)
-    if store is None or not len(index):
+    if not len(index):
         return {}, pd.DataFrame(columns=["map", "model_id", "method", "kind"])
     rows = index[index["image_id"].astype(str).isin(set(image_ids)) & index["target_kind"].isin(cfg.targets)]
     for field, wanted in (("model_id", cfg.models), ("method", cfg.methods)):
@@ -222,7 +223,7 @@ def _store_maps(run: Run, image_ids: list[str], cfg: EyetrackConfig) -> tuple[di
     trained = sorted(set(rows["model_id"]) - controls)
     main = trained[0] if trained else None
     rows = rows.sort_values(["image_id", "model_id", "method", "target_kind", "target"], kind="stable")
-    arrays = store.load_many(rows.reset_index(drop=True)) if len(rows) else np.empty((0, 112, 112))
+    arrays = run.map_store().load_many(rows.reset_index(drop=True)) if len(rows) else np.empty((0, 112, 112))
     sums: dict[tuple[str, str], list[np.ndarray]] = {}
     labels = {}
     for (_, r), m in zip(rows.iterrows(), arrays, strict=True):
@@ -230,7 +231,7 @@ def _store_maps(run: Run, image_ids: list[str], cfg: EyetrackConfig) -> tuple[di
         label = method if model == main else f"{method} [{model}]"
         kind = "control" if model in controls else "method"
         labels[label] = {"map": label, "model_id": model, "method": method, "kind": kind}
-        sums.setdefault((str(r["image_id"]), label), []).append(an.prepare_maps({"m": m}, cfg.normalisation)["m"])
+        sums.setdefault((str(r["image_id"]), label), []).append(normalise(m, cfg.normalisation))
     out: dict[str, dict[str, np.ndarray]] = {}
     for (image_id, label), maps in sums.items():
         out.setdefault(image_id, {})[label] = np.mean(maps, axis=0)
@@ -313,16 +314,15 @@ def _image_fixations(kept: pd.DataFrame, cfg: EyetrackConfig) -> tuple[dict[str,
     ids = inside["image_id"].astype(str).to_numpy()
     out: dict[str, an.ImageFixations] = {}
     for image_id, g in inside.groupby("image_id", sort=True):
-        image_id = str(image_id)
-        own, _ = fixmaps.observer_densities(g, **kw)
-        other = ids != image_id
-        out[image_id] = an.ImageFixations(image_id, g, own, {}, {}, (gx[other], gy[other]))
+        other = ids != str(image_id)
+        out[str(image_id)] = an.ImageFixations(str(image_id), g, {}, {}, {}, (gx[other], gy[other]))
     for _, members in inside.groupby(sets, sort=True):
         by_image = {str(i): g for i, g in members.groupby("image_id", sort=True)}
         density = {i: d for i, g in by_image.items() if (d := fixmaps.fixation_density(g, **kw)) is not None}
         prior = fixmaps.face_prior(density)
         for image_id, g in by_image.items():
-            _, loo = fixmaps.observer_densities(g, **kw)
+            own, loo = fixmaps.observer_densities(g, **kw)  # an observer's own density is in one set only
+            out[image_id].own.update(own)
             out[image_id].loo.update(loo)
             if image_id in prior:
                 out[image_id].prior.update({o: prior[image_id] for o in g["participant"].astype(str).unique()})
@@ -348,7 +348,7 @@ def eyetrack_stage(run: Run, cfg: EyetrackConfig) -> StageResult:
     timings: dict[str, float] = {}
     errors: list[ErrorRow] = []
     t0 = time.perf_counter()
-    check_map_filters(run, cfg)
+    index = check_map_filters(run, cfg)
     folder, sources, simulated = _study(run, cfg, out)
     raw, reading, tables = read_study(run, folder, sources, errors)
     people = tables["participants"]
@@ -356,16 +356,16 @@ def eyetrack_stage(run: Run, cfg: EyetrackConfig) -> StageResult:
         simulated = simulated or bool(people["simulated"].astype(str).str.lower().isin(["true", "1"]).any())
     fix, key = pseudonymise(raw, tables["participants"])
     al = run.alignments(aligned_only=True)
-    matrices = {str(r["image_id"]): np.asarray(r["matrix"], np.float64).reshape(2, 3) for r in al.to_dict("records")}
+    matrices = {str(r["image_id"]): row_matrix(r) for r in al.to_dict("records")}
     unaligned = sorted(set(fix["image_id"].astype(str)) - set(matrices))
     for image_id in unaligned:
         errors.append(ErrorRow(image_id, "not_aligned", f"image {image_id} has fixations but no aligned "
                                                                      "crop: its fixations are not scored"))
     fix = fixmaps.to_crop(fix[~fix["image_id"].astype(str).isin(unaligned)], matrices)
-    kept, dropped = fixmaps.filter_fixations(fix, drop_first=cfg.filters.drop_first,
+    kept, dropped = fixmaps.filter_fixations(fix.assign(_row=fix.index), drop_first=cfg.filters.drop_first,
                                              min_duration_ms=cfg.filters.min_duration_ms,
                                              max_duration_ms=cfg.filters.max_duration_ms)
-    fix["kept"] = fix.index.isin(_kept_index(fix, cfg))
+    fix["kept"] = fix.index.isin(kept.pop("_row"))
     timings["read"] = time.perf_counter() - t0
 
     # ---- maps and densities
@@ -374,7 +374,7 @@ def eyetrack_stage(run: Run, cfg: EyetrackConfig) -> StageResult:
     syndrome = dict(zip(images["image_id"].astype(str), images["syndrome_id"].astype(str), strict=True))
     per_image, geometry = _image_fixations(kept, cfg)
     image_ids = sorted(per_image)
-    maps, labels = _store_maps(run, image_ids, cfg)
+    maps, labels = _store_maps(run, index, image_ids, cfg)
     truth, truth_errors = read_truth(run)
     errors += truth_errors
     atlases = _atlases(run, truth, image_ids)
@@ -396,13 +396,14 @@ def eyetrack_stage(run: Run, cfg: EyetrackConfig) -> StageResult:
     group_of = dict(zip(key["pseudonym"], key["group"], strict=True))
     scores["group"] = scores["participant"].map(group_of)
     scores["syndrome_id"] = scores["image_id"].map(syndrome)
-    scores["kind"] = scores["map"].map(_kinds(labels))
+    kinds = _kinds(labels)
+    scores["kind"] = scores["map"].map(kinds)
     timings["scores"] = time.perf_counter() - t0
 
     # ---- tables
     t0 = time.perf_counter()
     per_obs = an.relative_scores(an.observer_means(scores))
-    per_obs["kind"] = per_obs["map"].map(_kinds(labels))
+    per_obs["kind"] = per_obs["map"].map(kinds)
     summary = an.group_summary(per_obs, seed=cfg.seed).assign(breakdown="group")
     everyone = an.group_summary(per_obs.assign(group="all observers"), seed=cfg.seed).assign(breakdown="group")
     by_syn = an.group_summary(an.relative_scores(an.observer_means(
@@ -412,7 +413,7 @@ def eyetrack_stage(run: Run, cfg: EyetrackConfig) -> StageResult:
     image_table = (scores.groupby(["group", "image_id", "syndrome_id", "map", "metric"], sort=True)["value"]
                    .agg(mean="mean", sd="std", n_observers="count").reset_index())
     table = pd.concat([t for t in (summary, everyone, by_syn, by_answer) if len(t)], ignore_index=True)
-    table["kind"] = table["map"].map(_kinds(labels))
+    table["kind"] = table["map"].map(kinds)
     away = away_from_eyes(truth) if truth is not None else set()
     probe_table = an.probe_contrast(scores, away, seed=cfg.seed) if probes else pd.DataFrame()
     dwell = an.region_dwell(kept, atlases, _regions())
@@ -453,14 +454,6 @@ def eyetrack_stage(run: Run, cfg: EyetrackConfig) -> StageResult:
     facts["timings"] = {k: round(v, 2) for k, v in timings.items()}
     return StageResult(items=int(len(scores)), outputs={"eyetracking": out, "summary": out / "summary.md"},
                        summary=lines, extra={"results": facts})
-
-
-def _kept_index(fix: pd.DataFrame, cfg: EyetrackConfig) -> pd.Index:
-    """Index labels of the fixations the filters keep (the same rule as :func:`fixmaps.filter_fixations`)."""
-    kept, _ = fixmaps.filter_fixations(fix.assign(_row=fix.index), drop_first=cfg.filters.drop_first,
-                                       min_duration_ms=cfg.filters.min_duration_ms,
-                                       max_duration_ms=cfg.filters.max_duration_ms)
-    return pd.Index(kept["_row"])
 
 
 def _kinds(labels: pd.DataFrame) -> dict[str, str]:
