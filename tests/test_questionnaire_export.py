@@ -161,37 +161,52 @@ def test_booklet_is_self_contained(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    import shutil
+    from gestalt_xai.export.browser import find_chromium
 
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    path = find_chromium()
     if path is None and os.environ.get("CI"):
         pytest.fail("CI must run the browser test: `make test` installs chromium when run as root")
     if path is None:
-        pytest.skip("chromium is not installed (`make test` installs Debian's chromium when run as root)")
-    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
+        pytest.skip("chromium or playwright is not installed (`make test` installs Debian's chromium when run as "
+                    "root; playwright is in the dev extra)")
     return path
 
 
-def test_booklet_renders_in_chromium_with_every_image(tmp_path, chromium) -> None:
-    from playwright.sync_api import sync_playwright
+def _export_with_pdf(tmp: Path, chromium: str) -> dict[str, Path]:
+    q = load_questionnaire(ROOT / "questionnaires" / "default.yaml")
+    q = q.model_copy(update={"cases": q.cases.model_copy(update={"n": 3})})
+    comp, faces = _tables()
+    pm = PseudonymMap(derived_secret(3), "test")
+    cases = syndrome_cases(q, comp, faces, _face, lambda s: pm.pseudonym("syndrome", s))
+    return export_questionnaire(q, cases, blinding_key(q, [c.pseudonym for c in cases]), tmp, pdf=chromium)
 
-    written, key, _ = _export(tmp_path)
-    errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page()
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("request", lambda r: errors.append(f"request {r.url}") if not r.url.startswith(("data:", "file:"))
-                else None)
-        page.goto(written["booklet"].as_uri())
-        page.wait_for_load_state("load")
-        widths = page.eval_on_selector_all("img", "els => els.map(e => e.complete ? e.naturalWidth : 0)")
-        pdf = page.pdf(format="A4")
-        browser.close()
-    assert len(widths) == 12 and all(w > 0 for w in widths), widths
-    assert errors == []
-    assert pdf.startswith(b"%PDF")
+
+def test_booklet_renders_in_chromium_with_every_image_and_prints_to_pdf(tmp_path, chromium) -> None:
+    from gestalt_xai.export.browser import open_page
+
+    written = _export_with_pdf(tmp_path, chromium)
+    check = open_page(written["booklet"], screenshot=True, chromium=chromium)
+    assert len(check.image_widths) == 12 and all(w > 0 for w in check.image_widths), check.image_widths
+    assert check.errors == [] and check.blocked == []
+    pdf = written["booklet_pdf"].read_bytes()
+    assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page") - pdf.count(b"/Type /Pages") >= 3
+    # a broken image and an outside request are caught, not ignored
+    html = written["booklet"].read_text(encoding="utf-8")
+    broken = tmp_path / "broken.html"
+    broken.write_text(html.replace('<img src="data:image/png;base64,', '<img src="data:image/png;base64,AAAA', 1)
+                      .replace("</body>", '<img src="https://example.org/x.png"></body>'), encoding="utf-8")
+    bad = open_page(broken, chromium=chromium)
+    assert not bad.ok and sum(w == 0 for w in bad.image_widths) == 2 and bad.blocked == ["https://example.org/x.png"]
+
+
+def test_pdf_needs_the_booklet(tmp_path) -> None:
+    q = load_questionnaire(ROOT / "questionnaires" / "default.yaml")
+    comp, faces = _tables()
+    pm = PseudonymMap(derived_secret(3), "test")
+    cases = syndrome_cases(q, comp, faces, _face, lambda s: pm.pseudonym("syndrome", s))
+    with pytest.raises(ValueError, match="booklet"):
+        export_questionnaire(q, cases, blinding_key(q, [c.pseudonym for c in cases]), tmp_path,
+                             formats=["redcap"], pdf="/usr/bin/chromium")
 
 
 def _cohort() -> pd.DataFrame:

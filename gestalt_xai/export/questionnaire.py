@@ -235,11 +235,14 @@ def booklet_html(q: QuestionnaireDef, dictionary: pd.DataFrame, images: Mapping[
 
 
 def export_questionnaire(q: QuestionnaireDef, cases: list[Case], key: pd.DataFrame, out: str | Path,
-                         formats: tuple[str, ...] | list[str] = FORMATS) -> dict[str, Path]:
+                         formats: tuple[str, ...] | list[str] = FORMATS, pdf: str | None = None) -> dict[str, Path]:
     """Write the rater-facing files of the questionnaire into ``out`` (module docstring); returns label → path.
 
     ``key`` is the blinding key of exactly these cases; the dictionary is validated before anything is written.
-    ``formats``: a subset of :data:`FORMATS` (the images are always written).
+    ``formats``: a subset of :data:`FORMATS` (the images are always written). ``pdf``: the Chromium executable that
+    prints the booklet to ``booklet/<name>.pdf`` (:mod:`~gestalt_xai.export.browser`; needs ``booklet`` in
+    ``formats``); the booklet must load in it with every image and no console error, or nothing is reported done.
+    A PDF embeds its creation date, so it is the one file that differs between two exports with the same seed.
     """
     out = Path(out)
     unknown = sorted(set(formats) - set(FORMATS))
@@ -272,12 +275,24 @@ def export_questionnaire(q: QuestionnaireDef, cases: list[Case], key: pd.DataFra
     if "booklet" in formats:
         written["booklet"] = out / "booklet" / f"{q.name}.html"
         atomic_write_bytes(written["booklet"], booklet_html(q, dictionary, images, key).encode("utf-8"))
+        if pdf is not None:
+            from gestalt_xai.export.browser import open_page
+
+            check = open_page(written["booklet"], pdf=True, chromium=pdf)
+            if not check.ok or check.pdf is None:
+                raise RuntimeError(f"{written['booklet']}: the booklet does not render cleanly in Chromium: "
+                                   + "; ".join(check.problems()[:5]))
+            written["booklet_pdf"] = written["booklet"].with_suffix(".pdf")
+            atomic_write_bytes(written["booklet_pdf"], check.pdf)
+    elif pdf is not None:
+        raise ValueError("a PDF is printed from the booklet: add 'booklet' to the formats")
     return written
 
 
 def export_run_questionnaire(run: Run, q: QuestionnaireDef, out: str | Path,
                              forbidden: set[str] | frozenset[str] = frozenset(), key_dir: str = "private",
-                             formats: tuple[str, ...] | list[str] = FORMATS) -> dict[str, Path]:
+                             formats: tuple[str, ...] | list[str] = FORMATS,
+                             pdf: str | None = None) -> dict[str, Path]:
     """Export ``q`` for the syndrome composites of an aggregated ``run`` into ``out``, and the analyst's key into the
     run's folder ``key_dir`` (default ``private/``; labels ``key:*`` of the result).
 
@@ -309,7 +324,7 @@ def export_run_questionnaire(run: Run, q: QuestionnaireDef, out: str | Path,
 
     cases = syndrome_cases(q, load_composites(run), faces, face_of, lambda g: pm.pseudonym("syndrome", g))
     key = blinding_key(q, [c.pseudonym for c in cases])
-    written = export_questionnaire(q, cases, key, out, formats)
+    written = export_questionnaire(q, cases, key, out, formats, pdf=pdf)
     findings = scan_export(out, set(forbidden) | set(shown))
     if findings:
         raise RuntimeError(f"the questionnaire export in {out} names cohort data: {findings[:5]}")

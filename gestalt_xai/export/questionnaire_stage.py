@@ -3,7 +3,8 @@ the analysis of the answers that come back.
 
 ``questionnaire`` (export) writes::
 
-    questionnaire/images/, redcap/, limesurvey/, booklet/   the rater-facing files (gestalt_xai.export.questionnaire)
+    questionnaire/images/, redcap/, limesurvey/, booklet/   the rater-facing files (gestalt_xai.export.questionnaire;
+                                                            booklet/<name>.pdf printed by headless Chromium)
     private/questionnaire/blinding_key.csv, cases_key.csv, regions_key.csv, definition.json   the analyst's key
 
 The definition (``definition``: a YAML file, default ``questionnaires/default.yaml``; ``overrides`` merged into it,
@@ -33,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gestalt_xai.config import StageConfig, load_yaml, validate_config
 from gestalt_xai.errors import ConfigError, InputError
+from gestalt_xai.export.browser import find_chromium, require_chromium
 from gestalt_xai.export.questionnaire import FORMATS, export_run_questionnaire
 from gestalt_xai.export.questionnaire_def import QuestionnaireDef
 from gestalt_xai.runs import ErrorRow, Run, atomic_write_bytes, write_parquet
@@ -64,12 +66,25 @@ class QuestionnaireConfig(StageConfig):
                                                                          "{cases: {n: 4}}")
     formats: list[Literal["redcap", "limesurvey", "booklet"]] = Field(default_factory=lambda: list(FORMATS),
                                                                       min_length=1)
+    pdf: Literal["auto", "always", "never"] = Field(
+        "auto", description="print the booklet to PDF in headless Chromium: auto (when Chromium is installed), "
+                            "always (fails before work without it), never")
     seed: int | None = Field(None, description="order and blinding seed (default: the definition's)")
 
     @model_validator(mode="after")
     def _valid_definition(self) -> QuestionnaireConfig:
         self.resolved()
+        if self.pdf == "always":
+            if "booklet" not in self.formats:
+                raise ValueError("pdf: always prints the booklet: add 'booklet' to formats")
+            require_chromium("pdf")
         return self
+
+    def chromium(self) -> str | None:
+        """The Chromium that prints the PDF, or ``None`` for no PDF."""
+        if self.pdf == "never" or "booklet" not in self.formats:
+            return None
+        return find_chromium() if self.pdf == "auto" else require_chromium("pdf")
 
     def resolved(self) -> QuestionnaireDef:
         """The validated definition with ``overrides`` and ``seed`` applied (:class:`ConfigError` naming the file
@@ -103,8 +118,9 @@ def _forbidden(run: Run) -> set[str]:
 def questionnaire_stage(run: Run, cfg: QuestionnaireConfig) -> StageResult:
     """Run the questionnaire export on ``run``; see the module docstring."""
     q = cfg.resolved()
+    chromium = cfg.chromium()
     written = export_run_questionnaire(run, q, run.dir(OUT), forbidden=_forbidden(run), key_dir=KEY_DIR,
-                                       formats=cfg.formats)
+                                       formats=cfg.formats, pdf=chromium)
     definition = run.path / KEY_DIR / "definition.json"
     atomic_write_bytes(definition, (json.dumps(q.model_dump(mode="json"), indent=1, sort_keys=True) + "\n").encode())
     n_cases = pd.read_csv(written["key:cases_key"]).shape[0]
@@ -112,7 +128,9 @@ def questionnaire_stage(run: Run, cfg: QuestionnaireConfig) -> StageResult:
     return StageResult(items=n_cases, outputs=outputs | {"definition": definition},
                        summary=[f"{n_cases} cases exported as {', '.join(cfg.formats)} into "
                                 f"{run.relative(run.path / OUT)}; the analyst key is in {KEY_DIR}/ "
-                                "(never send it to raters)"])
+                                "(never send it to raters)"]
+                       + (["no PDF: Chromium is not installed (pdf: auto)"]
+                          if chromium is None and cfg.pdf == "auto" and "booklet" in cfg.formats else []))
 
 
 class SimulateOptions(BaseModel):
