@@ -122,7 +122,7 @@ def _region_syndromes() -> pd.DataFrame:
 def test_checklists_are_compared_with_the_models_region_groups(study) -> None:
     q, key, path, _ = study
     r = read_redcap_export(path, q, key)
-    groups = qa.model_group_scores(_region_syndromes()).set_index(["syndrome_id", "method", "region_group"])
+    groups = qa.model_group_scores(_region_syndromes()).set_index(["unit_id", "method", "region_group"])
     # nasal_bridge + nose make the group "nose": shares and areas are summed before dividing
     other = 0.4 / (len(REGIONS) - 3)
     assert groups.loc[("OMIM:1", "gradcam", "nose"), "enrichment"] == pytest.approx(
@@ -131,8 +131,13 @@ def test_checklists_are_compared_with_the_models_region_groups(study) -> None:
     assert (agree.xs("gradcam", level="method")["jaccard"] == 1.0).all()
     assert (agree.xs("lrp", level="method")["jaccard"] == 0.0).all()
     assert (agree.xs("gradcam", level="method")["spearman"] > 0).all()
-    with pytest.raises(InputError, match="several models"):
+    with pytest.raises(InputError, match="several layers"):
         qa.model_group_scores(pd.concat([_region_syndromes(), _region_syndromes().assign(layer="x")]))
+    # a second model (e.g. the random-weight control) is left out: the cases' model is the first id, or the given one
+    control = _region_syndromes().assign(model_id="zz_random", share=lambda d: d["share"][::-1].to_numpy())
+    both = pd.concat([_region_syndromes(), control])
+    pd.testing.assert_frame_equal(qa.model_group_scores(both), qa.model_group_scores(_region_syndromes()))
+    assert not qa.model_group_scores(both, model="zz_random").equals(qa.model_group_scores(_region_syndromes()))
 
 
 @pytest.mark.parametrize(("change", "problem"), [

@@ -284,3 +284,38 @@ def test_export_from_an_aggregated_run_keeps_the_key_private(tmp_path) -> None:
     assert all(written[k].is_relative_to(run.path / "private") for k in written if k.startswith("key:"))
     assert not any(p.is_relative_to(run.path / "private") for k, p in written.items() if not k.startswith("key:"))
     assert {p.name.split("_")[0] for p in (tmp_path / "export" / "images").iterdir()} == set(cases_key["pseudonym"])
+
+
+def test_booklet_escapes_every_text(tmp_path) -> None:
+    """A definition's texts are the study team's, but they reach a browser: markup in them shows as text."""
+    q = load_questionnaire(ROOT / "questionnaires" / "default.yaml")
+    evil = "<script>alert(1)</script> & <b>bold</b>"
+    q = q.model_copy(update={"title": evil, "introduction": evil, "cases": q.cases.model_copy(update={"n": 2})})
+    comp, faces = _tables()
+    pm = PseudonymMap(derived_secret(3), "test")
+    cases = syndrome_cases(q, comp, faces, _face, lambda s: pm.pseudonym("syndrome", s))
+    written = export_questionnaire(q, cases, blinding_key(q, [c.pseudonym for c in cases]), tmp_path,
+                                   formats=["booklet"])
+    html = written["booklet"].read_text(encoding="utf-8")
+    assert "<script>" not in html and "<b>bold" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in html
+
+
+def test_privacy_scan_reads_a_pdfs_own_text_and_streams() -> None:
+    import zlib
+
+    from gestalt_xai.export.privacy import forbidden_values, scan_bytes
+
+    forbidden = forbidden_values(["OMIM_162200"], [])
+
+    def pdf(title: str, stream: bytes, kind: bytes = b"") -> bytes:
+        body = zlib.compress(stream)
+        return (b"%PDF-1.4\n1 0 obj\n<< /Title (" + title.encode() + b") >>\nendobj\n2 0 obj\n<< /Length "
+                + str(len(body)).encode() + kind + b" /Filter /FlateDecode >>\nstream\n" + body
+                + b"\nendstream\nendobj\n%%EOF\n")
+
+    assert scan_bytes(pdf("Questionnaire", b"BT /F1 12 Tf (Case 1) Tj ET"), forbidden, "b.pdf") == []
+    assert scan_bytes(pdf("OMIM_162200", b"BT ET"), forbidden, "b.pdf") == ["b.pdf: contains 'omim_162200'"]
+    assert scan_bytes(pdf("Q", b"/URI (file:///OMIM_162200/x)"), forbidden, "b.pdf")  # a link in a stream
+    # image and font streams are binary data, not text: never tokenised (no chance findings)
+    assert scan_bytes(pdf("Q", b"\x00OMIM_162200\x00", b" /Subtype /Image"), forbidden, "b.pdf") == []

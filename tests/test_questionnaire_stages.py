@@ -150,3 +150,48 @@ def test_the_analysis_pools_a_redcap_and_a_limesurvey_export(tmp_path) -> None:
     assert res.errors == 0 and res.extra == {"simulated": False, "raters": 5}
     ratings = pd.read_parquet(run.path / "questionnaire/analysis/ratings.parquet")
     assert set(ratings["n_raters"]) == {5}
+
+
+def test_patient_cases_show_one_photo_per_subject_under_pseudonyms_and_their_own_regions(tmp_path) -> None:
+    """unit: patient — test photos with their own maps, one per subject, largest syndromes first in turn; the key
+    names image ids, the rater files name nothing of the cohort; checklists compare with the subject's regions."""
+    from gestalt_xai.aggregate.stage import aggregate_stage
+    from gestalt_xai.export.questionnaire_responses import load_analyst_key
+    from gestalt_xai.export.questionnaire_stage import QuestionnaireConfig
+    from tests.test_aggregate_stage import PLAN, build_run
+
+    run = build_run(tmp_path / "run")
+    images = run.image_table()
+    # every subject's photos are test photos of the protocol (build_run writes no splits)
+    write_parquet(pd.DataFrame({"image_id": images["image_id"], "set": "frequent_test"}),
+                  run.path / "cohort" / "splits.parquet")
+    aggregate_stage(run, {"min_subjects": 5, "normalisations": ["max-abs"], "figure_formats": ["png"],
+                          "pair_figures": 1, "patient_figures": 1})
+    cfg = QuestionnaireConfig(overrides={"cases": {"unit": "patient", "n": 6}, "introduction": "One patient per page.",
+                                         "maps": {"methods": ["saliency", "hirescam"], "per_case": 2,
+                                                  "preference": ["saliency", "hirescam"]}},
+                              formats=["redcap", "limesurvey", "booklet"], pdf="never")
+    res = questionnaire_stage(run, cfg)
+    assert res.items == 6
+    key = load_analyst_key(run.path / "private/questionnaire")
+    shown = list(key.cases.sort_values("pseudonym")["raw_id"])
+    meta = images.set_index("image_id")
+    assert len({meta.at[i, "subject_id"] for i in shown}) == 6, "one photo per subject"
+    # largest first in turn: S00 and S01 (12 subjects) twice, S02 and S03 once each
+    assert sorted(meta.loc[shown, "syndrome_id"]) == ["S00", "S00", "S01", "S01", "S02", "S03"]
+    assert all(p.startswith("C") for p in key.cases["pseudonym"])
+    booklet = next((run.path / "questionnaire" / "booklet").glob("*.html")).read_text(encoding="utf-8")
+    assert booklet.count("the patient&#39;s aligned face") == 2 * 6 and "average aligned face" not in booklet
+    rater_files = b"".join(p.read_bytes() for p in (run.path / "questionnaire").rglob("*") if p.is_file())
+    for raw in shown + [meta.at[i, "subject_id"] for i in shown]:
+        assert raw.encode() not in rater_files
+    planted = {p: [PLAN[meta.at[i, "syndrome_id"]][1]] for p, i in zip(key.cases["pseudonym"], key.cases["raw_id"],
+                                                                        strict=True)
+               if PLAN[meta.at[i, "syndrome_id"]][1]}
+    responses = tmp_path / "redcap_export.csv"
+    simulate_redcap_export(cfg.resolved(), key.blinding, 8, seed=1, path=responses, true_regions=planted)
+    responses.write_text(responses.read_text().replace("SIMULATED-", "R-"))
+    assert questionnaire_analysis_stage(run, {"responses": [str(responses)], "n_resamples": 200}).errors == 0
+    agree = pd.read_parquet(run.path / "questionnaire/analysis/region_agreement.parquet")
+    sal = agree[(agree["method"] == "saliency") & agree["pseudonym"].isin(planted)]
+    assert len(sal) == len(planted) >= 3 and (sal["jaccard"] == 1.0).all(), sal

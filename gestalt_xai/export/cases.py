@@ -1,5 +1,12 @@
 """The cases of a questionnaire from a run, and their images: the aligned face and each blinded map, as plain PNGs.
 
+Patient cases (``cases.unit: patient``) show one test photo's aligned face and that patient's own maps of the
+compared methods, towards the patient's own diagnosis (the map store's maps of target group ``centroid:own``, else
+``logit:own``, :data:`~gestalt_xai.aggregate.annotate.OWN_TARGET_GROUPS`). A photo is a case only when it is a
+diagnosed test photo with such a map of every compared method; one photo per subject is shown (the first by image
+id), so no patient is rated twice. Showing a patient's face to raters needs the patient's consent for that use: the
+selection rule does not check it, the study coordinator does (or lists the consented photos with ``select: listed``).
+
 Syndrome cases (``cases.unit: syndrome``) show a syndrome's composite face (the mean aligned face of its subjects,
 written by the aggregate stage only from ``min_subjects`` subjects on, :mod:`gestalt_xai.aggregate.faces`) and the
 syndrome's composite maps of the compared methods (``aggregate/composites.parquet``, whole group, the questionnaire's
@@ -21,14 +28,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gestalt_xai.aggregate.annotate import OWN_TARGET_GROUPS
+from gestalt_xai.aggregate.annotate import OWN_TARGET_GROUPS, annotate_index
 from gestalt_xai.aggregate.composite import composite_array
 from gestalt_xai.aggregate.faces import ALL, WHOLE
 from gestalt_xai.attribution.base import UNSIGNED_METHODS
 from gestalt_xai.errors import InputError
 from gestalt_xai.export.questionnaire_def import QuestionnaireDef
 
-__all__ = ["Case", "case_image_names", "render_case_images", "select_syndromes", "syndrome_cases"]
+__all__ = ["Case", "case_image_names", "patient_cases", "render_case_images", "select_patients", "select_syndromes",
+           "syndrome_cases"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +111,79 @@ def syndrome_cases(q: QuestionnaireDef, composites: pd.DataFrame, faces: pd.Data
             r = r.iloc[np.argsort([order[t] for t in r["target_group"]], kind="stable")]
             maps[method] = composite_array(r.iloc[0])
         cases.append(Case(pseudonym_of(group), np.asarray(face_of(group), np.uint8), maps))  # type: ignore[operator]
+    return cases
+
+
+def _patient_rows(q: QuestionnaireDef, index: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
+    """Map rows towards each patient's own diagnosis of the compared methods: one per image and method (the first
+    own-target group in :data:`OWN_TARGET_GROUPS` order, then the first layer), for one model."""
+    rows, _ = annotate_index(index, images)
+    rows = rows[rows["target_group"].isin(OWN_TARGET_GROUPS) & rows["method"].isin(q.maps.methods)]
+    if q.maps.model is not None:
+        rows = rows[rows["model_id"] == q.maps.model]
+    elif len(rows):
+        rows = rows[rows["model_id"] == sorted(rows["model_id"])[0]]
+    order = rows["target_group"].map({t: i for i, t in enumerate(OWN_TARGET_GROUPS)})
+    rows = rows.assign(_order=order).sort_values(["image_id", "method", "_order", "layer"], kind="stable")
+    return rows.drop_duplicates(["image_id", "method"]).drop(columns="_order").reset_index(drop=True)
+
+
+def select_patients(q: QuestionnaireDef, rows: pd.DataFrame, images: pd.DataFrame,
+                    ranks: pd.DataFrame | None = None) -> list[str]:
+    """The test photos shown, by the selection rule (``largest``: one photo per syndrome in turn, syndromes with most
+    subjects first, until ``n``; ``random``: drawn with the seed; ``listed``; ``all``), among the eligible ones
+    (module docstring). ``rows``: :func:`_patient_rows`; ``images``: :meth:`~gestalt_xai.runs.Run.image_table`;
+    ``ranks``: the match stage's ranks, needed for ``only_correct`` (top-1 right in every protocol it was tested in).
+    """
+    sel = q.cases
+    img = images.assign(image_id=images["image_id"].astype(str), subject_id=images["subject_id"].astype(str))
+    img = img[img["test"].astype(bool) & ~img["undiagnosed"].astype(bool)]
+    have = rows.groupby("image_id")["method"].agg(set)
+    complete = {i for i, m in have.items() if set(q.maps.methods) <= m}
+    img = img[img["image_id"].isin(complete)]
+    if sel.only_correct:
+        if ranks is None:
+            raise InputError("cases.only_correct needs the match stage's ranks: run `gestalt-xai match` first")
+        right = ranks.assign(image_id=ranks["image_id"].astype(str)).groupby("image_id")["rank"].max() == 1
+        img = img[img["image_id"].map(right).fillna(False).astype(bool)]
+    if sel.select == "listed":
+        bad = [i for i in sel.ids if i not in set(img["image_id"])]
+        if bad:
+            raise InputError(f"{len(bad)} listed patients are not diagnosed test photos with a map of every method "
+                             f"{sorted(q.maps.methods)}{' ranked first correctly' if sel.only_correct else ''}")
+        return list(sel.ids)
+    img = img.sort_values("image_id", kind="stable").drop_duplicates("subject_id")
+    if img.empty:
+        raise InputError(f"no diagnosed test photo has maps of every method {sorted(q.maps.methods)} towards its "
+                         "own diagnosis: run the explain stage on the test photos with these methods")
+    if sel.select == "all":
+        return sorted(img["image_id"])
+    n = min(sel.n, len(img))
+    if n < sel.n:
+        log.warning("only %d eligible patients for the %d cases asked", n, sel.n)
+    if sel.select == "random":
+        ids = sorted(img["image_id"])
+        rng = np.random.default_rng(q.seed)
+        return [ids[i] for i in sorted(rng.choice(len(ids), size=n, replace=False))]
+    size = images.groupby(images["syndrome_id"].astype(str))["subject_id"].nunique()
+    img = img.assign(_turn=img.groupby("syndrome_id").cumcount(), _size=img["syndrome_id"].astype(str).map(size))
+    img = img.sort_values(["_turn", "_size", "syndrome_id", "image_id"], ascending=[True, False, True, True],
+                          kind="stable")
+    return list(img["image_id"][:n])
+
+
+def patient_cases(q: QuestionnaireDef, index: pd.DataFrame, images: pd.DataFrame, load_maps: object,
+                  face_of: object, pseudonym_of: object, ranks: pd.DataFrame | None = None) -> list[Case]:
+    """The patient cases of ``q``: ``index`` the map store's index, ``load_maps(rows)`` the maps of index rows
+    (:meth:`~gestalt_xai.store.MapStore.load_many`), ``face_of(image_id)`` the aligned face, ``pseudonym_of(
+    image_id)`` its pseudonym (kind ``case``); see :func:`select_patients`."""
+    rows = _patient_rows(q, index, images)
+    cases = []
+    for image_id in select_patients(q, rows, images, ranks):
+        mine = rows[rows["image_id"] == image_id].set_index("method").loc[list(q.maps.methods)].reset_index()
+        arrays = np.asarray(load_maps(mine), np.float32)  # type: ignore[operator]
+        maps = dict(zip(mine["method"], arrays, strict=True))
+        cases.append(Case(pseudonym_of(image_id), np.asarray(face_of(image_id), np.uint8), maps))  # type: ignore
     return cases
 
 

@@ -7,6 +7,10 @@ Every file under the export folder is read as bytes and scanned by its kind:
 * **JPEG**: any APP1 (EXIF/XMP) or COM segment is a finding;
 * **file and member names**: a forbidden value as a token (split at ``_`` too) or, from 6 characters on, anywhere;
 * **ZIP**: each member is scanned the same way, recursively (``zip.zip:attachments/…``);
+* **PDF** (ISO 32000-1): the file's own text — the document information dictionary (title, author, subject,
+  keywords …), XMP metadata, link and outline strings — and every Flate-compressed stream that is neither an image
+  nor an embedded font, as text. The page text of a PDF printed by the toolkit is the HTML it was printed from
+  (scanned too); in a content stream it is written as glyph codes, which this scan does not map back to letters;
 * **text** (anything else that decodes as UTF-8): token by token: the text is split into tokens at every character
   that is not a letter, digit, ``_``, ``-`` or ``.``, and a token equal (case-insensitively) to a forbidden id is a
   finding; forbidden values with a separator in them (paths, names with spaces) are also searched as substrings.
@@ -20,6 +24,7 @@ import io
 import re
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,6 +34,8 @@ _PNG = b"\x89PNG\r\n\x1a\n"
 _PNG_METADATA = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}
 _TOKEN_SPLIT = re.compile(r"[^\w.\-]+")
 _DATA_URI = re.compile(r"data:image/(?:png|jpeg);base64,([A-Za-z0-9+/=]+)")
+_PDF_STREAM = re.compile(rb"<<((?:(?!stream).){0,2000}?)>>\s*stream\r?\n", re.S)
+_PDF_BINARY = (b"/Image", b"/FontFile", b"/Length1", b"/Type1C", b"/CIDFontType0C", b"/OpenType")
 
 
 def forbidden_values(ids: Iterable[object], paths: Iterable[object] = ()) -> set[str]:
@@ -78,6 +85,26 @@ def _text_findings(text: str, forbidden: set[str], where: str) -> list[str]:
     return found
 
 
+def _pdf_findings(data: bytes, forbidden: set[str], where: str) -> list[str]:
+    """A PDF's own text and its non-image, non-font Flate streams, scanned as text (module docstring)."""
+    parts, pos = [], 0
+    for m in _PDF_STREAM.finditer(data):
+        end = data.find(b"endstream", m.end())
+        if end < 0:
+            break
+        parts.append(data[pos:m.start()])
+        pos = end
+        if any(k in m.group(1) for k in _PDF_BINARY):
+            continue
+        body = data[m.end():end]
+        try:
+            parts.append(zlib.decompress(body) if b"/FlateDecode" in m.group(1) else body)
+        except zlib.error:
+            parts.append(body)
+    parts.append(data[pos:])
+    return _text_findings(b"\n".join(parts).decode("latin-1"), forbidden, where)
+
+
 def _name_findings(name: str, forbidden: set[str], where: str) -> list[str]:
     """A file or member name: a token equal to a forbidden value, or a forbidden value of ≥ 6 characters anywhere
     in it (``img_0001_face.png``); shorter ids only as whole tokens, as they occur by chance inside pseudonyms."""
@@ -99,6 +126,8 @@ def scan_bytes(data: bytes, forbidden: set[str], where: str) -> list[str]:
                 found += _name_findings(name, forbidden, f"{where}:{name}")
                 found += scan_bytes(z.read(name), forbidden, f"{where}:{name}")
         return found
+    if data.startswith(b"%PDF-"):
+        return _pdf_findings(data, forbidden, where)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:

@@ -173,7 +173,7 @@ def limesurvey_tsv(q: QuestionnaireDef, key: pd.DataFrame, images: Mapping[str, 
         p, pseudonym, labels = f"c{int(case_no):02d}", str(maps["pseudonym"].iloc[0]), list(maps["label"])
         names = case_image_names(pseudonym, labels)
         new_group(f"Case {int(case_no)}", f"Case {int(case_no)} ({pseudonym})")
-        question("X", f"{p}face", f'<p>The average aligned face</p><img alt="Case {int(case_no)} face" '
+        question("X", f"{p}face", f'<p>{q.face_caption}</p><img alt="Case {int(case_no)} face" '
                  f'src="{_data_uri(images[names["face"]])}" />')
         dx = q.item("diagnosis")
         if dx is not None and dx.before_maps:
@@ -214,9 +214,9 @@ def booklet_html(q: QuestionnaireDef, dictionary: pd.DataFrame, images: Mapping[
                  key: pd.DataFrame) -> str:
     """The printable booklet: one self-contained HTML page (images as data URIs, no external resource), a page per
     case when printed, each field of the dictionary as a paper item (tick boxes for choices, lines for text)."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
+    from jinja2 import Environment, PackageLoader
 
-    env = Environment(loader=PackageLoader("gestalt_xai.export", "templates"), autoescape=select_autoescape(),
+    env = Environment(loader=PackageLoader("gestalt_xai.export", "templates"), autoescape=True,
                       trim_blocks=True, lstrip_blocks=True)
     attachments = {f: _data_uri(images[file]) for fields in _image_fields(key).values() for f, file in fields.items()}
     forms = []
@@ -293,40 +293,67 @@ def export_run_questionnaire(run: Run, q: QuestionnaireDef, out: str | Path,
                              forbidden: set[str] | frozenset[str] = frozenset(), key_dir: str = "private",
                              formats: tuple[str, ...] | list[str] = FORMATS,
                              pdf: str | None = None) -> dict[str, Path]:
-    """Export ``q`` for the syndrome composites of an aggregated ``run`` into ``out``, and the analyst's key into the
-    run's folder ``key_dir`` (default ``private/``; labels ``key:*`` of the result).
+    """Export ``q`` for a ``run`` into ``out``, and the analyst's key into the run's folder ``key_dir`` (default
+    ``private/``; labels ``key:*`` of the result).
 
-    Cases carry the run's pseudonyms (:meth:`~gestalt_xai.runs.Run.pseudonyms`, kind ``syndrome``). After writing,
-    the export is scanned (:func:`~gestalt_xai.export.privacy.scan_export`) for the shown syndromes' ids and
-    ``forbidden`` (e.g. :func:`~gestalt_xai.export.privacy.forbidden_values` of the cohort's image and subject ids
-    and paths); a finding raises before anything is reported done.
+    Syndrome cases come from the aggregate stage's composites and composite faces; patient cases from the map store
+    and the aligned crops (:mod:`~gestalt_xai.export.cases`). Cases carry the run's pseudonyms
+    (:meth:`~gestalt_xai.runs.Run.pseudonyms`, kind ``syndrome`` or ``case``). After writing, the export is scanned
+    (:func:`~gestalt_xai.export.privacy.scan_export`) for the shown cases' ids and ``forbidden`` (e.g.
+    :func:`~gestalt_xai.export.privacy.forbidden_values` of the cohort's image and subject ids and paths); a finding
+    raises before anything is reported done.
     """
+    from gestalt_xai.export.blinding import blinding_key, write_analyst_key
+    from gestalt_xai.export.privacy import scan_export
+
+    pm = run.pseudonyms()
+    shown: list[str] = []  # raw ids of the cases, in the order shown
+    if q.cases.unit == "syndrome":
+        cases, kind, related = _syndrome_cases_of(run, q, pm, shown), "syndrome", set()
+    else:
+        cases, kind = _patient_cases_of(run, q, pm, shown), "case"
+        meta = run.image_table().astype({"image_id": str}).set_index("image_id")
+        # the shown patients' subject and syndrome ids are scanned for too (the key names image ids only)
+        related = {str(meta.at[i, c]) for i in shown for c in ("subject_id", "syndrome_id")}
+    key = blinding_key(q, [c.pseudonym for c in cases])
+    written = export_questionnaire(q, cases, key, out, formats, pdf=pdf)
+    findings = scan_export(out, set(forbidden) | set(shown) | related)
+    if findings:
+        raise RuntimeError(f"the questionnaire export in {out} names cohort data: {findings[:5]}")
+    keys = write_analyst_key(run.dir(key_dir), key, pm.table(kind, shown), REGION_GROUPS)
+    return written | {f"key:{k}": p for k, p in keys.items()}
+
+
+def _syndrome_cases_of(run: Run, q: QuestionnaireDef, pm: object, shown: list[str]) -> list[Case]:
     from gestalt_xai.aggregate.stage import load_composites
     from gestalt_xai.data.images import load_image
     from gestalt_xai.errors import InputError
-    from gestalt_xai.export.blinding import blinding_key, write_analyst_key
     from gestalt_xai.export.cases import syndrome_cases
-    from gestalt_xai.export.privacy import scan_export
     from gestalt_xai.viz import file_stem
 
-    if q.cases.unit != "syndrome":
-        raise InputError(f"{q.name}: cases.unit {q.cases.unit!r} is not exported yet; use unit: syndrome")
     faces_table = run.path / "aggregate" / "faces.parquet"
     if not faces_table.exists():
         raise InputError(f"{faces_table} not found: run `gestalt-xai aggregate --run …` first")
-    faces = pd.read_parquet(faces_table)
-    pm = run.pseudonyms()
-    shown: list[str] = []
 
     def face_of(group: str) -> object:
         shown.append(group)
         return load_image(run.path / "aggregate" / "faces" / f"{file_stem(group)}__all.png")
 
-    cases = syndrome_cases(q, load_composites(run), faces, face_of, lambda g: pm.pseudonym("syndrome", g))
-    key = blinding_key(q, [c.pseudonym for c in cases])
-    written = export_questionnaire(q, cases, key, out, formats, pdf=pdf)
-    findings = scan_export(out, set(forbidden) | set(shown))
-    if findings:
-        raise RuntimeError(f"the questionnaire export in {out} names cohort data: {findings[:5]}")
-    keys = write_analyst_key(run.dir(key_dir), key, pm.table("syndrome", shown), REGION_GROUPS)
-    return written | {f"key:{k}": p for k, p in keys.items()}
+    return syndrome_cases(q, load_composites(run), pd.read_parquet(faces_table), face_of,
+                          lambda g: pm.pseudonym("syndrome", g))  # type: ignore[attr-defined]
+
+
+def _patient_cases_of(run: Run, q: QuestionnaireDef, pm: object, shown: list[str]) -> list[Case]:
+    from gestalt_xai.export.cases import patient_cases
+    from gestalt_xai.store import require_maps
+
+    store, index = require_maps(run)
+    images = run.image_table()
+    ranks = run.ranks() if q.cases.only_correct else None
+
+    def face_of(image_id: str) -> object:
+        shown.append(image_id)
+        return run.crops([image_id])[0]
+
+    return patient_cases(q, index, images, store.load_many, face_of,
+                         lambda i: pm.pseudonym("case", i), ranks)  # type: ignore[attr-defined]

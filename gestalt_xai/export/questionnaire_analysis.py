@@ -21,6 +21,8 @@ Tables from simulated responses carry ``simulated = True``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -121,48 +123,59 @@ def scs_scores(r: Responses) -> pd.DataFrame:
     return out.assign(simulated=r.simulated)
 
 
-def model_group_scores(region_syndromes: pd.DataFrame, atlas: str = "template",
-                       target_groups: tuple[str, ...] = OWN_TARGET_GROUPS) -> pd.DataFrame:
-    """The model's score per syndrome, method and anatomical region group from ``region_syndromes.parquet``:
-    shares and area shares of the group's atlas regions summed, ``enrichment`` = share / area share.
+def model_group_scores(region_table: pd.DataFrame, atlas: str = "template",
+                       target_groups: tuple[str, ...] = OWN_TARGET_GROUPS, model: str | None = None,
+                       id_column: str = "syndrome_id") -> pd.DataFrame:
+    """The model's score per case (``id_column``: ``syndrome_id`` for ``region_syndromes.parquet``, ``subject_id``
+    for ``region_subjects.parquet``), method and anatomical region group: shares and area shares of the group's atlas
+    regions summed, ``enrichment`` = share / area share.
 
-    Rows are those of ``atlas`` explaining towards the own diagnosis (``target_groups``); where a syndrome and
-    method have several of them, the first in ``target_groups`` order is used (as the questionnaire's cases do,
-    :func:`~gestalt_xai.export.cases.syndrome_cases`). A syndrome and method left with more than one model or layer
-    is ambiguous and raises :class:`~gestalt_xai.errors.InputError` (filter the table first).
+    Rows are those of ``atlas`` and ``model`` (default: the first model id in sort order, as the questionnaire's
+    cases choose it, :mod:`~gestalt_xai.export.cases`) explaining towards the own diagnosis (``target_groups``);
+    where a case and method have several of them, the first in ``target_groups`` order is used (as the cases do).
+    A case and method left with more than one layer is ambiguous and raises :class:`~gestalt_xai.errors.InputError`
+    (filter the table first).
     """
-    need = {"syndrome_id", "method", "region", "share", "area_share", "atlas", "target_group", "model_id", "layer"}
-    missing = sorted(need - set(region_syndromes.columns))
+    need = {id_column, "method", "region", "share", "area_share", "atlas", "target_group", "model_id", "layer"}
+    missing = sorted(need - set(region_table.columns))
     if missing:
-        raise InputError(f"region_syndromes: columns {missing} missing")
-    t = region_syndromes[(region_syndromes["atlas"] == atlas) & region_syndromes["target_group"].isin(target_groups)]
+        raise InputError(f"region table: columns {missing} missing")
+    t = region_table[(region_table["atlas"] == atlas) & region_table["target_group"].isin(target_groups)]
+    if len(t):
+        t = t[t["model_id"] == (model if model is not None else sorted(t["model_id"])[0])]
     rank = t["target_group"].map({g: i for i, g in enumerate(target_groups)})
-    t = t[rank == rank.groupby([t["syndrome_id"], t["method"]]).transform("min")]
-    variants = t.groupby(["syndrome_id", "method"])[["model_id", "layer"]].nunique()
-    if (variants > 1).any(axis=None):
-        raise InputError("region_syndromes: several models or layers per syndrome and method; "
-                         "select one before comparing with the clinicians' checklists")
+    t = t[rank == rank.groupby([t[id_column], t["method"]]).transform("min")]
+    variants = t.groupby([id_column, "method"])["layer"].nunique()
+    if (variants > 1).any():
+        raise InputError("region table: several layers per case and method; select one before comparing with the "
+                         "clinicians' checklists")
     t = t.assign(region_group=t["region"].map(REGION_GROUP)).dropna(subset=["region_group"])
-    g = t.groupby(["syndrome_id", "method", "region_group"], sort=True)[["share", "area_share"]].sum().reset_index()
+    g = t.groupby([id_column, "method", "region_group"], sort=True)[["share", "area_share"]].sum().reset_index()
     with np.errstate(divide="ignore", invalid="ignore"):
         g["enrichment"] = np.where(g["area_share"] > 0, g["share"] / g["area_share"], np.nan)
-    return g
+    return g.rename(columns={id_column: "unit_id"})
 
 
-def region_agreement(r: Responses, key: AnalystKey, region_syndromes: pd.DataFrame,
-                     atlas: str = "template") -> pd.DataFrame:
+def region_agreement(r: Responses, key: AnalystKey, region_table: pd.DataFrame, atlas: str = "template",
+                     model: str | None = None, id_column: str = "syndrome_id",
+                     unit_of: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Per case and method: ``spearman`` (share of raters ticking each group vs. the model's group enrichment),
     ``jaccard`` (groups ticked by more than half the raters vs. the model's as many highest-enrichment groups; NaN
-    when no group has a majority), ``n_raters``, ``simulated``. Cases are syndromes (``cases_key`` raw ids)."""
-    model = model_group_scores(region_syndromes, atlas)
-    syndrome = dict(zip(key.cases["pseudonym"], key.cases["raw_id"], strict=True))
+    when no group has a majority), ``n_raters``, ``simulated``.
+
+    Syndrome cases are scored from ``region_syndromes.parquet`` (``id_column`` ``syndrome_id``); patient cases from
+    ``region_subjects.parquet`` (``id_column`` ``subject_id``, ``unit_of``: the case's raw id, an image id → its
+    subject id). See :func:`model_group_scores` for ``atlas`` and ``model``."""
+    model_scores = model_group_scores(region_table, atlas, model=model, id_column=id_column)
+    unit = {p: (unit_of or {}).get(str(i), str(i)) for p, i in zip(key.cases["pseudonym"], key.cases["raw_id"],
+                                                                     strict=True)}
     rows = []
     for (case_no, pseudonym), part in r.regions.groupby(["case_no", "pseudonym"], sort=True):
         rate = part.groupby("region_group")["ticked"].mean().reindex(list(REGION_GROUPS))
         n_raters = part["record_id"].nunique()
         majority = set(rate.index[rate > 0.5])
         for method in sorted(set(key.blinding.loc[key.blinding["pseudonym"] == pseudonym, "method"])):
-            m = model[(model["syndrome_id"] == syndrome[pseudonym]) & (model["method"] == method)]
+            m = model_scores[(model_scores["unit_id"] == unit[pseudonym]) & (model_scores["method"] == method)]
             if m.empty:
                 continue
             enr = m.set_index("region_group")["enrichment"].reindex(list(REGION_GROUPS))

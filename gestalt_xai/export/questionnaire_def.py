@@ -219,6 +219,11 @@ class QuestionnaireDef(_Def):
             raise ValueError(f"each item type at most once per case, repeated: {twice}")
         return v
 
+    @property
+    def face_caption(self) -> str:
+        """What the face of a case is, as the raters read it."""
+        return "The average aligned face" if self.cases.unit == "syndrome" else "The patient's aligned face"
+
     def item(self, kind: str) -> CaseItem | None:
         """The case item of type ``kind``, if the questionnaire asks it."""
         return next((i for i in self.case_items if i.type == kind), None)

@@ -321,9 +321,15 @@ def questionnaire_analysis_stage(run: Run, cfg: AnalysisConfig) -> StageResult:
         outputs[label] = out / f"{label}.parquet"
         write_parquet(table, outputs[label])
     regions = None
-    rs = run.path / "aggregate" / "region_syndromes.parquet"
+    patients = q.cases.unit == "patient"
+    rs = run.path / "aggregate" / ("region_subjects.parquet" if patients else "region_syndromes.parquet")
     if rs.is_file() and not r.regions.empty:
-        regions = region_agreement(r, key, pd.read_parquet(rs), atlas=cfg.atlas)
+        unit_of = None
+        if patients:
+            images = run.image_table().astype({"image_id": str, "subject_id": str})
+            unit_of = dict(zip(images["image_id"], images["subject_id"], strict=True))
+        regions = region_agreement(r, key, pd.read_parquet(rs), atlas=cfg.atlas, model=q.maps.model,
+                                   id_column="subject_id" if patients else "syndrome_id", unit_of=unit_of)
         outputs["region_agreement"] = out / "region_agreement.parquet"
         write_parquet(regions, outputs["region_agreement"])
     likert = q.item("likert")

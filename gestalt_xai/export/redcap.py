@@ -93,8 +93,8 @@ def data_dictionary(q: QuestionnaireDef, key: pd.DataFrame) -> pd.DataFrame:
         form, p = case_form(int(case_no)), f"c{int(case_no):02d}"
         pseudonym = str(maps["pseudonym"].iloc[0])
         labels = list(maps["label"])
-        rows.append(_row(f"{p}_face", form, "descriptive", f"Case {int(case_no)} ({pseudonym}): the average aligned "
-                         "face", header=f"Case {int(case_no)}"))
+        rows.append(_row(f"{p}_face", form, "descriptive", f"Case {int(case_no)} ({pseudonym}): "
+                         f"{q.face_caption[0].lower()}{q.face_caption[1:]}", header=f"Case {int(case_no)}"))
         dx = q.item("diagnosis")
         if dx is not None and dx.before_maps:
             rows += _diagnosis_rows(p, form, dx)
