@@ -116,6 +116,11 @@ def test_instrument_zips_match_the_layout_and_are_byte_identical(tmp_path) -> No
             assert z.read(n).startswith(b"\x89PNG")
             assert (tmp_path / "a" / "images" / file).read_bytes() == z.read(n)
     assert validate_data_dictionary(a["redcap_dictionary"].read_bytes()) == []
+    # the record id belongs to the project, not to an uploaded instrument; the dictionary keeps it first
+    with zipfile.ZipFile(zips["redcap_instrument:gxai_eval_rater"]) as z:
+        rater = list(csv.reader(io.StringIO(z.read("instrument.csv").decode("utf-8-sig"))))
+    assert "record_id" not in {r[0] for r in rater} and len(rater) > 2
+    assert a["redcap_dictionary"].read_text(encoding="utf-8-sig").splitlines()[1].startswith('"record_id"')
 
 
 def test_limesurvey_structure(tmp_path) -> None:

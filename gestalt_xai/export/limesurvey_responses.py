@@ -81,7 +81,8 @@ def read_limesurvey_export(path: str | Path, q: QuestionnaireDef, key: AnalystKe
             continue
         if ls not in raw.columns:
             raise InputError(f"{path}: column {ls!r} missing (an export of another questionnaire or key, or headings "
-                             "not as question codes)")
+                             "not as question codes `code[subcode]`: export with question-code headings, without "
+                             "ExpressionScript codes)")
         values = raw[ls].str.strip()
         if "___" in col:
             bad = sorted(set(values) - set(_TICKED))

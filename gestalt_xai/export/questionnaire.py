@@ -92,8 +92,13 @@ def _image_fields(key: pd.DataFrame) -> dict[str, dict[str, str]]:
 def redcap_instrument_zip(dictionary: pd.DataFrame, form: str, images: Mapping[str, bytes],
                           fields: Mapping[str, str] | None = None) -> bytes:
     """The instrument ZIP of ``form``: ``OriginID.txt``, the form's dictionary rows as ``instrument.csv`` and each
-    descriptive field's image (``fields``: field name → file name in ``images``) as ``attachments/<field>/<file>``."""
-    rows = dictionary[dictionary["Form Name"] == form]
+    descriptive field's image (``fields``: field name → file name in ``images``) as ``attachments/<field>/<file>``.
+
+    The record id field (the dictionary's first row) stays out: the project the instrument is uploaded into has its
+    own, and a second field of that name would be renamed on upload (the REDCap Shared Library's instruments and
+    REDCapCAST's ``export_redcap_instrument`` leave it out too); the data dictionary CSV keeps it."""
+    record_id = dictionary["Variable / Field Name"].iloc[0]
+    rows = dictionary[(dictionary["Form Name"] == form) & (dictionary["Variable / Field Name"] != record_id)]
     if not len(rows):
         raise ValueError(f"form {form!r} has no fields in the dictionary")
     files = {"OriginID.txt": ORIGIN_ID.encode("utf-8"), "instrument.csv": dictionary_csv(rows)}

@@ -42,7 +42,7 @@ __all__ = [
     "load_questionnaire",
 ]
 
-#: the five-point agreement scale of the Likert block and the SCS (Holzinger et al. 2020 use the same five points)
+#: the five-point agreement scale of the Likert block and the SCS (Holzinger et al. 2020 rate on five points)
 AGREEMENT = ("Strongly disagree", "Disagree", "Neither agree nor disagree", "Agree", "Strongly agree")
 #: item ids become parts of REDCap variable names (lowercase letters, digits, underscores; short)
 _ID = re.compile(r"^[a-z][a-z0-9]{0,7}$")
