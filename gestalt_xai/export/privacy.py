@@ -7,14 +7,16 @@ Every file under the export folder is read as bytes and scanned by its kind:
 * **JPEG**: any APP1 (EXIF/XMP) or COM segment is a finding;
 * **file and member names**: a forbidden value as a token (split at ``_`` too) or, from 6 characters on, anywhere;
 * **ZIP**: each member is scanned the same way, recursively (``zip.zip:attachments/…``);
-* **PDF** (ISO 32000-1): the file's own text — the document information dictionary (title, author, subject,
-  keywords …), XMP metadata, link and outline strings — and every Flate-compressed stream that is neither an image
-  nor an embedded font, as text. The page text of a PDF printed by the toolkit is the HTML it was printed from
-  (scanned too); in a content stream it is written as glyph codes, which this scan does not map back to letters;
+* **PDF** (ISO 32000-1): the file's own strings — the document information dictionary (title, author, subject,
+  keywords …), link targets, outline titles, outside streams or inside object streams — and its XMP metadata. The
+  page text of a PDF printed by the toolkit is the HTML it was printed from (scanned too); in a content stream it is
+  written as glyph codes, which this scan does not map back to letters;
 * **text** (anything else that decodes as UTF-8): token by token: the text is split into tokens at every character
   that is not a letter, digit, ``_``, ``-`` or ``.``, and a token equal (case-insensitively) to a forbidden id is a
   finding; forbidden values with a separator in them (paths, names with spaces) are also searched as substrings.
-  ``data:`` URIs are decoded and scanned as the files they hold (the booklet's and LimeSurvey's inline images).
+  ``data:`` URIs are decoded and scanned as the files they hold (the booklet's and LimeSurvey's inline images), and
+  left out of the text's tokens (base64 is not text: its runs between ``+`` and ``/`` would match numeric ids by
+  chance).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ _PNG_METADATA = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}
 _TOKEN_SPLIT = re.compile(r"[^\w.\-]+")
 _DATA_URI = re.compile(r"data:image/(?:png|jpeg);base64,([A-Za-z0-9+/=]+)")
 _PDF_STREAM = re.compile(rb"<<((?:(?!stream).){0,2000}?)>>\s*stream\r?\n", re.S)
-_PDF_BINARY = (b"/Image", b"/FontFile", b"/Length1", b"/Type1C", b"/CIDFontType0C", b"/OpenType")
+_PDF_STRING = re.compile(rb"\((?:\\.|[^\\)])*\)", re.S)
 
 
 def forbidden_values(ids: Iterable[object], paths: Iterable[object] = ()) -> set[str]:
@@ -76,33 +78,40 @@ def _jpeg_findings(data: bytes, where: str) -> list[str]:
 
 def _text_findings(text: str, forbidden: set[str], where: str) -> list[str]:
     lower = {f.lower() for f in forbidden}
-    tokens = {t.lower() for t in _TOKEN_SPLIT.split(text) if t}
+    uris = list(_DATA_URI.finditer(text))
+    text_only = _DATA_URI.sub(" ", text) if uris else text
+    tokens = {t.lower() for t in _TOKEN_SPLIT.split(text_only) if t}
     found = [f"{where}: contains {t!r}" for t in sorted(tokens & lower)]
-    low = text.lower()
+    low = text_only.lower()
     found += [f"{where}: contains {f!r}" for f in sorted(lower - tokens) if _TOKEN_SPLIT.search(f) and f in low]
-    for k, m in enumerate(_DATA_URI.finditer(text)):
+    for k, m in enumerate(uris):
         found += scan_bytes(base64.b64decode(m.group(1)), forbidden, f"{where}:data-uri[{k}]")
     return found
 
 
 def _pdf_findings(data: bytes, forbidden: set[str], where: str) -> list[str]:
-    """A PDF's own text and its non-image, non-font Flate streams, scanned as text (module docstring)."""
-    parts, pos = [], 0
+    """A PDF's strings outside its streams (information dictionary, link targets, outline titles) and its XMP
+    metadata streams, scanned as text (module docstring). Numbers, names and other streams are structure, not text:
+    scanning them would report chance matches of numeric ids (object lengths, glyph codes)."""
+    texts, pos = [], 0
     for m in _PDF_STREAM.finditer(data):
         end = data.find(b"endstream", m.end())
         if end < 0:
             break
-        parts.append(data[pos:m.start()])
+        texts += [t.decode("latin-1") for t in _PDF_STRING.findall(data[pos:m.start()] + b"<<" + m.group(1))]
         pos = end
-        if any(k in m.group(1) for k in _PDF_BINARY):
-            continue
-        body = data[m.end():end]
-        try:
-            parts.append(zlib.decompress(body) if b"/FlateDecode" in m.group(1) else body)
-        except zlib.error:
-            parts.append(body)
-    parts.append(data[pos:])
-    return _text_findings(b"\n".join(parts).decode("latin-1"), forbidden, where)
+        if b"/Metadata" in m.group(1) or b"/ObjStm" in m.group(1):
+            body = data[m.end():end]
+            try:
+                body = zlib.decompress(body) if b"/FlateDecode" in m.group(1) else body
+            except zlib.error:
+                pass
+            if b"/Metadata" in m.group(1):  # XMP: XML text
+                texts.append(body.decode("latin-1"))
+            else:  # an object stream: objects whose strings count like those outside streams
+                texts += [t.decode("latin-1") for t in _PDF_STRING.findall(body)]
+    texts += [t.decode("latin-1") for t in _PDF_STRING.findall(data[pos:])]
+    return _text_findings("\n".join(texts), forbidden, where)
 
 
 def _name_findings(name: str, forbidden: set[str], where: str) -> list[str]:
