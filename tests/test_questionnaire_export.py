@@ -195,6 +195,8 @@ def test_booklet_renders_in_chromium_with_every_image_and_prints_to_pdf(tmp_path
     assert check.errors == [] and check.blocked == []
     pdf = written["booklet_pdf"].read_bytes()
     assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page") - pdf.count(b"/Type /Pages") >= 3
+    assert b"/CreationDate (D:19800101000000+00'00')" in pdf
+    assert _export_with_pdf(tmp_path / "again", chromium)["booklet_pdf"].read_bytes() == pdf, "same seed, same PDF"
     # a broken image and an outside request are caught, not ignored
     html = written["booklet"].read_text(encoding="utf-8")
     broken = tmp_path / "broken.html"

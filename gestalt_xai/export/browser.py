@@ -18,17 +18,40 @@ True
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gestalt_xai.errors import ConfigError
 
-__all__ = ["CHROMIUM_ENV", "PageCheck", "find_chromium", "open_page", "require_chromium"]
+__all__ = ["CHROMIUM_ENV", "PDF_DATE", "PageCheck", "find_chromium", "fixed_pdf_dates", "open_page",
+           "require_chromium"]
 
 #: environment variable naming the Chromium executable to use
 CHROMIUM_ENV = "GESTALT_XAI_CHROMIUM"
 _NAMES = ("chromium", "chromium-browser", "google-chrome")
+#: the creation and modification date written into every PDF (as the ZIP exports' fixed 1980-01-01 timestamps)
+PDF_DATE = b"D:19800101000000+00'00'"
+_PDF_DATE = re.compile(rb"/(CreationDate|ModDate) \(D:\d{14}[+\-Z][^)]*\)")
+
+
+def fixed_pdf_dates(pdf: bytes) -> bytes:
+    """``pdf`` with its information dictionary's creation and modification dates set to :data:`PDF_DATE`.
+
+    Chromium's PDFs (Skia) differ only in these two dates between two prints of one page; a date of the same
+    length replaces each, so the cross-reference table's byte offsets stay valid (ISO 32000-1 §7.5.4) and two
+    prints give the same bytes. A date of another length is left as it is.
+
+    >>> fixed_pdf_dates(b"<</CreationDate (D:20261204174240+00'00')>>")
+    b"<</CreationDate (D:19800101000000+00'00')>>"
+    """
+
+    def same_length(m: re.Match[bytes]) -> bytes:
+        new = b"/" + m.group(1) + b" (" + PDF_DATE + b")"
+        return new if len(new) == len(m.group(0)) else m.group(0)
+
+    return _PDF_DATE.sub(same_length, pdf)
 
 
 def find_chromium() -> str | None:
@@ -65,7 +88,7 @@ class PageCheck:
     errors: console errors, uncaught page errors and failed requests, in the order they happened.
     blocked: URLs the page asked for that are not ``file:``/``data:`` (aborted; a self-contained page has none).
     image_widths: ``naturalWidth`` of every ``<img>`` (0: not loaded).
-    pdf: the page printed to PDF (A4) when asked for.
+    pdf: the page printed to PDF (A4) when asked for, its dates fixed (:func:`fixed_pdf_dates`).
     screenshot: a full-page PNG when asked for.
     """
 
@@ -125,8 +148,9 @@ def open_page(html: str | Path, *, pdf: bool = False, screenshot: bool = False, 
             if screenshot:
                 check.screenshot = page.screenshot(full_page=True, type="png")
             if pdf:
-                check.pdf = page.pdf(format="A4", print_background=True,
-                                     margin={"top": "12mm", "bottom": "12mm", "left": "10mm", "right": "10mm"})
+                check.pdf = fixed_pdf_dates(page.pdf(
+                    format="A4", print_background=True,
+                    margin={"top": "12mm", "bottom": "12mm", "left": "10mm", "right": "10mm"}))
         finally:
             browser.close()
     return check

@@ -247,7 +247,7 @@ def export_questionnaire(q: QuestionnaireDef, cases: list[Case], key: pd.DataFra
     ``formats``: a subset of :data:`FORMATS` (the images are always written). ``pdf``: the Chromium executable that
     prints the booklet to ``booklet/<name>.pdf`` (:mod:`~gestalt_xai.export.browser`; needs ``booklet`` in
     ``formats``); the booklet must load in it with every image and no console error, or nothing is reported done.
-    A PDF embeds its creation date, so it is the one file that differs between two exports with the same seed.
+    The PDF's dates are fixed (:func:`~gestalt_xai.export.browser.fixed_pdf_dates`): two exports, same bytes.
     """
     out = Path(out)
     unknown = sorted(set(formats) - set(FORMATS))
