@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gestalt_xai.runs import Run
+from gestalt_xai.runs import Run, torch_threads
 
 #: the explained methods (the gradient family's cheapest three: one shared pass)
 METHODS = ["gradcam", "saliency", "input_x_gradient"]
@@ -34,17 +34,19 @@ def build_small_run(source: Run, dest: Path) -> Run:
     run = Run(shutil.copytree(source.path, dest))
     (model,) = run.models()
     control = {"path": str(model.path), "id": CONTROL, "randomise": True}
-    embed_stage(run, {"models": [str(model.path), control], "tta": False, "threads": 2})
-    match_stage(run, {})
-    explain_stage(run, {"methods": METHODS, "images": "test", "overlay": 0, "threads": 2})
-    explain_stage(run, {"models": [control], "methods": METHODS, "images": "test", "overlay": 0, "threads": 2},
-                  instance="random-control")
-    aggregate_stage(run, {"min_subjects": 2, "normalisations": ["max-abs"], "strata": [], "figures": False})
-    assess_stage(run, {"max_patients": 4, "faithfulness": {"steps": 4, "curves": ["deletion", "insertion"]},
-                       "randomisation": {"enabled": False}, "robustness": {"enabled": False}, "strata": [],
-                       "figures": False})
-    eyetrack_stage(run, {"simulate": {"observers": {"expert": 3, "non_clinician": 3}, "images_per_syndrome": 1},
-                         "borji_splits": 10, "figures": False})
+    # one torch thread: on cores shared with other work, a second thread spins more than it computes (≈ 3× the CPU)
+    with torch_threads(1):
+        embed_stage(run, {"models": [str(model.path), control], "tta": False})
+        match_stage(run, {})
+        explain_stage(run, {"methods": METHODS, "images": "test", "overlay": 0})
+        explain_stage(run, {"models": [control], "methods": METHODS, "images": "test", "overlay": 0},
+                      instance="random-control")
+        aggregate_stage(run, {"min_subjects": 2, "normalisations": ["max-abs"], "strata": [], "figures": False})
+        assess_stage(run, {"max_patients": 4, "faithfulness": {"steps": 4, "curves": ["deletion", "insertion"]},
+                           "randomisation": {"enabled": False}, "robustness": {"enabled": False}, "strata": [],
+                           "figures": False})
+        eyetrack_stage(run, {"simulate": {"observers": {"expert": 3, "non_clinician": 3}, "images_per_syndrome": 1},
+                             "borji_splits": 10, "figures": False})
     return run
 
 
