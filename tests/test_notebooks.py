@@ -18,6 +18,8 @@ from pathlib import Path
 import nbformat
 import pytest
 from fixtures_small_run import small_run  # noqa: F401  (the session fixture the notebooks read)
+from ipykernel.kernelspec import write_kernel_spec
+from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
@@ -29,6 +31,8 @@ FOLDER = ROOT / "notebooks"
 NOTEBOOKS = sorted(FOLDER.glob("*.ipynb"))
 #: notebook metadata a notebook may carry: the kernel's name and the language, nothing from the writer's machine
 ALLOWED_METADATA = {"kernelspec": {"display_name", "language", "name"}, "language_info": {"name"}}
+#: the kernel the notebooks run in: this interpreter (its spec is written into the test's folder)
+KERNEL = "gestalt-xai-tests"
 #: seconds one cell may take on a busy two-core machine
 CELL_TIMEOUT = 300
 
@@ -44,7 +48,10 @@ def execute(path: Path, run_dir: Path, workdir: Path) -> nbformat.NotebookNode:
     """Run every cell of the notebook ``path`` against ``run_dir`` in a fresh kernel (cwd: the notebook's folder, as
     Jupyter does); raise :class:`CellExecutionError` at the first cell that raises. Returns the executed notebook."""
     nb = nbformat.read(path, as_version=4)
-    km = AsyncKernelManager(kernel_name="python3", transport="ipc", connection_file=str(workdir / "kernel.json"))
+    # a kernel spec of this interpreter only: no kernel a user or another environment installed is picked up
+    write_kernel_spec(workdir / "kernels" / KERNEL)
+    km = AsyncKernelManager(kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=[
+        str(workdir / "kernels")]), transport="ipc", connection_file=str(workdir / "kernel.json"))
     client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, allow_errors=False,
                             resources={"metadata": {"path": str(path.parent)}})
     # the kernel imports this checkout's package (as an editable install does) and reads the test's run
