@@ -290,14 +290,14 @@ def _print_measurements(run: Run) -> None:
         rss = m.get("ru_maxrss_mb", {})
         console.print(f"wall time {m['wall_seconds']:.1f} s; peak memory {m['peak_memory_mb']:.0f} MiB (all "
                       f"processes; getrusage peak: this process {rss.get('self', 0):.0f} MiB, largest finished child "
-                      f"{rss.get('children', 0):.0f} MiB); run folder {m['run_folder_mb']:.0f} MiB")
+                      f"{rss.get('children', 0):.0f} MiB); run folder {m['run_folder_mb']:.0f} MiB", soft_wrap=True)
         console.print(f"ran {len(m['ran'])} stage(s), skipped {len(m['skipped_unchanged'])} unchanged and "
                       f"{len(m['skipped_optional'])} optional")
     look = where_to_look(run)
     if look:
         console.print("where to look:")
         for label, path in look:
-            console.print(f"  {label + ':':<28} {path}")
+            console.print(f"  {label + ':':<28} {path}", soft_wrap=True)
 
 
 def study_check(

@@ -64,7 +64,8 @@ def peak_memory_mb() -> float:
 
 def rusage_peaks_mb() -> dict[str, float]:
     """``getrusage``'s peak resident set of this process (``self``) and of the largest of its finished, waited-for
-    child processes (``children``), in MiB. Neither counts processes that run at the same time together."""
+    child processes (``children``), in MiB. Neither counts processes that run at the same time together, and a
+    forked child's peak includes the parent's pages it shared at the fork (Linux keeps it across ``exec``)."""
     return {"self": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
             "children": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0, 1)}
 
@@ -86,7 +87,9 @@ class ProcessTreeMemory:
     subprocesses), sampled with psutil by a background thread while the ``with`` block runs.
 
     ``RUSAGE_SELF`` sees this process only and ``RUSAGE_CHILDREN`` only the largest finished child, so neither
-    measures a pool of workers running together; the sample does, up to what lives shorter than ``interval``.
+    measures a pool of workers running together; the sample does, up to what lives shorter than ``interval``. RSS
+    counts pages shared between processes (a forked worker's copy-on-write pages) once per process, so the sum is an
+    upper bound of the memory the tree needs.
 
     Examples
     --------

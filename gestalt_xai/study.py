@@ -201,7 +201,7 @@ def run_study(pipeline_path: str | Path, run_dir: str | Path | None = None, *,
                                 [step.id for step in plan])
     run = Run(run_dir or Path("runs") / pipeline.name)
     run.set_study(pipeline.name, pipeline.seed, pipeline.model_dump(mode="json"), variables=pipeline.values,
-                  sets=list(sets), selected=chosen)
+                  sets=list(sets), instances=[step.id for step in plan], selected=chosen)
     seed_everything(pipeline.seed)
     stale = invalidate_changed(run, [step.id for step in plan])
     for instance, reason in stale.items():
@@ -228,21 +228,31 @@ def run_study(pipeline_path: str | Path, run_dir: str | Path | None = None, *,
             run.update_stage(step.id, peak_memory_tree_mb=memory.window())
             outcome["ran"].append(step.id)
             log.info("stage %s done in %.1f s", step.id, time.perf_counter() - t_stage)
+    rusage = rusage_peaks_mb()
     run.record("measurements", {
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "wall_seconds": round(time.perf_counter() - t0, 2),
-        "peak_memory_mb": memory.peak_mb, "peak_memory_children_mb": memory.peak_children_mb,
-        "peak_memory_note": f"summed RSS of the process tree, sampled every {memory.interval} s",
-        "ru_maxrss_mb": rusage_peaks_mb(), "run_folder_mb": folder_size_mb(run.path),
+        # a peak of the runner between two samples is still caught by its own getrusage peak
+        "peak_memory_mb": max(memory.peak_mb, rusage["self"]), "peak_memory_children_mb": memory.peak_children_mb,
+        "peak_memory_note": f"summed RSS of the process tree, sampled every {memory.interval} s, and at least "
+                            "this process' getrusage peak",
+        "ru_maxrss_mb": rusage, "run_folder_mb": folder_size_mb(run.path),
         **outcome, "stale": stale})
     return run
+
+
+def _stage_entries(run: Run) -> list[tuple[str, dict[str, Any]]]:
+    """The manifest's stage entries, those of the last study's pipeline first, in its order."""
+    stages = run.manifest.get("stages", {})
+    order = [i for i in (run.manifest.get("study") or {}).get("instances", []) if i in stages]
+    return [(i, stages[i]) for i in order] + [(i, e) for i, e in stages.items() if i not in order]
 
 
 def where_to_look(run: Run) -> list[tuple[str, Path]]:
     """The run's main outputs that exist, for a person: summaries, figures, report pages (``(label, path)``, in
     stage order)."""
     out: dict[Path, str] = {}
-    for instance, entry in run.manifest.get("stages", {}).items():
+    for instance, entry in _stage_entries(run):
         for label, stored in (entry.get("outputs") or {}).items():
             path = run.resolve(stored)
             if (label in _LOOK_LABELS or path.suffix in _LOOK_SUFFIXES) and path.exists():
@@ -255,12 +265,12 @@ def where_to_look(run: Run) -> list[tuple[str, Path]]:
 
 
 def study_status(run: Run) -> list[dict[str, Any]]:
-    """One row per stage instance the run has recorded (manifest order), then one per registered stage that has
+    """One row per stage instance the run has recorded (in pipeline order), then one per registered stage that has
     not run: instance, stage, status, items, errors, seconds and the outputs that exist."""
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     stages = load_stages()
-    for instance, entry in run.manifest.get("stages", {}).items():
+    for instance, entry in _stage_entries(run):
         name = entry.get("stage") or instance.split("#")[0]
         seen.add(name)
         spec = stages.get(name)
