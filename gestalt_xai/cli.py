@@ -319,11 +319,13 @@ def study_check(
 def study_status(
     run: Annotated[Path, typer.Option("--run", help="Run folder.", exists=True, file_okay=False)],
 ) -> None:
-    """Show which stages of a run have run, with their counts, timings and outputs, and which have not.
+    """Show which stages of a run have run, with their counts, timings and outputs, and which have not; then the
+    last study run's measurements and where to look.
 
     Example: `gestalt-xai study status --run runs/demo`
     """
     _print_status(Run(run))
+    _print_measurements(Run(run))
 
 
 def _print_status(run: Run) -> None:
