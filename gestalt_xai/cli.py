@@ -25,7 +25,7 @@ from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.table import Table
 
-from gestalt_xai.config import load_yaml
+from gestalt_xai.config import load_yaml, set_option
 from gestalt_xai.errors import ConfigError, GestaltXAIError
 from gestalt_xai.progress import set_quiet
 from gestalt_xai.runs import Run
@@ -73,13 +73,7 @@ def _options(config: Path | None, sets: list[str] | None = None, **given: Any) -
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        *parents, leaf = key.strip().split(".")
-        node = opts
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a group of options")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        set_option(opts, key, yaml.safe_load(raw) if raw.strip() else None, where=f"--set {item!r}")
     opts.update({k: (str(v) if isinstance(v, Path) else [str(x) if isinstance(x, Path) else x for x in v]
                      if isinstance(v, list) else v) for k, v in given.items() if v is not None})
     return opts
@@ -244,22 +238,72 @@ def _stage_command(spec: Stage) -> Callable[..., None]:
 
 
 # ------------------------------------------------------------------------------------------------------- study
+_VAR_HELP = "A pipeline variable as NAME=VALUE (the file's variables: section), repeatable."
+_SET_HELP = ("A stage option as STAGE.KEY=VALUE (STAGE an instance id such as explain#2; KEY dotted for nested "
+             "options; VALUE read as YAML), repeatable; applied before validation.")
+
+
+def _variables(given: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in given or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--var expects NAME=VALUE, got {item!r}")
+        out[name.strip()] = value
+    return out
+
+
 def study_run(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline file (YAML).", exists=True, dir_okay=False)],
     run: Annotated[Path | None, typer.Option("--run", help="Run folder (default: runs/<pipeline name>).")] = None,
+    start_from: Annotated[str | None, typer.Option("--from", help="Run from this stage instance on (an id such as "
+                                                                  "explain#2 or an item's id:).")] = None,
+    only: Annotated[list[str] | None, typer.Option("--only", help="Run only this stage instance, repeatable.")] = None,
+    variables: Annotated[list[str] | None, typer.Option("--var", help=_VAR_HELP)] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help=_SET_HELP)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rerun every selected stage, even when nothing it depends "
+                                                        "on changed.")] = False,
+    force_stages: Annotated[list[str] | None, typer.Option("--force-stage", help="Rerun this stage instance even "
+                                                                                 "when unchanged, repeatable.")] = None,
 ) -> None:
     """Run the stages a pipeline file declares, in order, into one run folder.
+
+    Options are validated before any work. Stages whose options, inputs and code version did not change since they
+    last ran (and whose outputs exist) are skipped; deleting a stage's outputs reruns it and the stages reading them.
+    Prints the run's status, wall time, peak memory (all processes), folder size and where to look.
 
     Example: `gestalt-xai study run pipelines/demo.yaml --run runs/demo`
     """
     from gestalt_xai.study import run_study
 
-    result = run_study(pipeline, run)
+    result = run_study(pipeline, run, variables=_variables(variables), sets=sets or (), start_from=start_from,
+                       only=only or (), force=True if force else list(force_stages or ()))
     _print_status(result)
+    _print_measurements(result)
+
+
+def _print_measurements(run: Run) -> None:
+    from gestalt_xai.study import where_to_look
+
+    m = run.manifest.get("measurements") or {}
+    if m:
+        rss = m.get("ru_maxrss_mb", {})
+        console.print(f"wall time {m['wall_seconds']:.1f} s; peak memory {m['peak_memory_mb']:.0f} MiB (all "
+                      f"processes; getrusage peak: this process {rss.get('self', 0):.0f} MiB, largest finished child "
+                      f"{rss.get('children', 0):.0f} MiB); run folder {m['run_folder_mb']:.0f} MiB", soft_wrap=True)
+        console.print(f"ran {len(m['ran'])} stage(s), skipped {len(m['skipped_unchanged'])} unchanged and "
+                      f"{len(m['skipped_optional'])} optional")
+    look = where_to_look(run)
+    if look:
+        console.print("where to look:")
+        for label, path in look:
+            console.print(f"  {label + ':':<28} {path}", soft_wrap=True)
 
 
 def study_check(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline file (YAML).", exists=True, dir_okay=False)],
+    variables: Annotated[list[str] | None, typer.Option("--var", help=_VAR_HELP)] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help=_SET_HELP)] = None,
 ) -> None:
     """Validate a pipeline file (every option of every stage) without running anything.
 
@@ -268,18 +312,20 @@ def study_check(
     from gestalt_xai.config import load_pipeline
     from gestalt_xai.study import plan_study
 
-    plan = plan_study(load_pipeline(pipeline), where=str(pipeline))
-    console.print(f"{pipeline}: valid; stages: {', '.join(step.id for step in plan)}")
+    plan = plan_study(load_pipeline(pipeline, _variables(variables)), where=str(pipeline), sets=sets or ())
+    console.print(f"{pipeline}: valid; stages: {', '.join(step.id + ' (optional)' * step.optional for step in plan)}")
 
 
 def study_status(
     run: Annotated[Path, typer.Option("--run", help="Run folder.", exists=True, file_okay=False)],
 ) -> None:
-    """Show which stages of a run have run, with their counts, timings and outputs, and which have not.
+    """Show which stages of a run have run, with their counts, timings and outputs, and which have not; then the
+    last study run's measurements and where to look.
 
     Example: `gestalt-xai study status --run runs/demo`
     """
     _print_status(Run(run))
+    _print_measurements(Run(run))
 
 
 def _print_status(run: Run) -> None:

@@ -13,14 +13,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
 import platform
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +30,8 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
+from gestalt_xai.files import atomic_write_bytes, atomic_write_text, sha256_file, write_parquet
+from gestalt_xai.ledger import Ledger, _json_default
 from gestalt_xai.provenance import git_commit, package_versions, peak_memory_mb
 
 if TYPE_CHECKING:
@@ -115,48 +115,6 @@ class RunModel:
     path: Path
 
 
-# --------------------------------------------------------------------------------------------------- file writing
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename.
-
-    A reader (or a resumed run) never sees a half-written file, even after ``kill -9``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Atomically write UTF-8 ``text`` to ``path`` (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_parquet(df: pd.DataFrame, path: str | Path) -> None:
-    """Atomically write ``df`` as Parquet without the index; the same frame always gives the same bytes."""
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False, engine="pyarrow", compression="zstd")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Return the hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------- seeds and progress
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's legacy and torch's global generators (code should still prefer explicit generators)."""
@@ -214,73 +172,6 @@ class StageRecord:
     n_items: int = 0
     n_errors: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Ledger:
-    """Append-only record of finished work units of one stage (a JSON-lines file).
-
-    Each :meth:`add` appends one line and fsyncs it, so the ledger survives ``kill -9``; a torn last line is ignored
-    when reading. Records carry an ``ok`` flag: :meth:`done` returns only successful items (failed ones are retried
-    on the next run, in case the user fixed the input).
-    """
-
-    def __init__(self, path: str | Path, fingerprint: str | None = None) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        #: records made under another fingerprint (another configuration) do not count as done
-        self.fingerprint = fingerprint
-
-    def records(self) -> dict[str, dict[str, Any]]:
-        """Latest record per item id."""
-        out: dict[str, dict[str, Any]] = {}
-        if not self.path.exists():
-            return out
-        with open(self.path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # torn write of a killed run: that item was not finished
-                out[entry["item_id"]] = entry
-        return out
-
-    def done(self) -> dict[str, dict[str, Any]]:
-        """Records of the items that finished successfully."""
-        return {k: v for k, v in self.records().items()
-                if v.get("ok", True) and (self.fingerprint is None or v.get("_fp") == self.fingerprint)}
-
-    def add(self, item_id: str, record: dict[str, Any], ok: bool = True) -> None:
-        """Record that ``item_id`` finished (its outputs must already be written)."""
-        entry = {"item_id": str(item_id), "ok": bool(ok), **record}
-        if self.fingerprint is not None:
-            entry["_fp"] = self.fingerprint
-        line = (json.dumps(entry, sort_keys=True, default=_json_default) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                line = b"\n" + line  # close a line torn by a killed run, so this record stays readable
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def reset(self) -> None:
-        """Forget every recorded item (used when a stage's configuration changed)."""
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, BaseModel):
-        return obj.model_dump(mode="json")
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------------------- Run
@@ -561,9 +452,22 @@ class Run:
         text = json.dumps(m, indent=2, sort_keys=True, default=_json_default) + "\n"
         atomic_write_text(self.path / self.MANIFEST, text)
 
-    def set_study(self, name: str, seed: int, config: dict[str, Any]) -> None:
-        """Record the pipeline (study) definition this run follows."""
-        self._manifest["study"] = {"name": name, "seed": seed, "config": config}
+    def set_study(self, name: str, seed: int, config: dict[str, Any], **facts: Any) -> None:
+        """Record the pipeline (study) definition this run follows (``facts``: e.g. the variables and overrides)."""
+        self._manifest["study"] = {"name": name, "seed": seed, "config": config, **facts}
+        self._write_manifest()
+
+    def record(self, key: str, value: Any) -> None:
+        """Record ``value`` under the manifest's top-level ``key`` (e.g. the study runner's ``measurements``)."""
+        self._manifest[key] = value
+        self._write_manifest()
+
+    def update_stage(self, instance: str, **fields: Any) -> None:
+        """Set fields of a stage instance's manifest entry (created if missing; ``None`` removes a field)."""
+        entry = self._manifest.setdefault("stages", {}).setdefault(instance, {"stage": instance.split("#")[0]})
+        entry.update(fields)
+        for key in [k for k, v in fields.items() if v is None]:
+            del entry[key]
         self._write_manifest()
 
     def record_model(self, model_id: str, sha256: str, info: dict[str, Any] | None = None) -> None:

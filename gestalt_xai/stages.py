@@ -13,7 +13,8 @@ The decorated function keeps its name and is called as ``atlas_stage(run, cfg)``
 folder, ``cfg`` the options model, a mapping or ``None`` for the defaults). The wrapper validates the options, opens
 the manifest entry of the stage *instance* (its id: the stage name, or ``explain#2`` for the second ``explain`` of a
 pipeline, or the pipeline item's ``id:``), so the instance keys its ledger, fingerprint, error rows and timings, and
-counts the instance's error rows into the :class:`StageResult`.
+counts the instance's error rows into the :class:`StageResult`. It records what the instance read and wrote
+(:mod:`gestalt_xai.fingerprints`), so the study runner skips an instance whose inputs and options did not change.
 
 :data:`STAGES` is the only list of stages. The package's own stage modules are found through the
 ``gestalt_xai.stages`` entry-point group (``pyproject.toml``), so a lab's package can add a stage the same way;
@@ -27,12 +28,15 @@ import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gestalt_xai.config import StageConfig, validate_config
 from gestalt_xai.errors import ConfigError
+from gestalt_xai.fingerprints import SKIPPED_UNCHANGED, StageInputs, path_token, refresh_overlapping, reusable
+from gestalt_xai.provenance import package_versions
 from gestalt_xai.registry import Registry
 from gestalt_xai.runs import Run
 
@@ -65,6 +69,8 @@ class StageResult:
     outputs: label → path of what it wrote (shown by the CLI and ``study status``).
     summary: lines for a person (printed by the CLI after the stage, kept in the manifest).
     extra: further JSON-serialisable facts recorded in the stage's manifest entry.
+    status: ``done``, or ``skipped: unchanged`` when the study runner found nothing changed (filled in by the
+        wrapper).
     """
 
     items: int = 0
@@ -72,6 +78,7 @@ class StageResult:
     outputs: dict[str, Path] = field(default_factory=dict)
     summary: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    status: str = "done"
 
 
 @dataclass(frozen=True)
@@ -122,11 +129,33 @@ class Stage:
             raise ConfigError(f"stage {self.name!r}: options must be a mapping, got {type(cfg).__name__}")
         return validate_config(self.options, dict(cfg or {}), where=where or self.name)
 
-    def __call__(self, run: Run | str | Path, cfg: Any = None, *, instance: str | None = None) -> StageResult:
-        """Run the stage as instance ``instance`` (default: the stage name) and record it in the run's manifest."""
+    def inputs(self, run: Run, options: StageConfig) -> StageInputs:
+        """What an instance of this stage with ``options`` reads in ``run`` (:mod:`gestalt_xai.fingerprints`)."""
+        return StageInputs.of(self.name, self.reads, options.model_dump(mode="json"), run.path)
+
+    def __call__(self, run: Run | str | Path, cfg: Any = None, *, instance: str | None = None,
+                 skip_unchanged: bool = False) -> StageResult:
+        """Run the stage as instance ``instance`` (default: the stage name) and record it in the run's manifest.
+
+        The manifest entry records the instance's input fingerprint, declared outputs and their token
+        (:mod:`gestalt_xai.fingerprints`). With ``skip_unchanged`` (the study runner) an instance whose fingerprint
+        equals the recorded one and whose outputs all exist is not run: its entry's status becomes
+        ``skipped: unchanged`` and its recorded result is returned.
+        """
         run = run if isinstance(run, Run) else Run(run)
         options = self.validate(cfg)
         instance = instance or self.name
+        inputs = self.inputs(run, options)
+        version = package_versions()["gestalt-xai"]
+        entry = run.manifest.get("stages", {}).get(instance)
+        if skip_unchanged and entry and entry.get("stage") == self.name and \
+                reusable(entry, inputs.fingerprint(run.path, version), run.path):
+            run.update_stage(instance, status=SKIPPED_UNCHANGED,
+                             checked=datetime.now(UTC).isoformat(timespec="seconds"))
+            log.info("%s: skipped, unchanged since %s", instance, entry.get("timing", {}).get("finished", "?"))
+            return StageResult(items=entry.get("n_items") or 0, errors=run.error_count(instance),
+                               outputs={k: run.resolve(v) for k, v in (entry.get("outputs") or {}).items()},
+                               summary=list(entry.get("summary") or []), status=SKIPPED_UNCHANGED)
         with run.stage(instance, options, kind=self.name) as record:
             result = self.function(run, options)
             if not isinstance(result, StageResult):
@@ -137,6 +166,11 @@ class Stage:
             record.extra["outputs"] = {k: run.relative(v) for k, v in sorted(result.outputs.items())}
             if result.summary:
                 record.extra["summary"] = list(result.summary)
+            declared = sorted(set(self.writes) | {p for p in record.extra["outputs"].values()
+                                                  if not Path(p).is_absolute()})
+            record.extra.update(fingerprint=inputs.fingerprint(run.path, version), declared_outputs=declared,
+                                outputs_token=path_token(run.path, declared), version=version)
+        refresh_overlapping(run, instance, declared)
         for line in result.summary:
             log.info("%s: %s", instance, line)
         return result
