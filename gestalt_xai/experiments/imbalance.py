@@ -273,7 +273,7 @@ def _train_options(run: Run, cfg: ImbalanceConfig, overrides: dict[str, Any], va
 @stage("imbalance", options=ImbalanceConfig, order=95,
        summary="class-imbalance experiment: train variants × seeds, explain a fixed probe set, relate map "
                "stability, localisation and faithfulness to training-set size beside the seed noise floor",
-       reads=(LAYOUT.cohort, LAYOUT.alignments), writes=(LAYOUT.imbalance,),
+       reads=(LAYOUT.cohort, LAYOUT.alignments, LAYOUT.models), writes=(LAYOUT.imbalance,),
        example="gestalt-xai imbalance --run runs/demo --engine ray",
        tiny_options={"train": {"preset": "demo", "epochs": 1}, "seeds": [0, 1], "subsample": {"sizes": [2]},
                      "probe": {"per_syndrome": 1, "subsampled": 2}, "methods": ["gradcam", "saliency"],
