@@ -208,3 +208,48 @@ def test_broken_image_pattern_is_a_config_error(tmp_path: Path, pattern: str) ->
     (tmp_path / "gmdb_train_images_v1.csv").write_text("image_id,subject,label\n1,10,5\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="pattern: .* is not an image file name pattern"):
         load_gmdb(tmp_path, pattern=pattern)
+
+
+def test_consent_to_publish_is_read_and_defaults_to_not_showable(tmp_path: Path) -> None:
+    from gestalt_xai.data.cohort import load_run_cohort, save_run_cohort
+    from gestalt_xai.runs import Run
+
+    images = _cohort_frame()
+    syndromes = pd.DataFrame({"syndrome_id": sorted(images["syndrome_id"].unique())}).assign(
+        syndrome_name=lambda d: d["syndrome_id"])
+    # no consent column anywhere: nothing is showable
+    plain = write_gmdb(tmp_path / "none", images, syndromes, version="v1", seed=0)
+    assert plain.images["consent_to_publish"].dtype == bool and not plain.images["consent_to_publish"].any()
+    # written by write_gmdb, read back through image_metadata_<version>.tsv
+    given = images.assign(consent_to_publish=[i.endswith("0") for i in images["image_id"]])
+    back = write_gmdb(tmp_path / "given", given, syndromes, version="v1", seed=0)
+    expected = back.images["image_id"].str.endswith("0")
+    assert back.images["consent_to_publish"].tolist() == expected.tolist() and expected.any() and not expected.all()
+    meta = pd.read_csv(tmp_path / "given" / "image_metadata_v1.tsv", sep="\t", dtype=str)
+    assert "consent_to_publish" in meta.columns
+    # another accepted name, any case; only an explicit yes counts; an image without a metadata row is not showable
+    ids = back.images["image_id"].tolist()
+    pd.DataFrame({"image_id": ids[:4], "Publishable": ["yes", "1", "no", "maybe"]}).to_csv(
+        tmp_path / "given" / "image_metadata_v1.tsv", sep="\t", index=False)
+    flags = load_gmdb(tmp_path / "given").images.set_index("image_id")["consent_to_publish"]
+    assert flags[ids[:4]].tolist() == [True, True, False, False] and not flags[ids[4:]].any()
+    # two consent columns are ambiguous: refused, naming the file
+    pd.DataFrame({"image_id": ids[:1], "publishable": ["yes"], "consent_to_publish": ["no"]}).to_csv(
+        tmp_path / "given" / "image_metadata_v1.tsv", sep="\t", index=False)
+    with pytest.raises(InputError, match="image_metadata_v1.tsv: several consent columns"):
+        load_gmdb(tmp_path / "given")
+    # a plain cohort CSV, and the run's stored cohort keeps the flags
+    (tmp_path / "plain" / "img").mkdir(parents=True)
+    table = pd.DataFrame({"image_id": ["a", "b"], "path": ["img/a.jpg", "img/b.jpg"], "subject_id": ["s", "t"],
+                          "syndrome_id": ["1", "1"], "CONSENT_TO_PUBLISH": ["True", ""]})
+    table.to_csv(tmp_path / "plain" / "c.csv", index=False)
+    cohort = load_table(tmp_path / "plain" / "c.csv")
+    assert cohort.images["consent_to_publish"].tolist() == [True, False]
+    run = Run(tmp_path / "run")
+    save_run_cohort(run, cohort)
+    assert load_run_cohort(run).images["consent_to_publish"].tolist() == [True, False]
+    # a run stored before the column existed reads as not showable
+    from dataclasses import replace
+
+    save_run_cohort(run, replace(cohort, images=cohort.images.drop(columns="consent_to_publish")))
+    assert load_run_cohort(run).images["consent_to_publish"].tolist() == [False, False]

@@ -1,7 +1,8 @@
 """Cohort tables: GMDB-format metadata and plain CSV tables, subject-level splits and the frequent/rare protocol.
 
 Whatever the source, a cohort becomes one :class:`Cohort`: an image table (``image_id, subject_id, syndrome_id, path``
-plus ``sex, age, ancestry`` when known), a syndrome table, a long split table (``image_id, set, split``) and the
+plus ``sex, age, ancestry`` when known, and ``consent_to_publish``: may the photo be shown, False unless the data say
+so, :mod:`gestalt_xai.data.consent`), a syndrome table, a long split table (``image_id, set, split``) and the
 class lookup (class index → syndrome id). Identifiers are strings everywhere.
 
 GMDB layout (GestaltMatcher Database, as read by GestaltMatcher-Arc)::
@@ -11,7 +12,7 @@ GMDB layout (GestaltMatcher Database, as read by GestaltMatcher-Arc)::
     gmdb_syndromes_<version>.tsv                   syndrome_id, syndrome_name, image_ids, subject_ids,
                                                    num_of_images, num_of_subjects, train, OMIM
     lookup_table_gmdb_<version>.txt                a header line, then a JSON list: class index → disorder id
-    image_metadata_<version>.tsv                   optional: image_id and sex / age / ancestry
+    image_metadata_<version>.tsv                   optional: image_id and sex / age / ancestry / consent_to_publish
 
 Protocol (Hustinx et al. 2023): "frequent" disorders have more than 6 subjects, "rare" ones 2–6. Frequent
 disorders are split by subject into train/val/test (≈10 % of each disorder's subjects to test, as many to val);
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from gestalt_xai.data.consent import CONSENT_COLUMN, CONSENT_COLUMNS, with_consent
 from gestalt_xai.errors import ConfigError, InputError
 from gestalt_xai.runs import atomic_write_text, write_parquet
 
@@ -270,7 +272,7 @@ def _read_metadata(path: Path) -> pd.DataFrame:
     df = _read_csv(path, ["image_id"], sep="\t")
     df = df.rename(columns={c: c.lower() for c in df.columns})
     _refuse_repeated_columns(path, df)
-    keep = ["image_id"] + [c for c in OPTIONAL_COLUMNS if c in df.columns]
+    keep = ["image_id"] + [c for c in (*OPTIONAL_COLUMNS, *CONSENT_COLUMNS) if c in df.columns]
     df = _normalise_ids(df[keep], ["image_id"])
     repeated = df.loc[df["image_id"].duplicated(), "image_id"]
     if not repeated.empty:
@@ -327,7 +329,7 @@ def load_gmdb(metadata_dir: str | Path, image_root: str | Path | None = None, ve
     meta_path = metadata_dir / f"image_metadata_{version}.tsv"
     if meta_path.exists():
         images = images.merge(_read_metadata(meta_path), on="image_id", how="left")
-    images = images.sort_values("image_id", kind="stable").reset_index(drop=True)
+    images = with_consent(images.sort_values("image_id", kind="stable").reset_index(drop=True), str(meta_path))
 
     root = Path(image_root) if image_root is not None else metadata_dir / "images"
     raw = images["image_id"].map(lambda i: _image_name(pattern, i))
@@ -377,11 +379,11 @@ def _syndrome_table(images: pd.DataFrame) -> pd.DataFrame:
 
 
 def _ordered_columns(images: pd.DataFrame) -> list[str]:
-    return IMAGE_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in images.columns]
+    return IMAGE_COLUMNS + [c for c in (*OPTIONAL_COLUMNS, CONSENT_COLUMN) if c in images.columns]
 
 
 def load_table(csv_path: str | Path, image_root: str | Path | None = None, seed: int = 0) -> Cohort:
-    """Read a plain cohort CSV (``image_id, path, subject_id, syndrome_id[, sex, age, ancestry]``).
+    """Read a plain cohort CSV (``image_id, path, subject_id, syndrome_id[, sex, age, ancestry, consent_to_publish]``).
 
     ``path`` is relative to ``image_root`` (default: the CSV's folder). Splits follow the GMDB protocol
     (:func:`gmdb_splits`) with ``seed``.
@@ -393,7 +395,8 @@ def load_table(csv_path: str | Path, image_root: str | Path | None = None, seed:
     if not dup.empty:
         raise InputError(f"{csv_path}: duplicate image_id(s): {', '.join(sorted(dup.unique())[:5])}")
     keep = ["image_id", "subject_id", "syndrome_id"] + [c for c in OPTIONAL_COLUMNS if c in df.columns]
-    images = df[keep].sort_values("image_id", kind="stable").reset_index(drop=True)
+    keep += [c for c in df.columns if c.strip().lower() in CONSENT_COLUMNS]
+    images = with_consent(df[keep].sort_values("image_id", kind="stable").reset_index(drop=True), str(csv_path))
     raw = df.set_index("image_id").loc[images["image_id"], "path"].reset_index(drop=True)
     root = Path(image_root) if image_root is not None else csv_path.parent
     images, rejected = _resolve_paths(images, root, raw)
@@ -480,7 +483,7 @@ def write_gmdb(out_dir: str | Path, images: pd.DataFrame, syndromes: pd.DataFram
     Parameters
     ----------
     images:
-        ``image_id, subject_id, syndrome_id`` (+ ``sex, age, ancestry``); images are expected at
+        ``image_id, subject_id, syndrome_id`` (+ ``sex, age, ancestry, consent_to_publish``); images are expected at
         ``<out_dir>/images/<image_id>.jpg``. Undiagnosed images (label :data:`UNDIAGNOSED`) are written to
         ``gmdb_undiagnosed_images_<version>.csv``.
     syndromes:
@@ -529,7 +532,7 @@ def write_gmdb(out_dir: str | Path, images: pd.DataFrame, syndromes: pd.DataFram
     atomic_write_text(out_dir / f"gmdb_syndromes_{version}.tsv", table.to_csv(index=False, sep="\t"))
     atomic_write_text(out_dir / f"lookup_table_gmdb_{version}.txt",
                       "class index -> disorder id\n" + json.dumps(train_syn) + "\n")
-    meta_cols = [c for c in OPTIONAL_COLUMNS if c in images.columns]
+    meta_cols = [c for c in (*OPTIONAL_COLUMNS, CONSENT_COLUMN) if c in images.columns]
     if meta_cols:
         atomic_write_text(out_dir / f"image_metadata_{version}.tsv",
                           images[["image_id", *meta_cols]].to_csv(index=False, sep="\t"))
@@ -571,7 +574,7 @@ def load_run_cohort(run: Run) -> Cohort:
         raise InputError(f"{d / 'images.parquet'} not found: run the align stage with --cohort first")
     info = json.loads((d / "cohort.json").read_text(encoding="utf-8"))
     images = _normalise_ids(pd.read_parquet(d / "images.parquet"), ["image_id", "subject_id", "syndrome_id"])
-    images = images.assign(path=[str(run.resolve(p)) for p in images["path"]])
+    images = with_consent(images.assign(path=[str(run.resolve(p)) for p in images["path"]]))  # False if absent
     splits = pd.read_parquet(d / "splits.parquet")
     if len(splits):
         splits = splits.assign(image_id=splits["image_id"].astype(str))

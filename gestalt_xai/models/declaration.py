@@ -111,7 +111,8 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _seed_needs_randomise(self) -> ModelSpec:
-        if "randomise_seed" in self.model_fields_set and not self.randomise:
+        # a dumped declaration (the manifest's stage options) carries the default seed: it must validate again
+        if "randomise_seed" in self.model_fields_set and not self.randomise and self.randomise_seed != 0:
             raise ValueError("randomise_seed is set but randomise is not: add randomise: true for a random-model "
                              "control")
         return self
