@@ -21,7 +21,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from gestalt_xai.errors import InputError
 from gestalt_xai.runs import atomic_write_bytes
 
-__all__ = ["DEFAULT_MAX_PIXELS", "SUPPORTED_FORMATS", "load_image", "encode_jpeg", "encode_png", "save_png", "save_jpeg"]
+__all__ = ["DEFAULT_MAX_PIXELS", "SUPPORTED_FORMATS", "load_image", "encode_jpeg", "encode_png", "save_png",
+           "save_jpeg"]
 
 #: refuse photos with more pixels than this (a 50-megapixel camera photo still passes)
 DEFAULT_MAX_PIXELS = 50_000_000
