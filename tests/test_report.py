@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import re
 import shutil
 
@@ -24,19 +23,6 @@ from gestalt_xai.matching import MatchConfig, match_stage
 from gestalt_xai.runs import Run
 
 SCRIPT = "<script>alert(1)</script>"
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    from gestalt_xai.export.browser import find_chromium
-
-    path = find_chromium()
-    if path is None and os.environ.get("CI"):
-        pytest.fail("CI must run the browser test: `make test` installs chromium when run as root")
-    if path is None:
-        pytest.skip("chromium or playwright is not installed (`make test` installs Debian's chromium when run as "
-                    "root; playwright is in the dev extra)")
-    return path
 
 
 @pytest.fixture(scope="module")
