@@ -244,3 +244,11 @@ def test_a_broken_map_is_one_error_row_and_the_other_pages_are_written(explained
     pages = _pages(run)
     assert len(pages) == result.items - 1
     assert f"{run.pseudonyms().pseudonym('case', victim)}.html" not in pages
+
+
+def test_pdf_always_prints_each_page(explained, tmp_path, chromium):
+    run = _copy(explained, tmp_path)
+    result = report_stage(run, {"patients": "undiagnosed", "pdf": "always"})
+    pdfs = sorted((run.path / "reports").glob("C-*.pdf"))
+    assert len(pdfs) == result.items >= 1 and all(p.read_bytes().startswith(b"%PDF") for p in pdfs)
+    assert [p.with_suffix(".html").name for p in pdfs] == sorted(_pages(run))
