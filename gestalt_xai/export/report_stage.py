@@ -281,7 +281,7 @@ def report_stage(run: Run, cfg: ReportConfig) -> StageResult:
             stale.unlink()
     run.write_errors(errors)
     index_html = render_index({
-        "name": manifest.get("study", {}).get("name", run.path.name), "entries": entries,
+        "name": manifest.get("study", {}).get("name", "run"), "entries": entries,
         "n_errors": len(errors), "model": model_id, "toolkit": shared.toolkit, **_links(run),
         "stages": _stage_summaries(run, forbidden)}).encode("utf-8")
     findings = scan_bytes(index_html, forbidden, "index.html")
