@@ -26,6 +26,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gestalt-xai"))
 
 
 @pytest.fixture(scope="session")
+def chromium() -> str:
+    """The Chromium the browser tests drive (gestalt_xai.export.browser): required under CI, else skipped."""
+    from gestalt_xai.export.browser import find_chromium
+
+    path = find_chromium()
+    if path is None and os.environ.get("CI"):
+        pytest.fail("CI must run the browser test: `make test` installs chromium when run as root")
+    if path is None:
+        pytest.skip("chromium or playwright is not installed (`make test` installs Debian's chromium when run as "
+                    "root; playwright is in the dev extra)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def example_photos() -> dict[str, Path]:
     """Real photos shipped inside installed packages (insightface, scikit-image) — alignment tests only."""
     from gestalt_xai.data.examples import example_photo_paths

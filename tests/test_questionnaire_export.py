@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import zipfile
 from pathlib import Path
 
@@ -162,19 +161,6 @@ def test_booklet_is_self_contained(tmp_path) -> None:
     assert "http://" not in html and "https://" not in html and "src=\"images/" not in html
     for label in ("Map A", "Map B", "Map C", "System Causability Scale", q.scs.statements[0]):
         assert label in html
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    from gestalt_xai.export.browser import find_chromium
-
-    path = find_chromium()
-    if path is None and os.environ.get("CI"):
-        pytest.fail("CI must run the browser test: `make test` installs chromium when run as root")
-    if path is None:
-        pytest.skip("chromium or playwright is not installed (`make test` installs Debian's chromium when run as "
-                    "root; playwright is in the dev extra)")
-    return path
 
 
 def _export_with_pdf(tmp: Path, chromium: str) -> dict[str, Path]:

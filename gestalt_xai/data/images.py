@@ -21,7 +21,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from gestalt_xai.errors import InputError
 from gestalt_xai.runs import atomic_write_bytes
 
-__all__ = ["DEFAULT_MAX_PIXELS", "SUPPORTED_FORMATS", "load_image", "encode_png", "save_png", "save_jpeg"]
+__all__ = ["DEFAULT_MAX_PIXELS", "SUPPORTED_FORMATS", "load_image", "encode_jpeg", "encode_png", "save_png",
+           "save_jpeg"]
 
 #: refuse photos with more pixels than this (a 50-megapixel camera photo still passes)
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -154,11 +155,16 @@ def save_png(path: str | Path, rgb: np.ndarray) -> None:
     atomic_write_bytes(path, encode_png(rgb))
 
 
-def save_jpeg(path: str | Path, rgb: np.ndarray, quality: int = 90) -> None:
-    """Atomically write an RGB uint8 array as a JPEG with a plain JFIF header (no EXIF); deterministic."""
+def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    """Encode an RGB uint8 array as JPEG bytes with a plain JFIF header (no EXIF, no comment); deterministic."""
     if not 1 <= quality <= 100:
         raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
     ok, buf = cv2.imencode(".jpg", _as_bgr(rgb), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:  # pragma: no cover
         raise InputError("JPEG encoding failed")
-    atomic_write_bytes(path, buf.tobytes())
+    return buf.tobytes()
+
+
+def save_jpeg(path: str | Path, rgb: np.ndarray, quality: int = 90) -> None:
+    """Atomically write an RGB uint8 array as a JPEG (:func:`encode_jpeg`)."""
+    atomic_write_bytes(path, encode_jpeg(rgb, quality))
