@@ -124,6 +124,8 @@ class ExplainConfig(EngineConfig):
     occlusion_baseline: Literal["black", "mean", "blur"] = Field(
         _OCCLUSION["baseline"].default, description="occlusion fill; shorthand of method_params.occlusion.baseline")
     overlay: list[str] | int = Field(4, description="image ids to draw overlay figures for, or the first N")
+    effects: bool = Field(True, description="measure each explained score's change under the run's counterfactual "
+                                            "edits (maps/effects.parquet; only where the run has counterfactuals)")
     overlay_on_photo: bool = Field(False, description="also draw the maps onto the original photo")
     overlay_view: str = Field("max-abs", description="named view for figures (postprocess.apply_view)")
     device: str = Field("cpu", description="cpu, cuda, cuda:N")
@@ -214,7 +216,7 @@ def explain_stage(run: Run, cfg: ExplainConfig) -> StageResult:
             n_items, figure_jobs = explain_sharded(run, cfg, setup, store, errors)
         else:
             n_items, figure_jobs = explain_into(run, cfg, setup, methods, store, errors)
-        effects = explain_effects(run, setup, errors)
+        effects = explain_effects(run, setup, errors) if cfg.effects else StageResult()
     store.compact()
     rows = errors + [ErrorRow(str(r["image_id"]), str(r["error_kind"]), str(r["message"]),
                               {c: str(r[c]) for c in ("model_id", "target", "method", "layer")})
@@ -330,7 +332,8 @@ def explain_sharded(run: Run, cfg: ExplainConfig, setup: ExplainSetup, store: Ma
                                   out=shards_root / plan.group_id / f"shard{n:04d}",
                                   digest=digest(fingerprint, plan.model_hash, keys), threads=threads,
                                   key={"model_id": plan.group_id, "shard": n}))
-    outcomes = run_units(run, units, cfg, ledger=run.ledger(cfg, ignore=(*ENGINE_FIELDS, "overlay", "shard_batches")))
+    ledger = run.ledger(cfg, ignore=(*ENGINE_FIELDS, "overlay", "shard_batches", "effects"))
+    outcomes = run_units(run, units, cfg, ledger=ledger)
     for unit in units:  # plan order, whatever order they finished in
         outcome = outcomes[unit.unit_id]
         if outcome.error is not None:

@@ -435,6 +435,7 @@ def generate_cohort(cfg: SynthConfig, out_dir: str | Path, done: dict[str, dict[
     (:func:`~gestalt_xai.data.synthetic.counterfactuals.write_counterfactuals`).
     """
     from gestalt_xai.data.cohort import UNDIAGNOSED, gmdb_splits, write_gmdb
+    from gestalt_xai.data.consent import CONSENT_COLUMN
     from gestalt_xai.data.synthetic.counterfactuals import select_images, write_counterfactuals
     from gestalt_xai.runs import atomic_write_bytes, atomic_write_text, write_parquet
 
@@ -460,6 +461,8 @@ def generate_cohort(cfg: SynthConfig, out_dir: str | Path, done: dict[str, dict[
         images, features = _tables(plan, list(records.values()))
         meta = images[["image_id", "subject_id", "syndrome_id"]].copy()
         meta["age"] = images["age"].map(_age_years)
+        # rendered faces of no one: every photo may be shown (reports show gallery faces only where this is true)
+        meta[CONSENT_COLUMN] = True
         splits = gmdb_splits(meta, seed=cfg.seed)  # on the true labels: the undiagnosed option moves no one else
         hidden = undiagnosed_subjects(plan, splits, meta)
         images["undiagnosed"] = images["subject_id"].isin(hidden)

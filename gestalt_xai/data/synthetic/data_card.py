@@ -202,6 +202,8 @@ model exists); `python scripts/readme_results.py --run RUN` writes it here from 
 ## Intended uses
 Testing and demonstrating the gestalt-xai pipeline; benchmarking explanation methods against known evidence
 locations (localisation, faithfulness, negative controls, shortcut detection); teaching.
+The faces are rendered and show no one: the image table marks every photo `consent_to_publish = true`, so reports
+show gallery faces (a real cohort's photos are shown only where its own consent column says so).
 
 ## Uses it is not intended for
 Any clinical or diagnostic purpose; estimating the performance of a model on real patients; drawing conclusions
