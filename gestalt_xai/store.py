@@ -1,8 +1,10 @@
-"""Map store: raw signed float32 112×112 maps in chunked ``.npy`` arrays plus a Parquet index with provenance.
+"""Map store: raw signed float32 112×112 maps in compressed chunks plus a Parquet index with provenance.
 
 Layout of ``run/maps/``::
 
-    chunks/<writer>-000001.npy      float32 (n, 112, 112): the maps of one flush, in index order
+    chunks/<writer>-000001.maps     float32 (n, 112, 112): the maps of one flush, in index order, losslessly
+                                    compressed (:func:`encode_chunk`; stores written before hold ``.npy`` chunks,
+                                    still read)
     index/<writer>-000001.parquet   one row per map of that chunk (key, chunk, offset, provenance)
     errors/<writer>-000001.parquet  maps refused in that flush (NaN/inf), with the reason
     index.parquet                   consolidated index (:meth:`MapStore.compact`); fragments are folded into it
@@ -20,8 +22,11 @@ One map per key ``(image_id, model_id, target, method, layer)`` (``layer`` is ``
 * **Provenance** per row: ``model_hash``, ``target_kind``, ``target_value`` (the explained score), ``target_detail``
   and ``method_params`` (JSON: every declared parameter of the method, defaults included, and what the method
   records about its run), plus ``map_min``, ``map_max``, ``map_sum`` of the raw map.
-* **Streaming reads.** :meth:`MapStore.iter_maps` filters the index and memory-maps one chunk at a time, so memory
-  stays flat in cohort size.
+* **Streaming reads.** :meth:`MapStore.iter_maps` filters the index and decodes one chunk at a time (a few recent
+  chunks stay decoded for repeated single-map reads), so memory stays flat in cohort size.
+* **Compact.** A chunk is its float32 array split into four byte planes (the same byte of every value together:
+  sign and exponent bytes are highly repetitive in attribution maps) and deflated (zlib level 1): lossless, about
+  30 % smaller than the raw array, decoded in a few milliseconds per chunk.
 * **Deterministic.** Chunk names are sequence numbers, rows carry no timestamps: the same work in the same order
   gives the same bytes.
 
@@ -42,9 +47,11 @@ False
 
 from __future__ import annotations
 
-import io
 import json
 import re
+import struct
+import zlib
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -61,7 +68,7 @@ from gestalt_xai.faces.align import CROP_SIZE
 from gestalt_xai.runs import atomic_write_bytes, write_parquet
 
 __all__ = ["MapKey", "MapStore", "MapWriter", "TargetKey", "KEY_COLUMNS", "INDEX_COLUMNS", "MAP_SHAPE",
-           "require_maps"]
+           "decode_chunk", "encode_chunk", "require_maps"]
 
 MAP_SHAPE = (CROP_SIZE, CROP_SIZE)
 KEY_COLUMNS = ["image_id", "model_id", "target", "method", "layer"]
@@ -69,7 +76,37 @@ PROVENANCE_COLUMNS = ["model_hash", "target_kind", "target_value", "target_detai
 STAT_COLUMNS = ["map_min", "map_max", "map_sum"]
 INDEX_COLUMNS = KEY_COLUMNS + ["chunk", "offset"] + PROVENANCE_COLUMNS + STAT_COLUMNS
 ERROR_COLUMNS = KEY_COLUMNS + ["error_kind", "message"]
-_PART = re.compile(r"^(?P<writer>[A-Za-z0-9_]+)-(?P<n>\d{6})\.(?:npy|parquet)$")
+_PART = re.compile(r"^(?P<writer>[A-Za-z0-9_]+)-(?P<n>\d{6})\.(?:maps|npy|parquet)$")
+#: first bytes of a compressed chunk, then the number of maps (uint32, little-endian), then the deflated byte planes
+CHUNK_MAGIC = b"GXMAPS1\n"
+_DECODED_CHUNKS = 4
+
+
+def encode_chunk(maps: np.ndarray) -> bytes:
+    """The bytes of a chunk: ``maps`` (``(n, 112, 112)``, stored as little-endian float32) as four byte planes,
+    deflated. Same maps → same bytes.
+
+    >>> m = np.random.default_rng(0).normal(size=(3, 112, 112)).astype(np.float32)
+    >>> np.array_equal(decode_chunk(encode_chunk(m)), m)
+    True
+    """
+    arr = np.ascontiguousarray(maps, dtype="<f4").reshape(-1, *MAP_SHAPE)
+    planes = arr.view(np.uint8).reshape(-1, 4).T.tobytes()
+    return CHUNK_MAGIC + struct.pack("<I", arr.shape[0]) + zlib.compress(planes, 1)
+
+
+def decode_chunk(data: bytes) -> np.ndarray:
+    """The maps of a chunk written by :func:`encode_chunk` (read-only float32 ``(n, 112, 112)``)."""
+    if not data.startswith(CHUNK_MAGIC):
+        raise InputError("not a map-store chunk (bad header)")
+    (n,) = struct.unpack("<I", data[len(CHUNK_MAGIC):len(CHUNK_MAGIC) + 4])
+    planes = np.frombuffer(zlib.decompress(data[len(CHUNK_MAGIC) + 4:]), np.uint8)
+    size = n * MAP_SHAPE[0] * MAP_SHAPE[1]
+    if planes.size != 4 * size:
+        raise InputError(f"map-store chunk holds {planes.size} bytes, not the {4 * size} of {n} maps")
+    out = np.ascontiguousarray(planes.reshape(4, size).T).view("<f4").reshape(n, *MAP_SHAPE)
+    out.flags.writeable = False
+    return out
 
 
 class MapKey(NamedTuple):
@@ -110,6 +147,7 @@ class MapStore:
         for sub in ("chunks", "index", "errors"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._index_cache: pd.DataFrame | None = None
+        self._decoded: OrderedDict[str, np.ndarray] = OrderedDict()
 
     # ---- index ------------------------------------------------------------------------------------------
     def _fragments(self, sub: str) -> list[Path]:
@@ -170,8 +208,24 @@ class MapStore:
         return err[keep].reset_index(drop=True)
 
     # ---- reading ----------------------------------------------------------------------------------------
+    def _chunk_path(self, name: str) -> Path:
+        path = self.root / "chunks" / f"{name}.maps"
+        return path if path.exists() else self.root / "chunks" / f"{name}.npy"
+
     def _chunk(self, name: str) -> np.ndarray:
-        return np.load(self.root / "chunks" / f"{name}.npy", mmap_mode="r")
+        """A chunk's maps: decoded (a few recent chunks kept; chunks never change once written), or memory-mapped
+        for a ``.npy`` chunk of an older store."""
+        if name in self._decoded:
+            self._decoded.move_to_end(name)
+            return self._decoded[name]
+        path = self._chunk_path(name)
+        if path.suffix == ".npy":
+            return np.load(path, mmap_mode="r")
+        arr = decode_chunk(path.read_bytes())
+        self._decoded[name] = arr
+        while len(self._decoded) > _DECODED_CHUNKS:
+            self._decoded.popitem(last=False)
+        return arr
 
     def iter_maps(self, rows: pd.DataFrame | None = None,
                   **filters: Any) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
@@ -236,7 +290,7 @@ class MapStore:
         known = self.keys()
         added = 0
         for name in names:
-            index_path, chunk_path = other.root / "index" / f"{name}.parquet", other.root / "chunks" / f"{name}.npy"
+            index_path, chunk_path = other.root / "index" / f"{name}.parquet", other._chunk_path(name)
             errors_path = other.root / "errors" / f"{name}.parquet"
             rows = pd.read_parquet(index_path) if index_path.exists() and chunk_path.exists() else None
             if rows is not None:
@@ -246,7 +300,7 @@ class MapStore:
                 continue
             new = f"{writer_id}-{self._next_number(writer_id):06d}"
             if rows is not None and len(rows):
-                atomic_write_bytes(self.root / "chunks" / f"{new}.npy", chunk_path.read_bytes())
+                atomic_write_bytes(self.root / "chunks" / f"{new}{chunk_path.suffix}", chunk_path.read_bytes())
                 rows = rows.assign(chunk=new).astype({c: _dtype(c) for c in INDEX_COLUMNS})
                 write_parquet(rows.reset_index(drop=True), self.root / "index" / f"{new}.parquet")
                 known |= {MapKey(*r) for r in rows[KEY_COLUMNS].itertuples(index=False, name=None)}
@@ -342,9 +396,7 @@ class MapWriter(AbstractContextManager["MapWriter"]):
         name = f"{self.writer_id}-{n:06d}"
         if self._pending:
             stack = np.stack([p.data for p in self._pending])
-            buf = io.BytesIO()
-            np.save(buf, stack, allow_pickle=False)
-            atomic_write_bytes(self.store.root / "chunks" / f"{name}.npy", buf.getvalue())
+            atomic_write_bytes(self.store.root / "chunks" / f"{name}.maps", encode_chunk(stack))
             rows = []
             for off, p in enumerate(self._pending):
                 rows.append({**p.key._asdict(), "chunk": name, "offset": off, **p.provenance,

@@ -238,3 +238,15 @@ def test_confounder_without_a_mask_is_reported_and_still_flagged(aggregated, tmp
     members = pd.read_parquet(copy.path / "aggregate" / "spray_members.parquet")
     assert members.loc[members["syndrome_id"] == "S01", "confounded"].eq(False).all()
     assert any("no cue mask" in line for line in result.summary)
+
+
+def test_target_groups_select_what_is_aggregated(tmp_path) -> None:
+    from gestalt_xai.errors import InputError
+
+    run = build_run(tmp_path / "run")
+    aggregate_stage(run, {"min_subjects": 5, "normalisations": ["max-abs"], "figures": False,
+                          "target_groups": ["pair:same-syndrome"]})
+    comp = pd.read_parquet(run.path / "aggregate" / "composites.parquet", columns=["target_group"])
+    assert set(comp["target_group"]) == {"pair:same-syndrome"}
+    with pytest.raises(InputError, match="target_groups"):
+        aggregate_stage(run, {"min_subjects": 5, "figures": False, "target_groups": ["centroid:S99"]})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gestalt_xai.errors import InputError
-from gestalt_xai.store import MapKey, MapStore, TargetKey
+from gestalt_xai.store import MapKey, MapStore, TargetKey, decode_chunk, encode_chunk
 
 
 def _map(seed: int) -> np.ndarray:
@@ -65,7 +65,7 @@ def test_orphan_chunk_from_a_killed_flush_is_ignored_and_compact_is_safe(tmp_pat
     with store.writer() as w:
         w.add(MapKey("a", "m", "logit:S", "x", ""), _map(0))
     # a kill between the chunk write and the index write leaves a chunk without index rows
-    np.save(tmp_path / "maps" / "chunks" / "w0-000002.npy", np.zeros((1, 112, 112), np.float32))
+    (tmp_path / "maps" / "chunks" / "w0-000002.maps").write_bytes(encode_chunk(np.zeros((1, 112, 112))))
     store = MapStore(tmp_path / "maps")
     assert len(store) == 1
     with store.writer() as w:
@@ -86,8 +86,36 @@ def test_same_work_gives_same_bytes(tmp_path):
             for i in range(3):
                 w.add(MapKey(f"i{i}", "m", "logit:S", "x", ""), _map(i), target_value=float(i))
         store.compact()
-    for rel in ("index.parquet", "chunks/w0-000001.npy"):
+    for rel in ("index.parquet", "chunks/w0-000001.maps"):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+
+def test_chunks_are_lossless_compressed_and_old_npy_chunks_still_read(tmp_path):
+    """A chunk is the exact float32 maps (every bit, signs, subnormals, extremes), smaller than the raw array on
+    attribution-like maps; a store written with ``.npy`` chunks before reads the same, and a damaged chunk is named."""
+    rng = np.random.default_rng(0)
+    smooth = np.cumsum(rng.normal(size=(8, 112, 112)), axis=2).astype(np.float32) * 1e-4
+    special = np.array([0.0, -0.0, 1e-45, -3.4e38, 3.4e38, 1e-38], np.float32)
+    smooth[0, 0, :6] = special
+    data = encode_chunk(smooth)
+    back = decode_chunk(data)
+    assert back.dtype == np.float32 and back.tobytes() == smooth.tobytes()
+    assert len(data) < 0.9 * smooth.nbytes
+    with pytest.raises(InputError, match="bad header"):
+        decode_chunk(b"\x93NUMPY" + data[8:])
+    # an older store: .npy chunks beside the index
+    store = MapStore(tmp_path / "old")
+    with store.writer() as w:
+        for i in range(3):
+            w.add(MapKey(f"i{i}", "m", "logit:S", "x", ""), _map(i))
+    chunk = tmp_path / "old" / "chunks" / "w0-000001.maps"
+    np.save(chunk.with_suffix(".npy"), decode_chunk(chunk.read_bytes()))
+    chunk.unlink()
+    old = MapStore(tmp_path / "old")
+    np.testing.assert_array_equal(old.load(("i2", "m", "logit:S", "x", "")), _map(2))
+    fresh = MapStore(tmp_path / "new")
+    assert fresh.absorb(old) == 3 and (tmp_path / "new" / "chunks" / "w0-000001.npy").exists()
+    np.testing.assert_array_equal(fresh.load_many(fresh.index()), old.load_many(old.index()))
 
 
 def test_targets_are_typed_keys(tmp_path):

@@ -92,6 +92,10 @@ class AggregateConfig(StageConfig):
     models: list[str] | None = Field(None, description="model ids (default: all in the store)")
     targets: list[str] | None = Field(None, description="target kinds to aggregate (default: all; "
                                                          "gestalt_xai.attribution.available_target_kinds())")
+    target_groups: list[str] | None = Field(
+        None, description="target groups to aggregate (default: all): centroid:own, logit:own, pair:same-syndrome, "
+                          "pair:other-syndrome, or centroid:<id> for maps towards a fixed other syndrome (e.g. a "
+                          "patient's first suggestion)")
     normalisations: list[str] = Field(
         default_factory=lambda: ["max-abs", "none", "zscore", "positive"],
         description="per-map normalisations for composites (none, max-abs, zscore, positive, or a postprocess "
@@ -173,8 +177,10 @@ def _annotated_maps(run: Run, index: pd.DataFrame, images: pd.DataFrame, cfg: Ag
         rows = rows[rows["model_id"].isin(cfg.models)]
     if cfg.targets is not None:
         rows = rows[rows["target_kind"].isin(cfg.targets)]
+    if cfg.target_groups is not None:
+        rows = rows[rows["target_group"].isin(cfg.target_groups)]
     if not len(rows):
-        raise InputError("no maps left after the methods/models/targets filters")
+        raise InputError("no maps left after the methods/models/targets/target_groups filters")
     return rows
 
 
