@@ -22,6 +22,9 @@ a path that does not exist skips it, recorded as ``skipped (input … missing)``
     stages:
       - eyetrack: {optional: true, data: "{eyetracking}"}   # runs with --var eyetracking=/data/study
 
+``optional: NAME`` gates the instance on the one variable ``NAME`` instead (given, and naming an existing file or
+folder), for a stage whose other variable-fed options are not paths on their own (globs inside the data folder).
+
 A rerun skips every instance whose options, code version and inputs are unchanged and whose outputs exist
 (:mod:`gestalt_xai.fingerprints`); an instance whose outputs were deleted or changed reruns, and so does every
 instance reading what it rewrote. ``start_from`` / ``only`` select instances, ``force`` reruns regardless, ``sets``
@@ -139,8 +142,15 @@ def plan_study(pipeline: PipelineConfig, where: str = "pipeline", sets: Sequence
             raise ConfigError(f"{where}: stages[{i}]: {exc}") from None
         opts.pop("id", None)
         optional = opts.pop("optional", False)
+        if isinstance(optional, str):  # gated by one variable: given, and naming an existing path
+            if optional not in pipeline.values:
+                raise ConfigError(f"{where}: stages[{i}].{name}.optional: {optional!r} is not a declared variable "
+                                  f"(declared: {', '.join(sorted(pipeline.values)) or 'none'})")
+            inputs[i] = {f"variable {optional}": pipeline.values[optional]}
+            optional = True
         if not isinstance(optional, bool):
-            raise ConfigError(f"{where}: stages[{i}].{name}.optional: expected true or false, got {optional!r}")
+            raise ConfigError(f"{where}: stages[{i}].{name}.optional: expected true, false or a variable name, got "
+                              f"{optional!r}")
         if optional and not inputs[i]:
             raise ConfigError(f"{where}: stages[{i}].{name}.optional: an optional stage runs when the paths its "
                               "options take from variables exist, and no option uses a variable (e.g. data: "
@@ -225,7 +235,8 @@ def run_study(pipeline_path: str | Path, run_dir: str | Path | None = None, *,
             if result.status == SKIPPED_UNCHANGED:
                 outcome["skipped_unchanged"].append(step.id)
                 continue
-            run.update_stage(step.id, peak_memory_tree_mb=memory.window())
+            timing = dict(run.manifest["stages"].get(step.id, {}).get("timing", {}))
+            run.update_stage(step.id, timing={**timing, "peak_memory_tree_mb": memory.window()})
             outcome["ran"].append(step.id)
             log.info("stage %s done in %.1f s", step.id, time.perf_counter() - t_stage)
     rusage = rusage_peaks_mb()

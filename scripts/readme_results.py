@@ -50,6 +50,14 @@ def demo_section(run: Path) -> str:
     lines.append(f"| **total** | | | **{total:.1f}** |")
     out = [f"Run `{run}` (gestalt-xai {manifest.get('gestalt_xai_version')}, torch "
            f"{manifest['packages'].get('torch')}, {manifest.get('platform')}):", "", *lines, ""]
+    meas = manifest.get("measurements")
+    if meas:
+        wall = meas["wall_seconds"]
+        out += [f"`study run` measured (manifest `measurements`): {int(wall // 60)}:{int(wall % 60):02d} wall, peak "
+                f"memory {meas['peak_memory_mb'] / 1024:.2f} GiB for the whole process tree (summed resident memory "
+                f"of the runner and its child processes, an upper bound: pages they share count once per process; "
+                f"getrusage peak of the runner alone {meas['ru_maxrss_mb']['self'] / 1024:.2f} GiB), run folder "
+                f"{meas['run_folder_mb']:.0f} MiB.", ""]
     al = run / "aligned" / "alignment.parquet"
     if al.exists():
         t = pd.read_parquet(al)

@@ -57,6 +57,11 @@ SHRINK: dict[str, dict[str, Any]] = {
                   "probe": {"per_syndrome": 1}, "methods": ["gradcam"], "targets": ["centroid"],
                   "comparisons": ["spearman"], "faithfulness": {"steps": 4, "images": "focus"}},
     "eyetrack": {"figure_formats": ["png"], "borji_splits": 5},
+    # the one composite syndrome of the shrunk run, two of its methods; PDFs are the browser tests'
+    "questionnaire": {"overrides": {"cases": {"select": "all", "min_subjects": 3},
+                                    "maps": {"methods": ["gradcam", "hirescam"], "per_case": 2,
+                                             "preference": ["gradcam", "hirescam"]}}, "pdf": "never"},
+    "report": {"pdf": "never"},
 }
 _VAR = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -215,7 +220,8 @@ def test_every_step_of_the_file_validates_with_the_real_stages(gmdb_study, tmp_p
     given = {**gmdb_study["variables"], "eyetracking": str(tmp_path)}
     plan = plan_study(load_pipeline(resolve_variables(PIPELINE, given, tmp_path / "full.yaml")))
     assert [s.id for s in plan] == ["align", "atlas", "embed", "match", "centroid", "logit", "composites",
-                                    "aggregate", "assess", "train", "imbalance", "eyetrack"]
+                                    "aggregate", "assess", "train", "imbalance", "eyetrack", "questionnaire",
+                                    "report"]
     steps = {s.id: s.options for s in plan}
     assert [m.id for m in steps["embed"].models] == list(IDS) == [m.id for m in steps["logit"].models]
     assert [Path(m.path).name for m in steps["centroid"].models] == list(IDS.values())
@@ -239,11 +245,18 @@ def test_gmdb_thesis_pipeline_runs_end_to_end(gmdb_study) -> None:
     print(f"gmdb_thesis (shrunk) ran in {gmdb_study['seconds']:.1f} s")
     stages = run.manifest["stages"]
     done = ["align", "atlas", "embed", "match", "centroid", "logit", "composites", "aggregate", "assess", "train",
-            "imbalance"]
+            "imbalance", "questionnaire", "report"]
     assert {s: stages[s]["status"] for s in done} == dict.fromkeys(done, "done")
     # eye tracking not given: the optional step did nothing
-    assert stages.get("eyetrack", {}).get("status") in (None, "skipped")
+    assert stages["eyetrack"]["status"] == "skipped (input variable eyetracking='' missing)"
     assert not (run.path / "experiments" / "eyetracking").exists()
+    # the questionnaire over the composite syndrome, the reports of the explained patients, pseudonyms only
+    assert (run.path / "questionnaire" / "redcap" / "data_dictionary.csv").exists()
+    assert (run.path / "private" / "questionnaire" / "cases_key.csv").read_text().count("\n") >= 2
+    pages = sorted((run.path / "reports").glob("*.html"))
+    assert len(pages) >= len(gmdb_study["patients"]) + 1 and (run.path / "reports" / "index.html") in pages
+    for page in pages:
+        assert not any(f">{p}<" in page.read_text(encoding="utf-8") for p in gmdb_study["patients"])
 
     # every photo of the GMDB tables aligned from the photo folder (landmark table), with the cohort's consent flags
     alignment = pd.read_parquet(run.path / "aligned" / "alignment.parquet")

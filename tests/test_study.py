@@ -254,6 +254,15 @@ def test_optional_stage_runs_only_when_its_input_exists(tiny_stages, tmp_path: P
     bad = _pipeline(tmp_path, "name: o\nstages:\n  - t_opt: {optional: true, data: /x}\n")
     with pytest.raises(ConfigError, match=r"stages\[0\]\.t_opt\.optional"):
         run_study(bad, tmp_path / "never")
+    # gated on one variable: the other variable-fed option (a glob inside the folder) does not decide
+    gated = _pipeline(tmp_path, 'name: g\nvariables: {extra: "", pattern: "*.asc"}\nstages:\n'
+                                '  - t_opt: {optional: extra, data: "{extra}/{pattern}"}\n')
+    run = run_study(gated, tmp_path / "gated", variables={"extra": str(data)})
+    assert _statuses(run)["t_opt"] == "done"
+    run = run_study(gated, tmp_path / "gated2")
+    assert _statuses(run)["t_opt"] == "skipped (input variable extra='' missing)"
+    with pytest.raises(ConfigError, match="'nope' is not a declared variable"):
+        run_study(_pipeline(tmp_path, "name: n\nstages:\n  - t_opt: {optional: nope, data: /x}\n"), tmp_path / "n")
 
 
 def test_an_interrupted_stage_resumes_without_redoing_finished_units(tiny_stages, tmp_path: Path) -> None:
@@ -275,7 +284,7 @@ def test_peak_memory_counts_child_processes(tiny_stages, tmp_path: Path) -> None
     assert m["peak_memory_children_mb"] >= 290, m  # RUSAGE_SELF alone never sees it
     assert m["peak_memory_mb"] >= m["peak_memory_children_mb"] + m["ru_maxrss_mb"]["self"] * 0.5
     assert m["ru_maxrss_mb"]["children"] >= 290
-    assert run.manifest["stages"]["t_make"]["peak_memory_tree_mb"] >= 290
+    assert run.manifest["stages"]["t_make"]["timing"]["peak_memory_tree_mb"] >= 290
     assert m["run_folder_mb"] >= 0 and m["wall_seconds"] > 1.0
 
 
