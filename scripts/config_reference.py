@@ -98,6 +98,10 @@ def nested_models(tp: Any, path: str) -> Iterator[tuple[str, type[BaseModel]]]:
         yield from nested_models(args[1], f"{path}.*")
 
 
+#: the repository (files it ships are shown relative to it)
+ROOT = Path(__file__).resolve().parents[1]
+
+
 # ---------------------------------------------------------------------------------------------------- rows
 def default_text(field: FieldInfo) -> str:
     """The default as JSON (``required`` when there is none; ``{…}`` for a nested model described below it)."""
@@ -106,6 +110,8 @@ def default_text(field: FieldInfo) -> str:
     value = field.get_default(call_default_factory=True)
     if isinstance(value, BaseModel):
         return "{…}"
+    if isinstance(value, Path) and value.is_absolute() and value.is_relative_to(ROOT):
+        value = value.relative_to(ROOT).as_posix()  # a file shipped with the package: the same on every machine
     return f"`{json.dumps(to_jsonable_python(value), ensure_ascii=False)}`"
 
 
