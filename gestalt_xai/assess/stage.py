@@ -41,7 +41,7 @@ from gestalt_xai.errors import ConfigError, InputError
 from gestalt_xai.models.declaration import random_controls
 from gestalt_xai.runs import LAYOUT, ErrorRow, Parts, Run, atomic_write_bytes, write_parquet
 from gestalt_xai.stages import StageResult, stage
-from gestalt_xai.store import require_maps
+from gestalt_xai.store import KEY_COLUMNS, require_maps
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,9 @@ class AssessConfig(StageConfig):
     methods: list[str] | None = Field(None, description="methods (default: every method in the store)")
     targets: list[str] = Field(default_factory=lambda: ["centroid", "logit", "pair"],
                                description="target kinds assessed for faithfulness, randomisation and robustness")
+    target_groups: list[str] | None = Field(
+        None, description="target groups assessed (default: all): centroid:own, logit:own, pair:same-syndrome, "
+                          "pair:other-syndrome, or centroid:<id> for maps towards a fixed other syndrome")
     images: Literal["test", "all"] | list[str] = Field("test", description="patients: the protocol's test "
                                                                            "images, every diagnosed image, or ids")
     max_patients: int = Field(30, ge=1, description="at most this many patients (spread over the syndromes)")
@@ -397,6 +400,14 @@ def assess_stage(run: Run, cfg: AssessConfig) -> StageResult:
     controls = random_controls(run)
     patients = select_patients(images, index, cfg)
     rows = _rows(index, patients, cfg, controls)
+    if cfg.target_groups is not None:
+        from gestalt_xai.aggregate.annotate import annotate_index
+
+        groups = annotate_index(rows[KEY_COLUMNS], images)[0]
+        keep = set(map(tuple, groups.loc[groups["target_group"].isin(cfg.target_groups), KEY_COLUMNS].to_numpy()))
+        rows = rows[[tuple(k) in keep for k in rows[KEY_COLUMNS].astype(str).to_numpy()]].reset_index(drop=True)
+        if not len(rows):
+            raise InputError(f"assess: no maps of the target groups {cfg.target_groups}")
     parts = Parts(run, cfg, run.path / LAYOUT.assess / "parts", ignore=_PRESENTATION)
     timings: dict[str, float] = {}
 
