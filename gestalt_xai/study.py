@@ -240,7 +240,7 @@ def run_study(pipeline_path: str | Path, run_dir: str | Path | None = None, *,
             outcome["ran"].append(step.id)
             log.info("stage %s done in %.1f s", step.id, time.perf_counter() - t_stage)
     rusage = rusage_peaks_mb()
-    run.record("measurements", {
+    measured = {
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "wall_seconds": round(time.perf_counter() - t0, 2),
         # a peak of the runner between two samples is still caught by its own getrusage peak
@@ -248,7 +248,10 @@ def run_study(pipeline_path: str | Path, run_dir: str | Path | None = None, *,
         "peak_memory_note": f"summed RSS of the process tree, sampled every {memory.interval} s, and at least "
                             "this process' getrusage peak",
         "ru_maxrss_mb": rusage, "run_folder_mb": folder_size_mb(run.path),
-        **outcome, "stale": stale})
+        **outcome, "stale": stale}
+    run.record("measurements", measured)  # this invocation
+    if outcome["ran"]:  # the last invocation that did work: a quick rerun never hides what the work cost
+        run.record("measurements_ran", measured)
     return run
 
 

@@ -50,7 +50,7 @@ def demo_section(run: Path) -> str:
     lines.append(f"| **total** | | | **{total:.1f}** |")
     out = [f"Run `{run}` (gestalt-xai {manifest.get('gestalt_xai_version')}, torch "
            f"{manifest['packages'].get('torch')}, {manifest.get('platform')}):", "", *lines, ""]
-    meas = manifest.get("measurements")
+    meas = manifest.get("measurements_ran") or manifest.get("measurements")
     if meas:
         wall = meas["wall_seconds"]
         out += [f"`study run` measured (manifest `measurements`): {int(wall // 60)}:{int(wall % 60):02d} wall, peak "
