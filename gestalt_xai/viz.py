@@ -37,6 +37,7 @@ __all__ = [
     "FORMATS",
     "FIGURE_FORMATS",
     "save_figure",
+    "figure_bytes",
     "file_stem",
     "shared_scale",
     "draw_map",
@@ -77,8 +78,6 @@ def save_figure(fig, path: str | Path, formats: tuple[str, ...] | None = None,  
     SVGs get no date and a fixed hash salt (their element ids are then content hashes), so the same figure gives the
     same bytes. Returns the written paths.
     """
-    import matplotlib
-
     from gestalt_xai.runs import atomic_write_bytes
 
     plt = _plt()
@@ -87,18 +86,26 @@ def save_figure(fig, path: str | Path, formats: tuple[str, ...] | None = None,  
     written = []
     for kind in kinds:
         target = path.with_suffix(f".{kind}")
-        buf = io.BytesIO()
-        if kind == "svg":
-            with matplotlib.rc_context({"svg.hashsalt": "gestalt-xai"}):
-                fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
-        elif kind == "pdf":
-            fig.savefig(buf, format="pdf", metadata={"CreationDate": None, "Creator": None, "Producer": None})
-        else:
-            fig.savefig(buf, format=kind, dpi=dpi, metadata={"Software": None} if kind == "png" else None)
-        atomic_write_bytes(target, buf.getvalue())
+        atomic_write_bytes(target, figure_bytes(fig, kind, dpi))
         written.append(target)
     plt.close(fig)
     return written
+
+
+def figure_bytes(fig, kind: str = "png", dpi: int = DPI) -> bytes:  # type: ignore[no-untyped-def]
+    """``fig`` encoded as ``kind`` without metadata (see :func:`save_figure`, which writes these bytes); the figure
+    stays open."""
+    import matplotlib
+
+    buf = io.BytesIO()
+    if kind == "svg":
+        with matplotlib.rc_context({"svg.hashsalt": "gestalt-xai"}):
+            fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+    elif kind == "pdf":
+        fig.savefig(buf, format="pdf", metadata={"CreationDate": None, "Creator": None, "Producer": None})
+    else:
+        fig.savefig(buf, format=kind, dpi=dpi, metadata={"Software": None} if kind == "png" else None)
+    return buf.getvalue()
 
 
 def file_stem(name: str) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -193,29 +192,16 @@ def case_image_names(pseudonym: str, labels: list[str]) -> dict[str, str]:
 
 
 def _map_png(face: np.ndarray, map_: np.ndarray, signed: bool) -> bytes:
-    from gestalt_xai.viz import _plt, draw_map, save_figure, shared_scale
+    from gestalt_xai.viz import _plt, draw_map, figure_bytes, shared_scale
 
     plt = _plt()
     fig = plt.figure(figsize=(2.4, 2.4))
     ax = fig.add_axes((0, 0, 1, 1))
     draw_map(ax, face, map_, signed=signed, vmax=shared_scale([map_], signed))
     ax.set_axis_off()
-    with _TempPath() as path:
-        save_figure(fig, path, dpi=120)
-        return path.read_bytes()
-
-
-class _TempPath:
-    """A temporary ``.png`` path, removed afterwards (save_figure writes files atomically)."""
-
-    def __enter__(self) -> Path:
-        import tempfile
-
-        self._dir = tempfile.TemporaryDirectory()
-        return Path(self._dir.name) / "map.png"
-
-    def __exit__(self, *exc: object) -> None:
-        self._dir.cleanup()
+    data = figure_bytes(fig, "png", dpi=120)
+    plt.close(fig)
+    return data
 
 
 def render_case_images(case: Case, key: pd.DataFrame) -> dict[str, bytes]:
